@@ -1,0 +1,49 @@
+"""spmc: SPMC (He et al., ICML 2025) and rival federated backdoor defenses.
+
+Public API (see README): the defense registry and interface, the SPMC functions on plain tensors, the
+configuration, and the simulation entry point.
+"""
+
+from spmc.config import ConfigError, Experiment, make_experiment, resolve
+from spmc.defenses import (
+    DEFENSES,
+    SPMC,
+    Aggregate,
+    Defense,
+    FedAvg,
+    RoundInputs,
+    build_defense,
+    loo_cosine_scores,
+    marginal_teachers,
+    spmc_weights,
+    weighted_average,
+)
+from spmc.params import ParamLayout
+from spmc.purify import distillation_loss, project_conflicting
+from spmc.simulation import RunResult, Simulation, run_experiment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFENSES",
+    "SPMC",
+    "Aggregate",
+    "ConfigError",
+    "Defense",
+    "Experiment",
+    "FedAvg",
+    "ParamLayout",
+    "RoundInputs",
+    "RunResult",
+    "Simulation",
+    "build_defense",
+    "distillation_loss",
+    "loo_cosine_scores",
+    "make_experiment",
+    "marginal_teachers",
+    "project_conflicting",
+    "resolve",
+    "run_experiment",
+    "spmc_weights",
+    "weighted_average",
+]

@@ -1,0 +1,227 @@
+"""The ``spmc`` command: ``run``, ``demo`` (the default) and ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from spmc.attacks import ATTACKS
+from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
+from spmc.data import DATASETS, DataError
+from spmc.defenses import DEFENSES
+from spmc.simulation import RunResult, run_experiment
+
+CLIENTS = {
+    "plain": "plain SGD on the cross-entropy (spec §1.4)",
+    "spmc": "SPMC self-purification: CE gradient projected away from the distillation gradient (spec §4)",
+}
+
+console = Console(stderr=False)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: got {item!r}; expected KEY=VALUE, e.g. --set spmc_temperature=0.01")
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML configuration file (keys as in `spmc list --options`)")
+    p.add_argument("--preset", "-p", choices=sorted(PRESETS), help="start from a preset (see `spmc list`)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", help="folder with the dataset files (default: $SPMC_DATA_DIR, Debian's fmnist)")
+    p.add_argument("--defense", help=f"server defense: {', '.join(DEFENSES)}")
+    p.add_argument("--client", choices=sorted(CLIENTS), help="client procedure")
+    p.add_argument("--gamma", type=float, help="malicious fraction in [0, 1)")
+    p.add_argument("--rounds", type=int, help="communication rounds")
+    p.add_argument("--local-epochs", type=int, help="local epochs for both client procedures")
+    p.add_argument("--num-clients", type=int, help="number of clients")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--out", "-o", help="run directory (default runs/<dataset>-<defense>-<client>-g<gamma>-s<seed>-<time>)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="any other option")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "defense": args.defense,
+        "client": args.client,
+        "gamma": args.gamma,
+        "rounds": args.rounds,
+        "num_clients": args.num_clients,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    if args.local_epochs is not None:
+        values["baseline_local_epochs"] = args.local_epochs
+        values["spmc_local_epochs"] = args.local_epochs
+    values.update(_parse_sets(args.set))
+    return values
+
+
+def default_out_dir(cfg: Experiment, root: str = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{cfg.dataset}-{cfg.defense}-{cfg.client}-g{cfg.gamma}-s{cfg.seed}-{stamp}"
+
+
+def _run_with_progress(cfg: Experiment, out: Path, label: str, quiet: bool) -> RunResult:
+    if quiet:
+        return run_experiment(cfg, out)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(label, total=cfg.rounds, status="loading data")
+
+        def on_round(r: dict[str, Any]) -> None:
+            progress.update(
+                task, advance=1, status=f"A {r['accuracy']:.2f}  ASR {r['asr']:.2f}  ({r['seconds']:.1f}s/round)"
+            )
+
+        return run_experiment(cfg, out, on_round)
+
+
+def _summary_table(results: dict[str, RunResult], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("run", "A (%)", "ASR (%)", "R (%)", "V (%)", "s/round"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for label, res in results.items():
+        f = res.final
+        table.add_row(
+            label,
+            f"{f.A:.2f}",
+            f"{100 - f.R:.2f}",
+            f"{f.R:.2f}",
+            f"{f.V:.2f}",
+            f"{res.summary['seconds_per_round']:.1f}",
+        )
+    return table
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = resolve(args.preset, args.config, **_overrides(args))
+    out = Path(args.out) if args.out else default_out_dir(cfg)
+    label = f"{cfg.defense}/{cfg.client} on {cfg.dataset}, γ={cfg.gamma}"
+    res = _run_with_progress(cfg, out, label, args.quiet)
+    console.print(_summary_table({label: res}, f"last {res.final.last_k} rounds of {cfg.rounds}"))
+    console.print(f"run directory: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    base = _overrides(args)
+    out_root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    arms = {"FedAvg": {"defense": "fedavg", "client": "plain"}, "SPMC": {"defense": "spmc", "client": "spmc"}}
+    results: dict[str, RunResult] = {}
+    for label, arm in arms.items():
+        cfg = resolve(args.preset or "demo", args.config, **{**base, **arm})
+        results[label] = _run_with_progress(cfg, out_root / arm["defense"], label, args.quiet)
+    first = next(iter(results.values()))
+    per_round = Table(title=f"{first.summary['dataset']}, γ = {first.summary['gamma']}, per round")
+    per_round.add_column("round", justify="right")
+    for label in results:
+        per_round.add_column(f"{label} A", justify="right")
+        per_round.add_column(f"{label} ASR", justify="right")
+    for t in range(len(first.records)):
+        cells = [str(t)]
+        for res in results.values():
+            cells += [f"{res.records[t]['accuracy']:.2f}", f"{res.records[t]['asr']:.2f}"]
+        per_round.add_row(*cells)
+    console.print(per_round)
+    console.print(_summary_table(results, f"FedAvg vs SPMC under the backdoor (last {first.final.last_k} rounds)"))
+    console.print(f"run directories: {out_root}/fedavg, {out_root}/spmc")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    sections: dict[str, dict[str, str]] = {
+        "defenses": {name: cls.description for name, cls in DEFENSES.items()},
+        "clients": CLIENTS,
+        "attacks": ATTACKS,
+        "datasets": {name: info.description for name, info in DATASETS.items()},
+        "presets": PRESET_DESCRIPTIONS,
+    }
+    if args.options:
+        sections = {
+            "options": {
+                name: f"{field.description or ''} (default {field.default!r})".strip()
+                for name, field in Experiment.model_fields.items()
+            }
+        }
+    for title, items in sections.items():
+        table = Table(title=title, show_header=False)
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for name, desc in items.items():
+            table.add_row(name, desc)
+        console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spmc", description="SPMC and rival federated backdoor defenses")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every round")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run one experiment")
+    _add_run_options(run)
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="FedAvg vs SPMC under attack on the embedded sample (the default command)")
+    _add_run_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
+    lst.add_argument("--options", action="store_true", help="list every configuration option instead")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: rounds finished so far are in the run directory")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

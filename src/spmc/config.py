@@ -1,0 +1,249 @@
+"""The experiment configuration: one validated, frozen model; TOML loading; presets (spec §1.1, §7, Appendix A).
+
+Field names follow the spec's flag names (``spmc_lambda``, ``baseline_local_epochs``, ...). ``profile = "repo"``
+changes the defaults of the plain settings that differ between the two profiles (spec §7): the baselines' local
+epochs (D1) and whether integer counters enter vector statistics (D31). Values given explicitly always win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message names the field, the value and what is allowed."""
+
+
+REPO_PROFILE_DEFAULTS: dict[str, Any] = {"baseline_local_epochs": 1, "exclude_int_buffers": False}
+
+
+class Experiment(BaseModel):
+    """One federated backdoor experiment. Defaults are the paper profile (spec Appendix A)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    profile: Literal["paper", "repo"] = "paper"
+    name: str = ""
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["sequential"] = "sequential"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+
+    dataset: str = "fmnist-sample"
+    data_dir: str | None = None
+    model: str = Field("auto", description="backbone; auto = the dataset's (SimpleCNN or ResNet10)")
+    synthetic_train_size: int = Field(2000, ge=20)
+    synthetic_test_size: int = Field(500, ge=10)
+
+    num_clients: int = Field(10, ge=1)
+    participation: float = Field(1.0, gt=0.0, le=1.0)
+    rounds: int = Field(50, gt=0)
+    beta: float = Field(0.5, ge=0.0)
+    min_client_size: int = Field(10, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    baseline_local_epochs: int = Field(10, ge=0)
+    spmc_local_epochs: int = Field(10, ge=0)
+
+    defense: str = "fedavg"
+    client: Literal["plain", "spmc"] = "plain"
+    malicious_client: Literal["defense", "plain"] = Field(
+        "defense", description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD"
+    )
+    fedavg_weighting: Literal["uniform", "samples"] = "uniform"
+    exclude_int_buffers: bool = True
+
+    attack: Literal["base", "semantic", "none"] = "base"
+    gamma: float = Field(0.3, ge=0.0, lt=1.0)
+    poison_rate: float = Field(0.3, ge=0.0, le=1.0)
+    target_label: int = Field(2, ge=0)
+    semantic_source_label: int = Field(3, ge=0)
+    semantic_noise_std: float = Field(0.05, ge=0.0)
+    trigger_channels: tuple[int, ...] = (0,)
+    trigger_space: Literal["normalized", "pixel"] = "normalized"
+    poison_static_aug: bool = True
+    asr_exclude_target_class: bool = False
+    report_last_k: int = Field(5, gt=0)
+
+    spmc_lambda: float = Field(1.0, ge=0.0)
+    spmc_kd_T: float = Field(1.0, gt=0.0)
+    spmc_temperature: float = Field(1.0, gt=0.0)
+    spmc_score_eps: float = Field(1e-5, ge=0.0)
+    spmc_weight_fn: Literal["softmax", "sigmoid"] = "softmax"
+    spmc_score_ref: Literal["loo", "global"] = "loo"
+    spmc_score_space: Literal["params", "updates"] = "params"
+    spmc_loo_prior: Literal["uniform", "samples"] = "uniform"
+    spmc_proj_norm_power: float = Field(2.0, gt=0.0)
+    spmc_proj_granularity: Literal["tensor", "model"] = "tensor"
+    spmc_kd_grad_weight: float = Field(0.0, ge=0.0)
+    spmc_teacher_bn_mode: Literal["train", "eval"] = "train"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") == "repo":
+            return {**REPO_PROFILE_DEFAULTS, **data}
+        return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from spmc.data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset; allowed: {', '.join(sorted(DATASETS))}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from spmc.models import MODELS
+
+        if v != "auto" and v not in MODELS:
+            raise ValueError(f"unknown model; allowed: auto, {', '.join(sorted(MODELS))}")
+        return v
+
+    @field_validator("defense")
+    @classmethod
+    def _known_defense(cls, v: str) -> str:
+        from spmc.defenses import DEFENSES
+
+        if v not in DEFENSES:
+            raise ValueError(f"unknown defense; allowed: {', '.join(sorted(DEFENSES))}")
+        return v
+
+    @field_validator("trigger_channels")
+    @classmethod
+    def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c not in (0, 1, 2) for c in v):
+            raise ValueError("must be a non-empty list of channels from 0, 1, 2")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError("folder does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_in_range(self) -> Experiment:
+        for field in ("target_label", "semantic_source_label"):
+            if getattr(self, field) >= 10:
+                raise ValueError(f"{field} = {getattr(self, field)} is not a class of a 10-class dataset (0-9)")
+        if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
+            raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
+        return self
+
+    @property
+    def resolved_model(self) -> str:
+        from spmc.data import DATASETS
+
+        return DATASETS[self.dataset].model if self.model == "auto" else self.model
+
+    @property
+    def num_malicious(self) -> int:
+        """m = ⌊γK⌋, guarded against float error (spec §2.1)."""
+        return 0 if self.attack == "none" else int(self.gamma * self.num_clients + 1e-9)
+
+    @property
+    def malicious_ids(self) -> tuple[int, ...]:
+        """The last m client ids (spec §2.1)."""
+        return tuple(range(self.num_clients - self.num_malicious, self.num_clients))
+
+    def local_epochs(self, client: str) -> int:
+        return self.spmc_local_epochs if client == "spmc" else self.baseline_local_epochs
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-fmnist": {"dataset": "fmnist", "rounds": 50},
+    "paper-mnist": {"dataset": "mnist", "rounds": 50},
+    "paper-cifar10": {"dataset": "cifar10", "rounds": 50},
+    "demo": {
+        "dataset": "fmnist-sample",
+        "rounds": 8,
+        "baseline_local_epochs": 2,
+        "spmc_local_epochs": 2,
+        "gamma": 0.3,
+    },
+    "smoke": {
+        "dataset": "synthetic",
+        "rounds": 2,
+        "num_clients": 4,
+        "baseline_local_epochs": 1,
+        "spmc_local_epochs": 1,
+        "gamma": 0.25,
+    },
+}
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "paper-fmnist": "Table 2 protocol on full Fashion-MNIST (SimpleCNN, 10 clients, Dir(0.5), 50 rounds, 10 epochs)",
+    "paper-mnist": "Table 2 protocol on MNIST (IDX files from --data-dir)",
+    "paper-cifar10": "Table 2 protocol on CIFAR-10 (python batches from --data-dir; ResNet10)",
+    "demo": "embedded Fashion-MNIST sample, 8 rounds of 2 local epochs: minutes on a laptop CPU",
+    "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
+}
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "configuration"
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown option (value {value!r}); run `spmc run --help` for the options")
+        elif e["loc"]:
+            lines.append(f"{field}: got {value!r}; {msg}")
+        else:
+            lines.append(msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def make_experiment(**values: Any) -> Experiment:
+    """Validate ``values`` into an :class:`Experiment`, raising :class:`ConfigError` with readable messages."""
+    try:
+        return Experiment(**values)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML configuration file; a ``[experiment]`` table is accepted as well as top-level keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config: {p} is not valid TOML: {err}") from None
+    return dict(data.get("experiment", data))
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None, **overrides: Any) -> Experiment:
+    """Preset, then file, then explicit overrides (later wins), validated."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown value {preset!r}; allowed: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if file is not None:
+        values.update(load_toml(file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return make_experiment(**values)

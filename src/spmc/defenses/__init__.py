@@ -1,0 +1,41 @@
+"""Server-side defenses: one module per method, one registry line each (DESIGN.md "Registries")."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
+from spmc.defenses.fedavg import FedAvg, fedavg_weights
+from spmc.defenses.spmc import SPMC, loo_cosine_scores, marginal_teachers, reference_cosine_scores, spmc_weights
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+DEFENSES: dict[str, type[Defense]] = {
+    "fedavg": FedAvg,
+    "spmc": SPMC,
+}
+
+
+def build_defense(cfg: Experiment) -> Defense:
+    """The defense named by ``cfg.defense``, with its options taken from the configuration."""
+    if cfg.defense not in DEFENSES:
+        raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[cfg.defense].from_config(cfg)
+
+
+__all__ = [
+    "DEFENSES",
+    "SPMC",
+    "Aggregate",
+    "Defense",
+    "FedAvg",
+    "RoundInputs",
+    "build_defense",
+    "fedavg_weights",
+    "loo_cosine_scores",
+    "marginal_teachers",
+    "reference_cosine_scores",
+    "spmc_weights",
+    "weighted_average",
+]

@@ -1,0 +1,89 @@
+"""The defense interface (DESIGN.md "Defense interface"): one object per method, one ``aggregate`` method.
+
+A defense receives every participating client's flat state as one ``[n, d]`` tensor with the stable client ids,
+and returns the new global state plus what it decided (weights, accepted clients, diagnostics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+
+from spmc.params import ParamLayout
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """Everything a defense may look at in one round.
+
+    ``client_states[i]`` belongs to client ``client_ids[i]``; ids are stable across rounds and never positions.
+    ``server_data`` is only filled for defenses that declare ``needs_server_data`` (spec §5).
+    """
+
+    global_state: torch.Tensor
+    client_states: torch.Tensor
+    client_ids: tuple[int, ...]
+    num_samples: torch.Tensor
+    layout: ParamLayout
+    round: int
+    server_data: Any = None
+
+    def __post_init__(self) -> None:
+        n, d = self.client_states.shape
+        if len(self.client_ids) != n:
+            raise ValueError(f"client_ids has {len(self.client_ids)} ids for {n} client states")
+        if self.num_samples.shape != (n,):
+            raise ValueError(f"num_samples has shape {tuple(self.num_samples.shape)}; expected ({n},)")
+        if self.global_state.shape != (d,):
+            raise ValueError(f"global_state has shape {tuple(self.global_state.shape)}; expected ({d},)")
+        self.layout.check(self.global_state)
+
+    @property
+    def n(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def updates(self) -> torch.Tensor:
+        """Δ_k = θ_k − θ_g for every client, ``[n, d]`` (spec §0)."""
+        return self.client_states - self.global_state
+
+
+@dataclass
+class Aggregate:
+    """A defense's decision: the new global state, per-client weights if any, the accepted client ids."""
+
+    global_state: torch.Tensor
+    weights: torch.Tensor | None = None
+    accepted: tuple[int, ...] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense(Protocol):
+    """What the engine needs of a server-side defense."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_server_data: ClassVar[bool]
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> Defense: ...
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate: ...
+
+
+def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k θ_k over the whole state, accumulated in float64 and returned in the states' dtype."""
+    if weights.shape != (states.shape[0],):
+        raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
+    return (weights.to(torch.float64) @ states.to(torch.float64)).to(states.dtype)
+
+
+def as_weight_list(weights: torch.Tensor, client_ids: Sequence[int]) -> dict[str, float]:
+    """``{client_id: weight}`` for the run log."""
+    return {str(cid): float(w) for cid, w in zip(client_ids, weights.tolist())}

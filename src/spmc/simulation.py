@@ -1,0 +1,376 @@
+"""The round loop of spec §1.5 with stable client ids, deterministic for a given seed.
+
+```
+θ_g ← θ^0 ; teacher_k ← θ^0
+for t in 0..T-1:
+    S_t ← participants (all clients at participation 1.0)
+    θ_k ← LocalTrain_k(θ_g [, teacher_k])          client = plain | spmc (malicious clients: per threat model)
+    reject non-finite or mis-sized states
+    θ_g, α ← defense.aggregate(...)                 defense = fedavg | spmc | ...
+    teacher_k ← Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j       (spec §4.1; only when the spmc client is used)
+    A_t, ASR_t ← evaluate θ_g
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
+from spmc.config import Experiment
+from spmc.data import (
+    DATASETS,
+    DatasetInfo,
+    Preprocessor,
+    dirichlet_partition,
+    load_dataset,
+    server_split,
+    to_unit_float,
+)
+from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
+from spmc.metrics import FinalMetrics, detection_scores, final_metrics
+from spmc.models import build_model
+from spmc.params import ParamLayout
+from spmc.store import RunStore
+from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine, accuracy
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (experiment seed, purpose, round, client id), independent of visiting order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+# Purposes for derive_seed, so that streams never collide.
+_SEED_POISON, _SEED_STATIC_AUG, _SEED_CLIENT, _SEED_PARTICIPATION, _SEED_TEST = 1, 2, 3, 4, 5
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error naming the field."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: got 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+@dataclass
+class FederatedData:
+    """Everything the round loop reads: client data, sample counts, evaluation sets (all on the run's device)."""
+
+    info: DatasetInfo
+    clients: dict[int, ClientData]
+    num_samples: dict[int, int]
+    malicious: tuple[int, ...]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    backdoor_x: torch.Tensor
+    backdoor_y: torch.Tensor
+    backdoor_not_target: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
+def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData:
+    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets."""
+    info = DATASETS[cfg.dataset]
+    raw = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        synthetic_size=(cfg.synthetic_train_size, cfg.synthetic_test_size),
+        seed=cfg.seed,
+    )
+    pre = Preprocessor(info)
+    train01 = to_unit_float(raw.train_images).to(device)
+    labels = raw.train_labels.to(device)
+    pool, val = server_split(int(labels.shape[0]), cfg.val_fraction)
+    parts = dirichlet_partition(
+        raw.train_labels[torch.as_tensor(pool)].numpy(), cfg.num_clients, cfg.beta, cfg.min_client_size, cfg.seed
+    )
+    malicious = cfg.malicious_ids
+    values = trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels)
+    attack_kw: dict[str, Any] = {
+        "attack": cfg.attack,
+        "values": values,
+        "target": cfg.target_label,
+        "noise_std": cfg.semantic_noise_std,
+    }
+    poisoned = (
+        poison_mask(
+            raw.train_labels,
+            cfg.poison_rate,
+            torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_POISON)),
+            cfg.attack,
+            cfg.semantic_source_label,
+        ).to(device)
+        if malicious
+        else None
+    )
+
+    def benign(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return pre.train(x, g), y
+
+    clients: dict[int, ClientData] = {}
+    for k, part in enumerate(parts):
+        idx = torch.as_tensor(pool[part], dtype=torch.long, device=device)
+        x, y = train01[idx], labels[idx]
+        if k not in malicious or poisoned is None:
+            clients[k] = ClientData(x, y, transform=benign)
+            continue
+        mask = poisoned[idx]
+        if cfg.poison_static_aug:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_STATIC_AUG, k))
+            xs, ys = poison_batch(pre.train(x, gen), y, mask, generator=gen, **attack_kw)
+            clients[k] = ClientData(xs.contiguous(), ys, final=True)
+        else:
+
+            def on_the_fly(
+                xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator, mask: torch.Tensor = mask
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return poison_batch(pre.train(xb, g), yb, mask[ib], generator=g, **attack_kw)
+
+            clients[k] = ClientData(x, y, transform=on_the_fly)
+    num_samples = {k: len(d) for k, d in clients.items()}
+    small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
+    if small:
+        log.warning("clients with fewer samples than one batch take no step (spec D30): %s", small)
+    log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(malicious))
+
+    test_x = pre.test(to_unit_float(raw.test_images).to(device))
+    test_y = raw.test_labels.to(device)
+    bd_attack = "base" if cfg.attack == "none" else cfg.attack
+    bd_x, bd_y, bd_not_target = backdoor_test_set(
+        test_x,
+        test_y,
+        attack=bd_attack,
+        values=values,
+        target=cfg.target_label,
+        source_label=cfg.semantic_source_label,
+        noise_std=cfg.semantic_noise_std,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_TEST)),
+    )
+    val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
+    return FederatedData(
+        info=info,
+        clients=clients,
+        num_samples=num_samples,
+        malicious=malicious,
+        test_x=test_x,
+        test_y=test_y,
+        backdoor_x=bd_x,
+        backdoor_y=bd_y,
+        backdoor_not_target=bd_not_target,
+        val_x=train01[val_idx],
+        val_y=labels[val_idx],
+    )
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns: the per-round records, the final metrics and the global state."""
+
+    records: list[dict[str, Any]]
+    final: FinalMetrics
+    summary: dict[str, Any]
+    global_state: torch.Tensor
+    out_dir: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Simulation:
+    """One federated experiment: data, models, engine, defense and the round loop."""
+
+    def __init__(self, cfg: Experiment, out_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.data = build_federated_data(cfg, self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.resolved_model, self.data.info.num_classes).to(self.device)
+        self.layout = ParamLayout.from_module(self.model)
+        self.defense = build_defense(cfg)
+        self.engine = SequentialEngine(self.model, self.layout, self._optim_config())
+        self.global_state = self.layout.flatten(self.model)
+        self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
+        self.store = RunStore(out_dir) if out_dir is not None else None
+
+    def _optim_config(self) -> OptimConfig:
+        c = self.cfg
+        return OptimConfig(
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            batch_size=c.batch_size,
+            spmc_lambda=c.spmc_lambda,
+            spmc_kd_T=c.spmc_kd_T,
+            spmc_proj_norm_power=c.spmc_proj_norm_power,
+            spmc_proj_granularity=c.spmc_proj_granularity,
+            spmc_kd_grad_weight=c.spmc_kd_grad_weight,
+            spmc_teacher_bn_mode=c.spmc_teacher_bn_mode,
+        )
+
+    def participants(self, t: int) -> list[int]:
+        """S_t: every client at participation 1.0, else a seeded sample of ⌈pK⌉ ids, sorted (D2, D34)."""
+        k = self.cfg.num_clients
+        if self.cfg.participation >= 1.0:
+            return list(range(k))
+        size = max(1, math.ceil(self.cfg.participation * k - 1e-9))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, _SEED_PARTICIPATION, t))
+        return sorted(int(i) for i in rng.choice(k, size=size, replace=False))
+
+    def method_for(self, client_id: int) -> str:
+        """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
+        if client_id in self.data.malicious and self.cfg.malicious_client == "plain":
+            return "plain"
+        return self.cfg.client
+
+    def tasks(self, t: int, ids: list[int]) -> list[ClientTask]:
+        epochs = self.cfg.local_epochs(self.cfg.client)
+        return [
+            ClientTask(
+                client_id=k,
+                data=self.data.clients[k],
+                method=self.method_for(k),  # type: ignore[arg-type]
+                epochs=epochs,
+                seed=derive_seed(self.cfg.seed, _SEED_CLIENT, t, k),
+                teacher=self.teachers[k] if self.method_for(k) == "spmc" else None,
+            )
+            for k in ids
+        ]
+
+    def valid_rows(self, states: torch.Tensor, ids: list[int]) -> list[int]:
+        """Positions of client states that are finite; a non-finite one is logged and dropped for the round."""
+        finite = torch.isfinite(states).all(dim=1).tolist()
+        for k, ok in zip(ids, finite):
+            if not ok:
+                log.warning("client %d sent a state with NaN or Inf; dropped for this round", k)
+        return [i for i, ok in enumerate(finite) if ok]
+
+    def update_teachers(self, agg: Aggregate, states: torch.Tensor, ids: list[int]) -> None:
+        """teacher_k = α-weighted leave-one-out model (spec §4.1); uniform α when the defense gives no weights."""
+        weights = agg.weights
+        if weights is None:
+            accepted = set(agg.accepted if agg.accepted is not None else ids)
+            mask = torch.tensor([k in accepted for k in ids], dtype=torch.float64)
+            weights = mask / mask.sum()
+        weights = weights.to(torch.float64)
+        coalition = weighted_average(states, weights)
+        for k, teacher in zip(ids, marginal_teachers(coalition, states, weights)):
+            self.teachers[k] = teacher
+
+    def evaluate(self) -> dict[str, float]:
+        """A_t on the clean test set and ASR_t on the triggered set, with and without target-class images."""
+        self.layout.load(self.model, self.global_state)
+        bs = self.cfg.eval_batch_size
+        acc = accuracy(self.model, self.data.test_x, self.data.test_y, bs)
+        keep = self.data.backdoor_not_target
+        asr_all = accuracy(self.model, self.data.backdoor_x, self.data.backdoor_y, bs)
+        asr_excl = accuracy(self.model, self.data.backdoor_x[keep], self.data.backdoor_y[keep], bs)
+        return {
+            "accuracy": acc,
+            "asr": asr_excl if self.cfg.asr_exclude_target_class else asr_all,
+            "asr_all": asr_all,
+            "asr_excl_target": asr_excl,
+        }
+
+    def run_round(self, t: int) -> dict[str, Any]:
+        """Train, aggregate and evaluate round ``t``; returns its metrics record."""
+        started = time.perf_counter()
+        ids = self.participants(t)
+        results = self.engine.train_round(self.global_state, self.tasks(t, ids))
+        states = torch.stack([r.state for r in results])
+        keep = self.valid_rows(states, ids)
+        if not keep:
+            raise RuntimeError(f"round {t}: every client state was rejected; the global model is unchanged")
+        states = states[keep]
+        kept_ids = [ids[i] for i in keep]
+        counts = torch.tensor([self.data.num_samples[k] for k in kept_ids], dtype=torch.float64)
+        inputs = RoundInputs(self.global_state, states, tuple(kept_ids), counts, self.layout, t)
+        agg = self.defense.aggregate(inputs)
+        new_global = agg.global_state.clone()
+        int_mask = self.layout.int_mask(new_global.device)
+        new_global[int_mask] = new_global[int_mask].round()
+        if not bool(torch.isfinite(new_global).all()):
+            raise RuntimeError(f"round {t}: defense {self.cfg.defense!r} produced a non-finite global state")
+        self.global_state = new_global
+        if any(self.method_for(k) == "spmc" for k in kept_ids):
+            self.update_teachers(agg, states, kept_ids)
+        train_seconds = time.perf_counter() - started
+        record: dict[str, Any] = {"round": t, **self.evaluate()}
+        losses = [r.mean_loss for r in results]
+        steps = sum(r.steps for r in results)
+        record.update(
+            train_loss=float(np.nanmean(losses)) if steps else math.nan,
+            client_loss={str(r.client_id): r.mean_loss for r in results},
+            participants=ids,
+            rejected=[k for k in ids if k not in kept_ids],
+            accepted=list(agg.accepted) if agg.accepted is not None else kept_ids,
+            train_seconds=train_seconds,
+            seconds=time.perf_counter() - started,
+            samples=steps * self.cfg.batch_size,
+            **agg.diagnostics,
+        )
+        if agg.accepted is not None and len(agg.accepted) < len(kept_ids):
+            record["detection"] = detection_scores(agg.accepted, kept_ids, self.data.malicious)
+        return record
+
+    def summary(self, records: list[dict[str, Any]]) -> tuple[FinalMetrics, dict[str, Any]]:
+        acc = [r["accuracy"] for r in records]
+        final = final_metrics(acc, [r["asr"] for r in records], self.cfg.report_last_k)
+        other_key = "asr_all" if self.cfg.asr_exclude_target_class else "asr_excl_target"
+        other = final_metrics(acc, [r[other_key] for r in records], self.cfg.report_last_k)
+        summary = {
+            **final.as_dict(),
+            "R_" + ("all" if self.cfg.asr_exclude_target_class else "excl_target"): other.R,
+            "rounds": len(records),
+            "dataset": self.cfg.dataset,
+            "defense": self.cfg.defense,
+            "client": self.cfg.client,
+            "gamma": self.cfg.gamma,
+            "seed": self.cfg.seed,
+            "malicious_ids": list(self.data.malicious),
+            "num_samples": {str(k): n for k, n in self.data.num_samples.items()},
+            "seconds_per_round": float(np.mean([r["seconds"] for r in records])),
+            "engine": self.engine.name,
+            "device": str(self.device),
+        }
+        return final, summary
+
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+        """Run every round, writing each record to the run directory as soon as it exists."""
+        if self.store is not None:
+            self.store.write_config(self.cfg.to_json())
+            self.store.start_metrics()
+        records: list[dict[str, Any]] = []
+        for t in range(self.cfg.rounds):
+            record = self.run_round(t)
+            records.append(record)
+            if self.store is not None:
+                self.store.append_metrics(record)
+            if on_round is not None:
+                on_round(record)
+            log.info("round %d: A=%.2f ASR=%.2f (%.1fs)", t, record["accuracy"], record["asr"], record["seconds"])
+        final, summary = self.summary(records)
+        if self.store is not None:
+            self.store.write_summary(summary)
+        return RunResult(
+            records, final, summary, self.global_state, self.store.root if self.store is not None else None
+        )
+
+
+def run_experiment(
+    cfg: Experiment, out_dir: str | Path | None = None, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> RunResult:
+    """Build and run one experiment."""
+    return Simulation(cfg, out_dir).run(on_round)

@@ -1,0 +1,220 @@
+"""SPMC formulas (spec §3-§4): scores and weights against a naive construction, teachers, projection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spmc.defenses import SPMC, RoundInputs, loo_cosine_scores, marginal_teachers, spmc_weights
+from spmc.models import SimpleCNN
+from spmc.params import ParamLayout
+from spmc.purify import distillation_loss, project_conflicting
+
+
+def naive_scores(a: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """Build every leave-one-out coalition explicitly (spec §3.2 steps 1-2)."""
+    a = a.to(torch.float64)
+    n = a.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if prior is None else prior.to(torch.float64)
+    out = []
+    for k in range(n):
+        others = [j for j in range(n) if j != k]
+        b = sum(w[j] * a[j] for j in others) / sum(w[j] for j in others)
+        out.append(float(a[k] @ b / (a[k].norm() * b.norm() + eps)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 9), d=st.integers(1, 40), seed=st.integers(0, 10_000), offset=st.floats(-3, 3))
+def test_loo_scores_equal_naive_construction(n: int, d: int, seed: int, offset: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) + offset
+    assert torch.allclose(loo_cosine_scores(a), naive_scores(a), atol=1e-9, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 7), seed=st.integers(0, 10_000))
+def test_loo_scores_with_sample_prior_equal_naive(n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 17, generator=g, dtype=torch.float64)
+    prior = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    assert torch.allclose(loo_cosine_scores(a, prior), naive_scores(a, prior), atol=1e-9, rtol=0)
+
+
+def test_loo_scores_hand_computed() -> None:
+    # a = e1, e1, e2: LOO of client 0 is e1·... b_0 = (e1 + e2)/2 → cos = (1/2)/(1·√(1/2)) = 1/√2.
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    s = loo_cosine_scores(a, eps=0.0)
+    assert s.tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], abs=1e-12)
+
+
+def test_loo_scores_float64_resolve_tiny_differences() -> None:
+    # Near-identical float32 states (cosines ≈ 1): the float64 accumulation must still match the naive result.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 92_626, generator=g)
+    scale = 1e-3 * torch.arange(1, 11, dtype=torch.float32)[:, None]
+    a = base + scale * torch.randn(10, 92_626, generator=g)
+    s = loo_cosine_scores(a)
+    ref = naive_scores(a.double())
+    assert torch.allclose(s, ref, atol=1e-9, rtol=0)
+    assert bool((s.diff() < 0).all())  # the further a client strays, the lower its score, even at cos ≈ 1
+
+
+def test_edge_cases_n1_n2_and_zero_vectors() -> None:
+    assert loo_cosine_scores(torch.randn(1, 5)).tolist() == [0.0]
+    a = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    assert loo_cosine_scores(a).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)  # n=2: the other model
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    s = loo_cosine_scores(z)
+    assert s[0] == 0.0 and torch.isfinite(s).all()
+
+
+def test_softmax_weights_and_temperature() -> None:
+    s = torch.tensor([0.9, 0.95, 1.0], dtype=torch.float64)
+    w = spmc_weights(s)
+    e = torch.exp(s - s.max() + 1e-5)  # the repo's formula (spec §3.2 step 3)
+    assert torch.allclose(w, e / e.sum(), atol=1e-15)
+    w_cold = spmc_weights(s, temperature=0.01)
+    assert w_cold[2] > 0.99 and w_cold.sum() == pytest.approx(1.0)
+    assert spmc_weights(s, temperature=1e6).tolist() == pytest.approx([1 / 3] * 3, abs=1e-6)
+    with pytest.raises(ValueError, match="spmc_temperature"):
+        spmc_weights(s, temperature=0.0)
+
+
+def test_sigmoid_weights_follow_the_seed_formula() -> None:
+    s = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    phi_hat = s.max() - s
+    expected = torch.sigmoid(-phi_hat) / torch.sigmoid(-phi_hat).sum()
+    assert torch.allclose(spmc_weights(s, fn="sigmoid"), expected)
+
+
+def _inputs(states: torch.Tensor, layout: ParamLayout, global_state: torch.Tensor | None = None) -> RoundInputs:
+    n = states.shape[0]
+    g = states.mean(0) if global_state is None else global_state
+    return RoundInputs(g, states, tuple(range(n)), torch.full((n,), 100.0), layout, 0)
+
+
+def test_spmc_defense_aggregates_with_weights_of_naive_scores() -> None:
+    model = SimpleCNN()
+    layout = ParamLayout.from_module(model)
+    g = torch.Generator().manual_seed(1)
+    base = layout.flatten(model)
+    states = base + 0.05 * torch.randn(6, layout.dim, generator=g)
+    states[5] = -states[5]  # an outlier
+    agg = SPMC().aggregate(_inputs(states, layout))
+    w = torch.softmax(naive_scores(states), 0)
+    assert torch.allclose(agg.weights, w, atol=1e-12)
+    assert torch.allclose(agg.global_state, (w.float() @ states), atol=1e-5)
+    assert int(agg.weights.argmin()) == 5
+    assert agg.weights.sum().item() == pytest.approx(1.0)
+
+
+def test_spmc_single_client() -> None:
+    layout = ParamLayout.from_module(SimpleCNN())
+    state = torch.randn(1, layout.dim)
+    agg = SPMC().aggregate(_inputs(state, layout))
+    assert agg.weights.tolist() == [1.0]
+    assert torch.equal(agg.global_state, state[0])
+
+
+def test_spmc_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="spmc_score_ref"):
+        SPMC(score_ref="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="spmc_score_ref"):
+        SPMC(score_ref="global", score_space="updates")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 8), seed=st.integers(0, 10_000))
+def test_closed_form_teacher_equals_weighted_leave_one_out(n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(n, 23, generator=g, dtype=torch.float64)
+    w = torch.softmax(torch.randn(n, generator=g, dtype=torch.float64), 0)
+    global_state = w @ states
+    teachers = marginal_teachers(global_state, states, w)
+    for k in range(n):
+        others = [j for j in range(n) if j != k]
+        explicit = sum(w[j] * states[j] for j in others) / sum(w[j] for j in others)
+        assert torch.allclose(teachers[k], explicit, atol=1e-10)
+
+
+def test_teacher_single_client_and_weight_one() -> None:
+    states = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(marginal_teachers(states[0], states, torch.ones(1)), states)
+    states = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t = marginal_teachers(states[0], states, torch.tensor([1.0, 0.0]))
+    assert torch.equal(t[0], states[0]) and torch.equal(t[1], states[0])
+
+
+# ---- client side: projection and distillation loss (spec §4.2-§4.3) ----
+
+
+def test_projection_unchanged_when_not_conflicting() -> None:
+    gd = [torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 0.0]])]
+    gg = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 5.0]])]  # dot > 0 and dot = 0
+    out = project_conflicting(gd, gg)
+    assert all(torch.equal(a, b) for a, b in zip(out, gd))
+
+
+def test_projection_orthogonal_when_conflicting_lambda_one() -> None:
+    gd = [torch.tensor([1.0, 1.0])]
+    gg = [torch.tensor([-2.0, 0.0])]
+    (out,) = project_conflicting(gd, gg, lam=1.0)
+    assert out.tolist() == pytest.approx([0.0, 1.0])  # G_d − (−2/4)·G_g
+    assert float(out @ gg[0]) == pytest.approx(0.0)
+
+
+def test_projection_partial_for_lambda_below_one_and_norm_power_one() -> None:
+    gd = [torch.tensor([1.0, 1.0])]
+    gg = [torch.tensor([-2.0, 0.0])]
+    (half,) = project_conflicting(gd, gg, lam=0.5)
+    assert half.tolist() == pytest.approx([0.5, 1.0])
+    (p1,) = project_conflicting(gd, gg, lam=1.0, norm_power=1.0)  # the seed's ‖G_g‖ normaliser (D5)
+    assert p1.tolist() == pytest.approx([1.0 - 2.0 / 2.0 * 2.0 / 2.0 * 2.0, 1.0])
+
+
+def test_projection_zero_norm_guard() -> None:
+    gd = [torch.tensor([1.0, -1.0]), torch.zeros(2)]
+    gg = [torch.zeros(2), torch.tensor([-1.0, 0.0])]
+    out = project_conflicting(gd, gg)
+    assert torch.equal(out[0], gd[0]) and torch.equal(out[1], gd[1])
+    assert all(torch.isfinite(o).all() for o in out)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), lam=st.floats(0.0, 1.0))
+def test_projection_per_tensor_property(seed: int, lam: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    gd = [torch.randn(5, generator=g), torch.randn(3, 2, generator=g)]
+    gg = [torch.randn(5, generator=g), torch.randn(3, 2, generator=g)]
+    out = project_conflicting(gd, gg, lam=lam)
+    for d, gk, o in zip(gd, gg, out):
+        dot = float((d * gk).sum())
+        if dot >= 0:
+            assert torch.equal(o, d)
+        else:
+            # the conflicting component shrinks by exactly (1 − λ)
+            assert float((o * gk).sum()) == pytest.approx((1 - lam) * dot, abs=1e-5)
+
+
+def test_projection_model_granularity_uses_the_concatenation() -> None:
+    gd = [torch.tensor([1.0]), torch.tensor([1.0])]
+    gg = [torch.tensor([-1.0]), torch.tensor([3.0])]  # per tensor: conflict then no conflict; overall dot = 2 > 0
+    tensor_wise = project_conflicting(gd, gg)
+    model_wise = project_conflicting(gd, gg, granularity="model")
+    assert tensor_wise[0].tolist() == [0.0] and tensor_wise[1].tolist() == [1.0]
+    assert [t.tolist() for t in model_wise] == [[1.0], [1.0]]
+
+
+def test_distillation_loss_gradient_is_softmax_difference() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 10, generator=g, requires_grad=True)
+    zt = torch.randn(4, 10, generator=g)
+    loss = distillation_loss(z, zt)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.allclose(grad, (torch.softmax(z, 1) - torch.softmax(zt, 1)).detach() / 4, atol=1e-7)
+    assert distillation_loss(zt, zt) == pytest.approx(float(-(torch.softmax(zt, 1) * torch.log_softmax(zt, 1)).sum(1).mean()))
