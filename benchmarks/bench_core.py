@@ -86,7 +86,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     args = parser.parse_args()
     result = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "train": bench_training(args.clients, args.samples_per_client, args.epochs, args.repeats),
         "spmc_aggregation_seconds": bench_aggregation(args.sizes, args.repeats),
     }

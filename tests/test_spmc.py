@@ -217,4 +217,6 @@ def test_distillation_loss_gradient_is_softmax_difference() -> None:
     loss = distillation_loss(z, zt)
     (grad,) = torch.autograd.grad(loss, z)
     assert torch.allclose(grad, (torch.softmax(z, 1) - torch.softmax(zt, 1)).detach() / 4, atol=1e-7)
-    assert distillation_loss(zt, zt) == pytest.approx(float(-(torch.softmax(zt, 1) * torch.log_softmax(zt, 1)).sum(1).mean()))
+    assert distillation_loss(zt, zt) == pytest.approx(
+        float(-(torch.softmax(zt, 1) * torch.log_softmax(zt, 1)).sum(1).mean())
+    )

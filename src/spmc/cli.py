@@ -60,7 +60,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-clients", type=int, help="number of clients")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--out", "-o", help="run directory (default runs/<dataset>-<defense>-<client>-g<gamma>-s<seed>-<time>)")
+    p.add_argument(
+        "--out", "-o", help="run directory (default runs/<dataset>-<defense>-<client>-g<gamma>-s<seed>-<time>)"
+    )
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="any other option")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 

@@ -62,7 +62,8 @@ class Experiment(BaseModel):
     defense: str = "fedavg"
     client: Literal["plain", "spmc"] = "plain"
     malicious_client: Literal["defense", "plain"] = Field(
-        "defense", description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD"
+        "defense",
+        description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
     )
     fedavg_weighting: Literal["uniform", "samples"] = "uniform"
     exclude_int_buffers: bool = True

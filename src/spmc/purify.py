@@ -21,8 +21,14 @@ import torch.nn.functional as F
 Granularity = Literal["tensor", "model"]
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """L_KD = −(1/B) Σ_b Σ_c softmax(z̃_b/T)_c · log softmax(z_b)_c · T² (spec §4.2; only the teacher is divided by T)."""
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """L_KD = −(1/B) Σ_b Σ_c softmax(z̃_b/T)_c · log softmax(z_b)_c · T² (spec §4.2).
+
+    Only the teacher is divided by T, as in the reference code; at T = 1 its gradient in z is
+    (softmax(z) − softmax(z̃))/B.
+    """
     target = torch.softmax(teacher_logits.detach() / temperature, dim=1)
     return -(target * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean() * temperature**2
 

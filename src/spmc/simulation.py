@@ -117,7 +117,9 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
         else None
     )
 
-    def benign(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def benign(
+        x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return pre.train(x, g), y
 
     clients: dict[int, ClientData] = {}

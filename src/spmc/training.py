@@ -27,7 +27,9 @@ from spmc.params import ParamLayout
 from spmc.purify import Granularity, distillation_loss, project_conflicting
 
 ClientMethod = Literal["plain", "spmc"]
-BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchTransform = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass
@@ -134,9 +136,7 @@ def spmc_step(
     kd = distillation_loss(logits, teacher_logits, cfg.spmc_kd_T)
     g_kd = torch.autograd.grad(kd, params, retain_graph=True)
     g_ce = torch.autograd.grad(ce, params)
-    grads = project_conflicting(
-        g_ce, g_kd, cfg.spmc_lambda, cfg.spmc_proj_norm_power, cfg.spmc_proj_granularity
-    )
+    grads = project_conflicting(g_ce, g_kd, cfg.spmc_lambda, cfg.spmc_proj_norm_power, cfg.spmc_proj_granularity)
     for p, g, gk in zip(params, grads, g_kd):
         p.grad = g + cfg.spmc_kd_grad_weight * gk if cfg.spmc_kd_grad_weight else g
     opt.step()
