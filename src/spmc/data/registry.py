@@ -1,0 +1,47 @@
+"""The dataset registry: one :class:`DatasetInfo` per dataset name (spec §1.1, §1.2; a plain dict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DatasetInfo", "MNIST_MEAN", "MNIST_STD"]
+
+#: MNIST statistics, used on each of the 3 channels for MNIST, Fashion-MNIST (spec D16) and the synthetic set.
+MNIST_MEAN: tuple[float, float, float] = (0.1307, 0.1307, 0.1307)
+MNIST_STD: tuple[float, float, float] = (0.3081, 0.3081, 0.3081)
+#: CIFAR-10 statistics (spec §1.2).
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2615)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the package needs to know about a dataset.
+
+    ``mean``/``std`` are the per-channel Normalize statistics of the 3-channel input; ``hflip`` says whether
+    client training uses RandomHorizontalFlip(0.5); ``model`` is the default backbone (spec §1.1, §1.2).
+    """
+
+    name: str
+    description: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    hflip: bool
+    model: str
+    num_classes: int = 10
+
+
+def _mnist_like(name: str, description: str) -> DatasetInfo:
+    """MNIST statistics on 3 channels, no flip, SimpleCNN (spec §1.1, §1.2, D16)."""
+    return DatasetInfo(name, description, MNIST_MEAN, MNIST_STD, hflip=False, model="simplecnn")
+
+
+_CIFAR10_DESCRIPTION = "CIFAR-10 (50k/10k), from the python pickle batches"
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fmnist": _mnist_like("fmnist", "Fashion-MNIST, full (60k/10k), from IDX files"),
+    "mnist": _mnist_like("mnist", "MNIST, full (60k/10k), from IDX files"),
+    "cifar10": DatasetInfo("cifar10", _CIFAR10_DESCRIPTION, CIFAR10_MEAN, CIFAR10_STD, True, "resnet10"),
+    "fmnist-sample": _mnist_like("fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default"),
+    "synthetic": _mnist_like("synthetic", "Synthetic 10-class 28x28 images from a seed (for tests)"),
+}
