@@ -179,9 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-cifar10": {"dataset": "cifar10", "rounds": 50},
     "demo": {
         "dataset": "fmnist-sample",
-        "rounds": 8,
-        "baseline_local_epochs": 2,
-        "spmc_local_epochs": 2,
+        "rounds": 10,
         "gamma": 0.3,
     },
     "smoke": {
@@ -197,7 +195,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "paper-fmnist": "Table 2 protocol on full Fashion-MNIST (SimpleCNN, 10 clients, Dir(0.5), 50 rounds, 10 epochs)",
     "paper-mnist": "Table 2 protocol on MNIST (IDX files from --data-dir)",
     "paper-cifar10": "Table 2 protocol on CIFAR-10 (python batches from --data-dir; ResNet10)",
-    "demo": "embedded Fashion-MNIST sample, 8 rounds of 2 local epochs: minutes on a laptop CPU",
+    "demo": "paper protocol on the embedded Fashion-MNIST sample, 10 rounds: a few minutes on a laptop CPU",
     "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
 }
 

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
 from spmc.defenses.fedavg import FedAvg, fedavg_weights
-from spmc.defenses.spmc import SPMC, loo_cosine_scores, marginal_teachers, reference_cosine_scores, spmc_weights
+from spmc.defenses.spmc import (
+    SPMC,
+    loo_cosine_scores,
+    marginal_teachers,
+    reference_cosine_scores,
+    spmc_weights,
+)
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
