@@ -101,3 +101,21 @@ def test_partial_participation_keeps_absent_teachers() -> None:
     sim.run_round(0)
     for k in set(range(4)) - set(ids):
         assert torch.equal(sim.teachers[k], before[k])
+
+
+def test_invalid_states_stop_the_run_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spmc.simulation import InvalidUpdateError
+
+    sim = Simulation(make_experiment(**{**SMALL, "rounds": 1}, on_invalid_update="stop"))
+    original = sim.engine.train_round
+
+    def wrong_size(start: torch.Tensor, tasks: list) -> list:
+        results = original(start, tasks)
+        results[2].state = results[2].state[:-1]
+        return results
+
+    monkeypatch.setattr(sim.engine, "train_round", wrong_size)
+    before = sim.global_state.clone()
+    with pytest.raises(InvalidUpdateError, match="client 2's state has shape"):
+        sim.run_round(0)
+    assert torch.equal(sim.global_state, before)

@@ -65,6 +65,9 @@ class Experiment(BaseModel):
         "defense",
         description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
     )
+    on_invalid_update: Literal["drop", "stop"] = Field(
+        "drop", description="a client state with NaN/Inf or the wrong size: drop it for the round, or stop the run"
+    )
     fedavg_weighting: Literal["uniform", "samples"] = "uniform"
     exclude_int_buffers: bool = True
 

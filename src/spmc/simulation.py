@@ -14,6 +14,7 @@ for t in 0..T-1:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from spmc.data import (
     to_unit_float,
 )
 from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
+from spmc.defenses.server_data import ServerData
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
@@ -52,7 +54,11 @@ def derive_seed(*parts: int) -> int:
 
 
 # Purposes for derive_seed, so that streams never collide.
-_SEED_POISON, _SEED_STATIC_AUG, _SEED_CLIENT, _SEED_PARTICIPATION, _SEED_TEST = 1, 2, 3, 4, 5
+_SEED_POISON, _SEED_STATIC_AUG, _SEED_CLIENT, _SEED_PARTICIPATION, _SEED_TEST, _SEED_SERVER = 1, 2, 3, 4, 5, 6
+
+
+class InvalidUpdateError(RuntimeError):
+    """A client state was rejected and ``on_invalid_update = 'stop'``, or no valid state was left."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +85,7 @@ class FederatedData:
     backdoor_not_target: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    val_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData:
@@ -174,6 +181,7 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
         backdoor_not_target=bd_not_target,
         val_x=train01[val_idx],
         val_y=labels[val_idx],
+        val_transform=pre.train,
     )
 
 
@@ -202,6 +210,18 @@ class Simulation:
         self.model = build_model(cfg.resolved_model, self.data.info.num_classes).to(self.device)
         self.layout = ParamLayout.from_module(self.model)
         self.defense = build_defense(cfg)
+        self.server_data = ServerData(
+            x=self.data.val_x,
+            y=self.data.val_y,
+            transform=self.data.val_transform,
+            model=copy.deepcopy(self.model),
+            layout=self.layout,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=derive_seed(cfg.seed, _SEED_SERVER),
+        )
         self.engine = SequentialEngine(self.model, self.layout, self._optim_config())
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
@@ -251,13 +271,22 @@ class Simulation:
             for k in ids
         ]
 
-    def valid_rows(self, states: torch.Tensor, ids: list[int]) -> list[int]:
-        """Positions of client states that are finite; a non-finite one is logged and dropped for the round."""
-        finite = torch.isfinite(states).all(dim=1).tolist()
-        for k, ok in zip(ids, finite):
-            if not ok:
-                log.warning("client %d sent a state with NaN or Inf; dropped for this round", k)
-        return [i for i, ok in enumerate(finite) if ok]
+    def check_states(self, states: list[torch.Tensor], ids: list[int]) -> list[int]:
+        """Positions of the valid client states. A state with the wrong size or with NaN/Inf is logged and, per
+        ``on_invalid_update``, dropped for the round or the run is stopped; it never reaches a defense."""
+        keep = []
+        for i, (k, state) in enumerate(zip(ids, states)):
+            if state.shape != (self.layout.dim,):
+                problem = f"has shape {tuple(state.shape)}, expected ({self.layout.dim},)"
+            elif not bool(torch.isfinite(state).all()):
+                problem = "holds NaN or Inf"
+            else:
+                keep.append(i)
+                continue
+            if self.cfg.on_invalid_update == "stop":
+                raise InvalidUpdateError(f"client {k}'s state {problem}; stopping (on_invalid_update = 'stop')")
+            log.warning("client %d's state %s; dropped for this round", k, problem)
+        return keep
 
     def update_teachers(self, agg: Aggregate, states: torch.Tensor, ids: list[int]) -> None:
         """teacher_k = α-weighted leave-one-out model (spec §4.1); uniform α when the defense gives no weights."""
@@ -271,9 +300,10 @@ class Simulation:
         for k, teacher in zip(ids, marginal_teachers(coalition, states, weights)):
             self.teachers[k] = teacher
 
-    def evaluate(self) -> dict[str, float]:
-        """A_t on the clean test set and ASR_t on the triggered set, with and without target-class images."""
-        self.layout.load(self.model, self.global_state)
+    def evaluate(self, state: torch.Tensor | None = None) -> dict[str, float]:
+        """A_t on the clean test set and ASR_t on the triggered set, with and without target-class images, of
+        ``state`` (default: the global model)."""
+        self.layout.load(self.model, self.global_state if state is None else state)
         bs = self.cfg.eval_batch_size
         acc = accuracy(self.model, self.data.test_x, self.data.test_y, bs)
         keep = self.data.backdoor_not_target
@@ -291,14 +321,14 @@ class Simulation:
         started = time.perf_counter()
         ids = self.participants(t)
         results = self.engine.train_round(self.global_state, self.tasks(t, ids))
-        states = torch.stack([r.state for r in results])
-        keep = self.valid_rows(states, ids)
+        keep = self.check_states([r.state for r in results], ids)
         if not keep:
-            raise RuntimeError(f"round {t}: every client state was rejected; the global model is unchanged")
-        states = states[keep]
+            raise InvalidUpdateError(f"round {t}: every client state was rejected; the global model is unchanged")
+        states = torch.stack([results[i].state for i in keep])
         kept_ids = [ids[i] for i in keep]
         counts = torch.tensor([self.data.num_samples[k] for k in kept_ids], dtype=torch.float64)
-        inputs = RoundInputs(self.global_state, states, tuple(kept_ids), counts, self.layout, t)
+        server_data = self.server_data if self.defense.needs_server_data else None
+        inputs = RoundInputs(self.global_state, states, tuple(kept_ids), counts, self.layout, t, server_data)
         agg = self.defense.aggregate(inputs)
         new_global = agg.global_state.clone()
         int_mask = self.layout.int_mask(new_global.device)
@@ -309,7 +339,7 @@ class Simulation:
         if any(self.method_for(k) == "spmc" for k in kept_ids):
             self.update_teachers(agg, states, kept_ids)
         train_seconds = time.perf_counter() - started
-        record: dict[str, Any] = {"round": t, **self.evaluate()}
+        record: dict[str, Any] = {"round": t, **self.evaluate(agg.eval_state)}
         losses = [r.mean_loss for r in results]
         steps = sum(r.steps for r in results)
         record.update(

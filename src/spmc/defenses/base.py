@@ -23,7 +23,8 @@ class RoundInputs:
     """Everything a defense may look at in one round.
 
     ``client_states[i]`` belongs to client ``client_ids[i]``; ids are stable across rounds and never positions.
-    ``server_data`` is only filled for defenses that declare ``needs_server_data`` (spec §5).
+    ``server_data`` (a :class:`spmc.defenses.server_data.ServerData`) is only filled for defenses that declare
+    ``needs_server_data`` (spec §5); ``malicious_ids`` is never given to a defense (the engine keeps it).
     """
 
     global_state: torch.Tensor
@@ -62,6 +63,8 @@ class Aggregate:
     weights: torch.Tensor | None = None
     accepted: tuple[int, ...] | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    eval_state: torch.Tensor | None = None
+    """The model to evaluate when it differs from the broadcast one (Finetuning without broadcast, spec §6.10)."""
 
 
 class Defense(Protocol):

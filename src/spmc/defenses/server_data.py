@@ -1,0 +1,80 @@
+"""The server's clean validation split, for the defenses that need proxy data (spec §5, D38).
+
+Only Sageflow, FLTrust and Finetuning (classes with ``needs_server_data = True``) receive it through
+``RoundInputs.server_data``. It holds the last ``val_fraction`` of the official training set as unit-float images,
+the server-validation transform (for MNIST and Fashion-MNIST the client training transform, spec §1.2), a scratch
+model and the SGD settings of spec §1.1, and offers the two operations those defenses need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spmc.params import ParamLayout
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class ServerData:
+    """Clean server data plus the means to evaluate and train a flat state on it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    transform: Transform
+    model: nn.Module
+    layout: ParamLayout
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def batches(self, generator: torch.Generator, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass in mini-batches of ``batch_size``, last partial batch dropped (spec §1.1), transformed."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for b in range(n // self.batch_size):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.transform(self.x[idx], generator), self.y[idx]
+
+    @torch.no_grad()
+    def loss_and_entropy(self, state: torch.Tensor, round_seed: int = 0) -> tuple[float, float]:
+        """ℓ = mean over batches of the batch-mean CE; H = mean over batches of the batch-mean entropy
+        −Σ_c p_c ln p_c; the model in eval mode (spec §6.3 [REC]). NaN when there is no full batch."""
+        self.layout.load(self.model, state)
+        self.model.eval()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_seed)
+        losses, entropies = [], []
+        for x, y in self.batches(gen, shuffle=False):
+            logits = self.model(x)
+            losses.append(F.cross_entropy(logits, y))
+            logp = F.log_softmax(logits, dim=1)
+            entropies.append(-(logp.exp() * logp).sum(dim=1).mean())
+        if not losses:
+            return float("nan"), float("nan")
+        return float(torch.stack(losses).mean()), float(torch.stack(entropies).mean())
+
+    def train(self, state: torch.Tensor, epochs: int, round_seed: int = 0) -> torch.Tensor:
+        """``epochs`` passes of SGD on the mean CE from ``state`` (train mode, fresh optimiser); the new state."""
+        self.layout.load(self.model, state)
+        self.model.train()
+        opt = torch.optim.SGD(
+            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_seed)
+        for _ in range(epochs):
+            for x, y in self.batches(gen, shuffle=True):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(self.model(x), y).backward()
+                opt.step()
+        return self.layout.flatten(self.model)
