@@ -83,6 +83,44 @@ class Experiment(BaseModel):
     asr_exclude_target_class: bool = False
     report_last_k: int = Field(5, gt=0)
 
+    # Baselines (spec §6, Appendix A). None for krum_f / multikrum_select / trimmed_mean_k means "derived from m".
+    dnc_filter_frac: float = Field(0.5, ge=0.0)
+    dnc_niters: int = Field(1, ge=1)
+    dnc_subdim: int = Field(10_000, ge=1)
+    dnc_normalize: bool = True
+    dnc_combine: Literal["union", "intersection"] = "union"
+    sageflow_eth: float = Field(2.0, gt=0.0)
+    sageflow_delta: float = Field(1.0, ge=0.0)
+    sageflow_size_weight: bool = False
+    bulyan_f: int = Field(1, ge=0)
+    rfa_layerwise: bool = True
+    rfa_maxiter: int = Field(3, ge=1)
+    rfa_eps: float = Field(1e-5, gt=0.0)
+    rfa_ftol: float = Field(1e-6, ge=0.0)
+    rlr_threshold: float = Field(4.0, ge=0.0)
+    rlr_server_lr: float = Field(1.0, gt=0.0)
+    crfl_clip_cap: float = Field(100.0, gt=0.0)
+    crfl_clip_slope: float = Field(5.0, ge=0.0)
+    crfl_clip_bias: float = Field(30.0, gt=0.0)
+    crfl_sigma: float = Field(1e-4, ge=0.0)
+    crfl_scale: float = Field(1.0, gt=0.0)
+    foolsgold_norm_eps: float = Field(0.1, ge=0.0)
+    foolsgold_kappa: float = Field(1.0, gt=0.0)
+    foolsgold_normalize_weights: bool = True
+    rsa_alpha: float = Field(0.05, gt=0.0)
+    rsa_lambda: float = Field(0.1, ge=0.0)
+    rsa_wd: float = Field(0.001, ge=0.0)
+    rsa_clip: float = Field(3.0, gt=0.0)
+    rsa_update_bn_buffers: bool = True
+    finetune_epochs: int = Field(1, ge=0)
+    finetune_broadcast: bool = False
+    krum_f: int | None = Field(None, ge=0)
+    multikrum_select: int | None = Field(None, ge=1)
+    trimmed_mean_k: int | None = Field(None, ge=0)
+    tm_mode: Literal["trim_extremes", "closest_to_median"] = "trim_extremes"
+    fltrust_public_epochs: int = Field(10, ge=1)
+    fedcpa_top_rate: float = Field(0.5, gt=0.0, le=1.0)
+
     spmc_lambda: float = Field(1.0, ge=0.0)
     spmc_kd_T: float = Field(1.0, gt=0.0)
     spmc_temperature: float = Field(1.0, gt=0.0)

@@ -90,3 +90,19 @@ def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 def as_weight_list(weights: torch.Tensor, client_ids: Sequence[int]) -> dict[str, float]:
     """``{client_id: weight}`` for the run log."""
     return {str(cid): float(w) for cid, w in zip(client_ids, weights.tolist())}
+
+
+def stat_mask(
+    layout: ParamLayout, exclude_int_buffers: bool = True, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Entries that enter distances, norms, cosines and signs: every float entry, integer counters left out
+    (spec D31; ``exclude_int_buffers = False`` keeps them, the repo profile)."""
+    if exclude_int_buffers:
+        return layout.stat_mask(device)
+    return torch.ones(layout.dim, dtype=torch.bool, device=device)
+
+
+def round_generator(seed: int, round_index: int) -> torch.Generator:
+    """A generator for a defense's own randomness in one round (DnC's coordinate subsets, CRFL's noise):
+    depends on the experiment seed and the round only, never on the order of the clients."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + round_index) % (2**63))
