@@ -80,11 +80,19 @@ class Defense(Protocol):
     def aggregate(self, inputs: RoundInputs) -> Aggregate: ...
 
 
+_BLOCK = 1 << 15
+
+
 def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k θ_k over the whole state, accumulated in float64 and returned in the states' dtype."""
+    """Σ_k w_k θ_k over the whole state, accumulated in float64 over column blocks (no [n, d] float64 copy) and
+    returned in the states' dtype."""
     if weights.shape != (states.shape[0],):
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
-    return (weights.to(torch.float64) @ states.to(torch.float64)).to(states.dtype)
+    w = weights.to(device=states.device, dtype=torch.float64)
+    out = torch.empty(states.shape[1], dtype=states.dtype, device=states.device)
+    for start in range(0, states.shape[1], _BLOCK):
+        out[start : start + _BLOCK] = w @ states[:, start : start + _BLOCK].to(torch.float64)
+    return out
 
 
 def as_weight_list(weights: torch.Tensor, client_ids: Sequence[int]) -> dict[str, float]:

@@ -94,17 +94,18 @@ def marginal_teachers(
 
     ``global_state`` must be Σ α_k θ_k. With one client there is no coalition and the teacher is the global
     model (spec §3.4); the same holds for any client whose weight is 1 (its coalition has weight 0), which a
-    client-selecting defense can produce. Computed in float64, returned as [n, d] in the states' dtype.
+    client-selecting defense can produce. The coefficients 1/(1 − α_k) and α_k/(1 − α_k) are formed in float64,
+    the [n, d] result in the states' dtype.
     """
     if weights.shape != (client_states.shape[0],):
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({client_states.shape[0]},)")
-    a = weights.to(torch.float64).to(client_states.device).unsqueeze(1)
-    rest = 1.0 - a
-    alone = rest <= 1e-12
-    g = global_state.to(torch.float64).unsqueeze(0)
-    teachers = (g - a * client_states.to(torch.float64)) / torch.where(alone, torch.ones_like(rest), rest)
-    teachers = torch.where(alone, g, teachers)
-    return teachers.to(client_states.dtype)
+    w = weights.to(torch.float64).to(client_states.device)
+    alone = (1.0 - w) <= 1e-12
+    scale = torch.where(alone, torch.zeros_like(w), 1.0 / (1.0 - w).clamp_min(1e-12))
+    a = (w * scale).to(client_states.dtype).unsqueeze(1)
+    teachers = global_state.unsqueeze(0) * scale.to(client_states.dtype).unsqueeze(1) - a * client_states
+    teachers[alone] = global_state
+    return teachers
 
 
 class SPMC:
@@ -159,8 +160,10 @@ class SPMC:
     def scores(self, inputs: RoundInputs) -> torch.Tensor:
         """s_k on vec_P of the states (or of the updates), against the LOO coalition or the global model (D4)."""
         mask = inputs.layout.param_mask(inputs.client_states.device)
-        vectors = inputs.client_states[:, mask]
-        reference = inputs.global_state[mask]
+        if inputs.layout.num_params == inputs.layout.dim:  # no buffers: skip the [n, d] masked copy
+            vectors, reference = inputs.client_states, inputs.global_state
+        else:
+            vectors, reference = inputs.client_states[:, mask], inputs.global_state[mask]
         if self.score_space == "updates":
             vectors = vectors - reference
         if self.score_ref == "global":
