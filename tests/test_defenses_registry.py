@@ -43,7 +43,9 @@ def _inputs(n: int, seed: int, order: list[int] | None = None) -> RoundInputs:
     ids = list(range(10, 10 + n))
     counts = torch.randint(50, 500, (n,), generator=g).to(torch.float64)
     order = order or list(range(n))
-    return RoundInputs(glob, states[order], tuple(ids[i] for i in order), counts[order], layout, 3, _server_data(layout))
+    return RoundInputs(
+        glob, states[order], tuple(ids[i] for i in order), counts[order], layout, 3, _server_data(layout)
+    )
 
 
 def _defense(name: str, n: int):  # noqa: ANN202

@@ -15,6 +15,7 @@ for t in 0..T-1:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from spmc.data import (
     server_split,
     to_unit_float,
 )
+from spmc.data.strong_aug import strong_augment
 from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
 from spmc.defenses.server_data import ServerData
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
@@ -181,7 +183,9 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
         backdoor_not_target=bd_not_target,
         val_x=train01[val_idx],
         val_y=labels[val_idx],
-        val_transform=pre.train,
+        val_transform=(
+            functools.partial(strong_augment, mean=info.mean, std=info.std) if info.name == "cifar10" else pre.train
+        ),
     )
 
 

@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING
 
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
 from spmc.defenses.fedavg import FedAvg, fedavg_weights
+from spmc.defenses.finetuning import Finetuning
+from spmc.defenses.fltrust import FLTrust
+from spmc.defenses.sageflow import Sageflow
 from spmc.defenses.spmc import (
     SPMC,
     loo_cosine_scores,
@@ -20,6 +23,9 @@ if TYPE_CHECKING:
 DEFENSES: dict[str, type[Defense]] = {
     "fedavg": FedAvg,
     "spmc": SPMC,
+    "sageflow": Sageflow,
+    "finetuning": Finetuning,
+    "fltrust": FLTrust,
 }
 
 

@@ -53,7 +53,7 @@ class ServerData:
         −Σ_c p_c ln p_c; the model in eval mode (spec §6.3 [REC]). NaN when there is no full batch."""
         self.layout.load(self.model, state)
         self.model.eval()
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_seed)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_seed) % (2**63))
         losses, entropies = [], []
         for x, y in self.batches(gen, shuffle=False):
             logits = self.model(x)
@@ -71,7 +71,7 @@ class ServerData:
         opt = torch.optim.SGD(
             self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_seed)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_seed) % (2**63))
         for _ in range(epochs):
             for x, y in self.batches(gen, shuffle=True):
                 opt.zero_grad(set_to_none=True)

@@ -1,0 +1,60 @@
+"""Finetuning (server fine-tuning on proxy data; spec §6.10, D26).
+
+θ̄ = (1/n) Σ_k θ_k over the whole state; θ̃ = θ̄ after ``finetune_epochs`` epochs of SGD on the server's clean
+validation split (:meth:`ServerData.train`: train mode, lr/momentum/weight decay of spec §1.1, batch 64,
+drop_last). With ``finetune_broadcast = False`` (the repo and the default) θ̄ is broadcast to the clients and θ̃ is
+only evaluated (``Aggregate.eval_state``); with ``True`` θ̃ becomes the global model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from spmc.defenses._proxy import require_server_data
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+
+class Finetuning:
+    """Uniform mean of the client states, fine-tuned on the server's clean data for evaluation (or broadcast)."""
+
+    name: ClassVar[str] = "finetuning"
+    description: ClassVar[str] = "Finetuning: uniform mean, then SGD on the server's clean data (spec §6.10)"
+    needs_server_data: ClassVar[bool] = True
+
+    def __init__(self, epochs: int = 1, broadcast: bool = False) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"finetune_epochs: got {epochs!r}; must be an integer >= 0")
+        self.epochs = epochs
+        self.broadcast = broadcast
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> Finetuning:
+        return cls(epochs=cfg.finetune_epochs, broadcast=cfg.finetune_broadcast)
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        n = inputs.n
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        mean = weighted_average(inputs.client_states, w.to(inputs.client_states.device))
+        if self.epochs > 0:
+            data = require_server_data(inputs, self.name)
+            tuned = data.train(mean, self.epochs, inputs.round).to(mean.device, mean.dtype)
+        else:
+            tuned = mean.clone()
+        mask = inputs.layout.stat_mask(mean.device)
+        shift = float((tuned[mask].to(torch.float64) - mean[mask].to(torch.float64)).norm())
+        return Aggregate(
+            global_state=tuned if self.broadcast else mean,
+            weights=w,
+            accepted=inputs.client_ids,
+            diagnostics={
+                "weights": as_weight_list(w, inputs.client_ids),
+                "finetune_shift_norm": shift,
+                "finetune_broadcast": self.broadcast,
+            },
+            eval_state=None if self.broadcast else tuned,
+        )

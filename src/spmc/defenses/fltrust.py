@@ -1,0 +1,136 @@
+"""FLTrust (Cao et al., NDSS'21; spec §6.11 [REC]): trust scores against a server update on clean data.
+
+The server trains a copy of θ_g for ``fltrust_public_epochs`` epochs on its validation split
+(:meth:`ServerData.train`), giving Δ_0 = θ_0 − θ_g over the whole state. With cos and ‖·‖ over the stat entries
+(integer counters left out, spec D31; ``exclude_int_buffers = False`` keeps them, the repo profile):
+
+    TS_k = max(cos(Δ_k, Δ_0), 0) · ‖Δ_0‖ / (‖Δ_k‖ + 1e−5)
+    θ_g ← θ_g + Σ_k TS_k Δ_k / (Σ_k TS_k + 1e−5)        over the whole state
+
+(the repo's ``per_client`` rule: the norm ratio is part of TS_k and the sum is normalised by Σ TS_k, so the step is a
+weighted mean of the Δ_k with weights ∝ ReLU-cos_k / ‖Δ_k‖). The reported weights are TS_k / Σ_j TS_j; when every
+TS_k is 0 the global model is unchanged, no weights are reported and no client is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from spmc.defenses._proxy import require_server_data
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-5
+_BLOCK = 1 << 18
+
+
+def _update_block(client_states: torch.Tensor, global_state: torch.Tensor, start: int) -> torch.Tensor:
+    stop = start + _BLOCK
+    return client_states[:, start:stop].to(torch.float64) - global_state[start:stop].to(torch.float64)
+
+
+def cosines_and_norms(
+    client_states: torch.Tensor,
+    global_state: torch.Tensor,
+    server_update: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """cos(Δ_k, Δ_0), ‖Δ_k‖ and ‖Δ_0‖ over the entries in ``mask`` (all if None), Δ_k = θ_k − θ_g.
+
+    Accumulated in float64 over column blocks (no [n, d] float64 copy); cos is 0 where either norm is 0.
+    Returns float64 CPU tensors [n], [n] and a float.
+    """
+    n, d = client_states.shape
+    dev = client_states.device
+    dots = torch.zeros(n, dtype=torch.float64, device=dev)
+    sq = torch.zeros(n, dtype=torch.float64, device=dev)
+    ref_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for start in range(0, d, _BLOCK):
+        upd = _update_block(client_states, global_state, start)
+        ref = server_update[start : start + _BLOCK].to(torch.float64)
+        if mask is not None:
+            keep = mask[start : start + _BLOCK]
+            upd, ref = upd[:, keep], ref[keep]
+        dots += upd @ ref
+        sq += (upd * upd).sum(dim=1)
+        ref_sq += ref @ ref
+    norms, ref_norm = sq.sqrt().cpu(), float(ref_sq.sqrt())
+    denom = norms * ref_norm
+    cos = torch.where(denom > 0, dots.cpu() / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0)
+    return cos, norms, ref_norm
+
+
+def fltrust_trust_scores(
+    cosines: torch.Tensor, norms: torch.Tensor, server_norm: float, eps: float = EPS
+) -> torch.Tensor:
+    """TS_k = max(cos_k, 0) · ‖Δ_0‖ / (‖Δ_k‖ + eps), float64 [n] (spec §6.11)."""
+    return cosines.to(torch.float64).clamp_min(0.0) * server_norm / (norms.to(torch.float64) + eps)
+
+
+def fltrust_apply(
+    global_state: torch.Tensor, client_states: torch.Tensor, trust: torch.Tensor, eps: float = EPS
+) -> torch.Tensor:
+    """θ_g + Σ_k TS_k Δ_k / (Σ_k TS_k + eps) over the whole state, in float64, returned in the states' dtype."""
+    coeff = (trust.to(torch.float64) / (float(trust.sum()) + eps)).to(client_states.device)
+    out = torch.empty_like(global_state)
+    for start in range(0, global_state.shape[0], _BLOCK):
+        step = coeff @ _update_block(client_states, global_state, start)
+        out[start : start + _BLOCK] = (global_state[start : start + _BLOCK].to(torch.float64) + step).to(out.dtype)
+    return out
+
+
+class FLTrust:
+    """Trust-weighted mean of the client updates, trust from the cosine to the server's own update."""
+
+    name: ClassVar[str] = "fltrust"
+    description: ClassVar[str] = "FLTrust: ReLU-cosine trust against a server update on clean data (spec §6.11)"
+    needs_server_data: ClassVar[bool] = True
+
+    def __init__(self, public_epochs: int = 10, exclude_int_buffers: bool = True) -> None:
+        if isinstance(public_epochs, bool) or not isinstance(public_epochs, int) or public_epochs < 1:
+            raise ValueError(f"fltrust_public_epochs: got {public_epochs!r}; must be an integer >= 1")
+        self.public_epochs = public_epochs
+        self.exclude_int_buffers = exclude_int_buffers
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> FLTrust:
+        return cls(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
+
+    def server_update(self, inputs: RoundInputs) -> torch.Tensor:
+        """Δ_0 = train(θ_g, public_epochs) − θ_g on the server's validation split."""
+        data = require_server_data(inputs, self.name)
+        trained = data.train(inputs.global_state, self.public_epochs, inputs.round)
+        return trained.to(inputs.global_state.device) - inputs.global_state
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        delta0 = self.server_update(inputs)
+        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        cos, norms, ref_norm = cosines_and_norms(inputs.client_states, inputs.global_state, delta0, mask)
+        trust = fltrust_trust_scores(cos, norms, ref_norm)
+        ids = inputs.client_ids
+        total = float(trust.sum())
+        weights = trust / total if total > 0 else None
+        if weights is None:
+            log.warning("round %d: FLTrust trusts no client (every cosine <= 0); global model unchanged", inputs.round)
+        accepted = tuple(cid for cid, ts in zip(ids, trust.tolist()) if ts > 0)
+        diagnostics = {
+            "cosines": as_weight_list(cos, ids),
+            "trust_scores": as_weight_list(trust, ids),
+            "server_update_norm": ref_norm,
+            "removed": [cid for cid in ids if cid not in accepted],
+        }
+        if weights is not None:
+            diagnostics["weights"] = as_weight_list(weights, ids)
+        return Aggregate(
+            global_state=fltrust_apply(inputs.global_state, inputs.client_states, trust),
+            weights=weights,
+            accepted=accepted,
+            diagnostics=diagnostics,
+        )
