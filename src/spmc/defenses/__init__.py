@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
+from spmc.defenses.bulyan import Bulyan
+from spmc.defenses.dnc import DnC
 from spmc.defenses.fedavg import FedAvg, fedavg_weights
 from spmc.defenses.finetuning import Finetuning
 from spmc.defenses.fltrust import FLTrust
+from spmc.defenses.krum import Krum
+from spmc.defenses.median import Median
+from spmc.defenses.multikrum import MultiKrum
 from spmc.defenses.sageflow import Sageflow
 from spmc.defenses.spmc import (
     SPMC,
@@ -16,6 +21,7 @@ from spmc.defenses.spmc import (
     reference_cosine_scores,
     spmc_weights,
 )
+from spmc.defenses.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -23,8 +29,14 @@ if TYPE_CHECKING:
 DEFENSES: dict[str, type[Defense]] = {
     "fedavg": FedAvg,
     "spmc": SPMC,
+    "dnc": DnC,
     "sageflow": Sageflow,
+    "bulyan": Bulyan,
     "finetuning": Finetuning,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "trimmed_mean": TrimmedMean,
+    "median": Median,
     "fltrust": FLTrust,
 }
 

@@ -1,0 +1,186 @@
+"""DnC, Divide-and-Conquer (spec §6.2 [REC], D18; Shejwalkar & Houmansadr, NDSS'21), with the repo's settings.
+
+On the updates Δ_k = θ_k − θ_g over the float entries (integer counters left out, spec D31):
+
+    u_k = Δ_k / (‖Δ_k‖ + 1e−5)                    (``dnc_normalize``; the raw Δ_k otherwise, as in the original)
+    m̂  = ⌊γ·n⌋ (γ read from the config),   r = ⌊c·m̂⌋ clients to remove, c = ``dnc_filter_frac``
+    repeat ``dnc_niters`` times:
+        J  = b = ``dnc_subdim`` coordinates drawn without replacement (all of them when d <= b)
+        U  = [u_k[J]]_k,  μ = mean_k U_k,  v = top right-singular vector of U − μ (thin SVD)
+        σ_k = ⟨U_k − μ, v⟩²;  keep the n − r clients with the smallest σ (ties: the smaller client id)
+    kept = union (``dnc_combine = union``) or intersection of the iterations' kept sets
+    θ_g ← (1/|kept|) Σ_{k∈kept} θ_k                 (uniform mean of the kept clients' whole states)
+
+The coordinate subsets come from ``round_generator(seed, round)``, so they do not depend on the client order, and
+kept clients are mapped by client id (the repo uses positions as ids, D2). If an intersection comes out empty, the
+union is used and a warning logged. The diagnostics report σ_k (averaged over the iterations) and the removed ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, stat_mask, weighted_average
+from spmc.defenses.krum import lowest_scores
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+log = logging.getLogger(__name__)
+
+Combine = Literal["union", "intersection"]
+COMBINES: tuple[str, ...] = ("union", "intersection")
+NORM_EPS = 1e-5
+_BLOCK = 1 << 16
+
+
+def row_norms(vectors: torch.Tensor) -> torch.Tensor:
+    """‖x_k‖ of every row of ``vectors`` [n, d], accumulated in float64 over column blocks; float64 [n]."""
+    sq = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
+    for start in range(0, vectors.shape[1], _BLOCK):
+        block = vectors[:, start : start + _BLOCK].to(torch.float64)
+        sq += (block * block).sum(dim=1)
+    return sq.sqrt()
+
+
+def num_removed(n: int, gamma: float, filter_frac: float) -> int:
+    """r = ⌊c·⌊γ·n⌋⌋ (guarded against float error like m = ⌊γK⌋, spec §2.1)."""
+    m_hat = int(gamma * n + 1e-9)
+    return int(filter_frac * m_hat + 1e-9)
+
+
+def dnc_outlier_scores(sample: torch.Tensor) -> torch.Tensor:
+    """σ_k = ⟨U_k − μ, v⟩² with v the top right-singular vector of the centred [n, b] matrix; float64 [n] on CPU."""
+    u = sample.to(torch.float64)
+    centred = u - u.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return ((centred @ vh[0]) ** 2).cpu()
+
+
+def dnc_keep(
+    vectors: torch.Tensor,
+    client_ids: Sequence[int],
+    removed: int,
+    generator: torch.Generator,
+    subdim: int = 10_000,
+    niters: int = 1,
+    combine: Combine = "union",
+    row_scale: torch.Tensor | None = None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Positions of the kept rows of ``vectors`` [n, d], sorted, and the σ of every iteration.
+
+    ``generator`` draws the coordinate subsets (torch.randperm on the CPU, then moved to the vectors' device).
+    ``row_scale`` (float64 [n], e.g. 1/(‖Δ_k‖ + 1e−5)) multiplies each row after sampling, which is the same as
+    normalising first but touches only the b sampled columns.
+    """
+    n, d = vectors.shape
+    if not 0 <= removed < n:
+        raise ValueError(f"dnc: cannot remove r = {removed} of n = {n} clients; need 0 <= r < n")
+    kept_sets: list[set[int]] = []
+    all_scores: list[torch.Tensor] = []
+    for _ in range(niters):
+        if d > subdim:
+            cols = torch.randperm(d, generator=generator)[:subdim].to(vectors.device)
+            sample = vectors[:, cols]
+        else:
+            sample = vectors
+        sample = sample.to(torch.float64)
+        if row_scale is not None:
+            sample = sample * row_scale.to(sample.device)[:, None]
+        scores = dnc_outlier_scores(sample)
+        all_scores.append(scores)
+        kept_sets.append(set(lowest_scores(scores, client_ids, n - removed)))
+    if combine == "union":
+        kept = set().union(*kept_sets)
+    elif combine == "intersection":
+        kept = set.intersection(*kept_sets)
+        if not kept:
+            log.warning("dnc: the intersection of the %d kept sets is empty; using their union", niters)
+            kept = set().union(*kept_sets)
+    else:
+        raise ValueError(f"dnc_combine: unknown value {combine!r}; allowed: {', '.join(COMBINES)}")
+    return sorted(kept), all_scores
+
+
+class DnC:
+    """Divide-and-Conquer: drop the clients most aligned with the top singular direction, average the rest."""
+
+    name: ClassVar[str] = "dnc"
+    description: ClassVar[str] = "DnC: SVD outlier scores on sampled coordinates, mean of the kept clients (spec §6.2)"
+    needs_server_data: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        gamma: float = 0.3,
+        filter_frac: float = 0.5,
+        niters: int = 1,
+        subdim: int = 10_000,
+        normalize: bool = True,
+        combine: Combine = "union",
+        seed: int = 0,
+        exclude_int_buffers: bool = True,
+    ) -> None:
+        checks = (
+            ("gamma", gamma, 0.0 <= gamma < 1.0 and math.isfinite(gamma), "a fraction in [0, 1)"),
+            ("dnc_filter_frac", filter_frac, filter_frac >= 0.0 and math.isfinite(filter_frac), "a number >= 0"),
+            ("dnc_niters", niters, niters >= 1, "an integer >= 1"),
+            ("dnc_subdim", subdim, subdim >= 1, "an integer >= 1"),
+            ("dnc_combine", combine, combine in COMBINES, f"one of {', '.join(COMBINES)}"),
+        )
+        for field, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{field}: got {value!r}; must be {allowed}")
+        self.gamma = gamma
+        self.filter_frac = filter_frac
+        self.niters = niters
+        self.subdim = subdim
+        self.normalize = normalize
+        self.combine = combine
+        self.seed = seed
+        self.exclude_int_buffers = exclude_int_buffers
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> DnC:
+        return cls(
+            gamma=cfg.gamma,
+            filter_frac=cfg.dnc_filter_frac,
+            niters=cfg.dnc_niters,
+            subdim=cfg.dnc_subdim,
+            normalize=cfg.dnc_normalize,
+            combine=cfg.dnc_combine,
+            seed=cfg.seed,
+            exclude_int_buffers=cfg.exclude_int_buffers,
+        )
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        ids = inputs.client_ids
+        n = inputs.n
+        removed = num_removed(n, self.gamma, self.filter_frac)
+        if removed >= n:
+            raise ValueError(
+                f"dnc_filter_frac: removing r = ⌊c·⌊γ·n⌋⌋ = {removed} of n = {n} clients leaves none "
+                f"(c = {self.filter_frac}, γ = {self.gamma}); need r < n"
+            )
+        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        vectors = inputs.updates[:, mask]
+        scale = 1.0 / (row_norms(vectors) + NORM_EPS) if self.normalize else None
+        gen = round_generator(self.seed, inputs.round)
+        kept, scores = dnc_keep(vectors, ids, removed, gen, self.subdim, self.niters, self.combine, scale)
+        w = torch.zeros(n, dtype=torch.float64)
+        w[kept] = 1.0 / len(kept)
+        kept_set = set(kept)
+        return Aggregate(
+            global_state=weighted_average(inputs.client_states, w.to(inputs.client_states.device)),
+            weights=w,
+            accepted=tuple(ids[i] for i in kept),
+            diagnostics={
+                "scores": as_weight_list(torch.stack(scores).mean(dim=0), ids),
+                "weights": as_weight_list(w, ids),
+                "removed": sorted(ids[i] for i in range(n) if i not in kept_set),
+            },
+        )

@@ -1,0 +1,124 @@
+"""Krum (spec §6.11 [REC]; Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS'17), the original rule.
+
+On the updates Δ_k = θ_k − θ_g restricted to the float entries (integer counters left out, spec D31):
+
+    D_ij    = ‖Δ_i − Δ_j‖²                                   (squared Euclidean distances)
+    score_i = Σ of the n − f − 2 smallest D_ij over j ≠ i
+    i*      = argmin_i score_i                               (ties: the smallest client id)
+    θ_g     ← θ_{i*}  (= θ_g + Δ_{i*}, the whole state)
+
+It needs n > 2f + 2. f = ``krum_f``, or m = ⌊γK⌋ when ``krum_f`` is None (f = 0 when there is no attack). No server
+momentum (the repo's momentum path starts from a separately initialised vector, a bug, spec §6.11).
+
+:func:`pairwise_sq_distances` is the one distance computation shared by Krum, Multi-Krum and Bulyan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+_BLOCK = 1 << 16
+
+
+def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
+    """D_ij = ‖x_i − x_j‖² for the rows of ``vectors`` [n, d], through the Gram identity ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩.
+
+    The Gram matrix is accumulated in float64 over column blocks (no [n, d] float64 copy). The result is float64
+    [n, n] on the CPU, symmetric, with a zero diagonal and no negative entries (rounding is clamped at 0).
+    """
+    if vectors.dim() != 2:
+        raise ValueError(f"vectors must be [n, d]; got shape {tuple(vectors.shape)}")
+    n = vectors.shape[0]
+    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
+    for start in range(0, vectors.shape[1], _BLOCK):
+        block = vectors[:, start : start + _BLOCK].to(torch.float64)
+        gram += block @ block.T
+    gram = gram.cpu()
+    sq = gram.diagonal().clone()
+    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    dist = (dist + dist.T) / 2
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def check_krum_size(n: int, f: int, field: str = "krum_f") -> None:
+    """Raise unless n > 2f + 2, the condition of Krum's guarantee (Blanchard et al. 2017)."""
+    if n <= 2 * f + 2:
+        allowed = f"f <= {(n - 3) // 2}" if n >= 3 else "no f: Krum needs at least 3 clients"
+        raise ValueError(f"{field}: Krum needs n > 2f + 2 clients; got n = {n}, f = {f} (allowed: {allowed})")
+
+
+def nearest_sums(dist: torch.Tensor, count: int) -> torch.Tensor:
+    """Σ of the ``count`` smallest D_ij over j ≠ i for every row of a [n, n] distance matrix; float64 [n]."""
+    n = dist.shape[0]
+    if not 0 <= count <= n - 1:
+        raise ValueError(f"count: got {count}; must be between 0 and n − 1 = {n - 1}")
+    off = dist.to(torch.float64).clone()
+    off.fill_diagonal_(float("inf"))
+    return off.sort(dim=1).values[:, :count].sum(dim=1)
+
+
+def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
+    """score_i = sum of the n − f − 2 smallest D_ij over j ≠ i, from a [n, n] squared-distance matrix; float64 [n]."""
+    n = dist.shape[0]
+    check_krum_size(n, f)
+    return nearest_sums(dist, n - f - 2)
+
+
+def lowest_scores(scores: torch.Tensor, client_ids: Sequence[int], count: int) -> list[int]:
+    """Positions of the ``count`` lowest scores, ties broken by the smaller client id (so independent of order)."""
+    values = scores.tolist()
+    order = sorted(range(len(values)), key=lambda i: (values[i], client_ids[i]))
+    return order[:count]
+
+
+def update_distances(inputs: RoundInputs, exclude_int_buffers: bool) -> torch.Tensor:
+    """Squared distances between the clients' updates over the float entries (spec D31), float64 [n, n]."""
+    mask = stat_mask(inputs.layout, exclude_int_buffers, inputs.client_states.device)
+    return pairwise_sq_distances(inputs.updates[:, mask])
+
+
+class Krum:
+    """Original Krum: the global model becomes the client state with the lowest Krum score."""
+
+    name: ClassVar[str] = "krum"
+    description: ClassVar[str] = "Krum: the client nearest its n − f − 2 neighbours (squared distances) (spec §6.11)"
+    needs_server_data: ClassVar[bool] = False
+
+    def __init__(self, f: int = 1, exclude_int_buffers: bool = True) -> None:
+        if f < 0:
+            raise ValueError(f"krum_f: got {f}; must be an integer >= 0 (or None for m)")
+        self.f = f
+        self.exclude_int_buffers = exclude_int_buffers
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> Krum:
+        f = cfg.krum_f if cfg.krum_f is not None else cfg.num_malicious
+        return cls(f=f, exclude_int_buffers=cfg.exclude_int_buffers)
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        ids = inputs.client_ids
+        check_krum_size(inputs.n, self.f)
+        dist = update_distances(inputs, self.exclude_int_buffers)
+        scores = krum_scores(dist, self.f)
+        best = lowest_scores(scores, ids, 1)[0]
+        w = torch.zeros(inputs.n, dtype=torch.float64)
+        w[best] = 1.0
+        return Aggregate(
+            global_state=inputs.client_states[best].clone(),
+            weights=w,
+            accepted=(ids[best],),
+            diagnostics={
+                "scores": as_weight_list(scores, ids),
+                "weights": as_weight_list(w, ids),
+                "removed": sorted(k for k in ids if k != ids[best]),
+            },
+        )
