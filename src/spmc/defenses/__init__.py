@@ -6,13 +6,19 @@ from typing import TYPE_CHECKING
 
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
 from spmc.defenses.bulyan import Bulyan
+from spmc.defenses.crfl import CRFL
 from spmc.defenses.dnc import DnC
 from spmc.defenses.fedavg import FedAvg, fedavg_weights
+from spmc.defenses.fedcpa import FedCPA
 from spmc.defenses.finetuning import Finetuning
 from spmc.defenses.fltrust import FLTrust
+from spmc.defenses.foolsgold import FoolsGold
 from spmc.defenses.krum import Krum
 from spmc.defenses.median import Median
 from spmc.defenses.multikrum import MultiKrum
+from spmc.defenses.rfa import RFA
+from spmc.defenses.rlr import RLR
+from spmc.defenses.rsa import RSA
 from spmc.defenses.sageflow import Sageflow
 from spmc.defenses.spmc import (
     SPMC,
@@ -32,12 +38,18 @@ DEFENSES: dict[str, type[Defense]] = {
     "dnc": DnC,
     "sageflow": Sageflow,
     "bulyan": Bulyan,
+    "rfa": RFA,
+    "rlr": RLR,
+    "crfl": CRFL,
+    "foolsgold": FoolsGold,
+    "rsa": RSA,
     "finetuning": Finetuning,
     "krum": Krum,
     "multikrum": MultiKrum,
     "trimmed_mean": TrimmedMean,
     "median": Median,
     "fltrust": FLTrust,
+    "fedcpa": FedCPA,
 }
 
 

@@ -1,0 +1,126 @@
+"""CRFL, server side: scale, average, clip the parameter norm, perturb (Xie et al., ICML'21; spec §6.7, D23).
+
+With p_k = n_k / Σ_j n_j, round t (0-based) of T:
+
+    vec_P(θ_k) ← vec_P(θ_g) + s · (vec_P(θ_k) − vec_P(θ_g))           (scale factor s; buffers untouched)
+    θ_g ← Σ_k p_k θ_k                                                   (whole state)
+    ρ_t = min(slope · t + bias, cap)
+    if ‖vec_P(θ_g)‖ > ρ_t:  vec_P(θ_g) ← vec_P(θ_g) · ρ_t / (‖vec_P(θ_g)‖ + 1e−6)
+    if t < T − 1:           vec_P(θ_g) ← vec_P(θ_g) + N(0, σ² I)        (noise from ``round_generator(seed, t)``)
+
+Buffers are never clipped or perturbed. As in the repo, there is no test-time smoothing or certification.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, weighted_average
+from spmc.defenses.fedavg import fedavg_weights
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+
+def clip_threshold(round_index: int, slope: float = 5.0, bias: float = 30.0, cap: float = 100.0) -> float:
+    """ρ_t = min(slope · t + bias, cap)."""
+    return min(slope * round_index + bias, cap)
+
+
+def clip_norm(vec: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+    """``vec`` scaled by ρ / (‖vec‖ + 1e−6) if its norm exceeds ρ; returns (vector, norm before clipping)."""
+    norm = float(vec.to(torch.float64).norm())
+    if norm > threshold:
+        vec = (vec.to(torch.float64) * (threshold / (norm + 1e-6))).to(vec.dtype)
+    return vec, norm
+
+
+def scaled_mean(
+    global_state: torch.Tensor,
+    client_states: torch.Tensor,
+    weights: torch.Tensor,
+    param_mask: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Σ_k p_k θ_k over the whole state after scaling every parameter update by s (step 1-2 of §6.7)."""
+    new = weighted_average(client_states, weights.to(client_states.device))
+    if scale != 1.0:
+        g = global_state[param_mask].to(torch.float64)
+        new[param_mask] = (g + scale * (new[param_mask].to(torch.float64) - g)).to(new.dtype)
+    return new
+
+
+class CRFL:
+    """Weighted mean, then a norm clip with a growing threshold and Gaussian noise on the parameters."""
+
+    name: ClassVar[str] = "crfl"
+    description: ClassVar[str] = "CRFL: weighted mean, parameter-norm clipping and Gaussian noise (spec §6.7)"
+    needs_server_data: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        rounds: int = 50,
+        clip_cap: float = 100.0,
+        clip_slope: float = 5.0,
+        clip_bias: float = 30.0,
+        sigma: float = 1e-4,
+        scale: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds: got {rounds}; CRFL needs the number of rounds T >= 1 (no noise in round T-1)")
+        for field, value, ok, allowed in (
+            ("crfl_clip_cap", clip_cap, clip_cap > 0, "> 0"),
+            ("crfl_clip_slope", clip_slope, clip_slope >= 0, ">= 0"),
+            ("crfl_clip_bias", clip_bias, clip_bias > 0, "> 0"),
+            ("crfl_sigma", sigma, sigma >= 0, ">= 0"),
+            ("crfl_scale", scale, scale > 0, "> 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{field}: got {value}; must be {allowed}")
+        self.rounds = rounds
+        self.clip_cap = clip_cap
+        self.clip_slope = clip_slope
+        self.clip_bias = clip_bias
+        self.sigma = sigma
+        self.scale = scale
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> CRFL:
+        return cls(
+            rounds=cfg.rounds,
+            clip_cap=cfg.crfl_clip_cap,
+            clip_slope=cfg.crfl_clip_slope,
+            clip_bias=cfg.crfl_clip_bias,
+            sigma=cfg.crfl_sigma,
+            scale=cfg.crfl_scale,
+            seed=cfg.seed,
+        )
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        p = fedavg_weights(inputs.num_samples, "samples")
+        mask = inputs.layout.param_mask(inputs.client_states.device)
+        new = scaled_mean(inputs.global_state, inputs.client_states, p, mask, self.scale)
+        rho = clip_threshold(inputs.round, self.clip_slope, self.clip_bias, self.clip_cap)
+        params, norm = clip_norm(new[mask], rho)
+        noisy = inputs.round < self.rounds - 1 and self.sigma > 0
+        if noisy:
+            gen = round_generator(self.seed, inputs.round)
+            noise = torch.randn(params.shape, generator=gen, dtype=torch.float64) * self.sigma
+            params = (params.to(torch.float64) + noise.to(params.device)).to(params.dtype)
+        new[mask] = params
+        return Aggregate(
+            global_state=new,
+            weights=p,
+            accepted=inputs.client_ids,
+            diagnostics={
+                "weights": as_weight_list(p, inputs.client_ids),
+                "clip_threshold": rho,
+                "param_norm": norm,
+                "clipped": norm > rho,
+                "noise": noisy,
+            },
+        )

@@ -1,0 +1,108 @@
+"""RSA: server step on the sign of the model differences (Li et al., AAAI'19; spec §6.9, D25).
+
+On the trainable parameters x_g = vec_P(θ_g), x_k = vec_P(θ_k), as the reference code does it:
+
+    acc ← 0
+    for k in clients, sorted by client id:   acc ← clip(acc + sign(x_g − x_k), −c, c)   (clip after every addition)
+    x_g ← x_g − α · (λ · acc + λ_w · x_g)
+
+The clip after each addition makes the result depend on the order of the clients, so clients are always visited
+in ascending id order. ``rsa_update_bn_buffers = True`` (paper profile) sets the float BN buffers to the uniform
+mean of the clients' buffers (integer counters likewise); ``False`` leaves every buffer at its global value
+(the repo, which never updates them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from spmc.defenses.base import Aggregate, RoundInputs, weighted_average
+
+if TYPE_CHECKING:
+    from spmc.config import Experiment
+
+
+def clipped_sign_sum(
+    global_params: torch.Tensor,
+    client_params: torch.Tensor,
+    clip: float = 3.0,
+    order: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """acc after visiting the rows of ``client_params`` [n, m] (in ``order``, default row order), clipping to
+    [−c, c] after each addition."""
+    acc = torch.zeros_like(global_params)
+    for i in range(client_params.shape[0]) if order is None else order:
+        acc = (acc + torch.sign(global_params - client_params[i])).clamp_(-clip, clip)
+    return acc
+
+
+def rsa_step(
+    global_params: torch.Tensor, acc: torch.Tensor, alpha: float = 0.05, lam: float = 0.1, wd: float = 0.001
+) -> torch.Tensor:
+    """x_g − α (λ · acc + λ_w · x_g), computed in float64, returned in the parameters' dtype."""
+    x = global_params.to(torch.float64)
+    return (x - alpha * (lam * acc.to(torch.float64) + wd * x)).to(global_params.dtype)
+
+
+class RSA:
+    """Sign-based server step with a saturating accumulator; no client weights."""
+
+    name: ClassVar[str] = "rsa"
+    description: ClassVar[str] = "RSA: server step on the clipped sum of signs of model differences (spec §6.9)"
+    needs_server_data: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        alpha: float = 0.05,
+        lam: float = 0.1,
+        wd: float = 0.001,
+        clip: float = 3.0,
+        update_bn_buffers: bool = True,
+    ) -> None:
+        for field, value, ok, allowed in (
+            ("rsa_alpha", alpha, alpha > 0, "> 0"),
+            ("rsa_lambda", lam, lam >= 0, ">= 0"),
+            ("rsa_wd", wd, wd >= 0, ">= 0"),
+            ("rsa_clip", clip, clip > 0, "> 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{field}: got {value}; must be {allowed}")
+        self.alpha = alpha
+        self.lam = lam
+        self.wd = wd
+        self.clip = clip
+        self.update_bn_buffers = update_bn_buffers
+
+    @classmethod
+    def from_config(cls, cfg: Experiment) -> RSA:
+        return cls(
+            alpha=cfg.rsa_alpha,
+            lam=cfg.rsa_lambda,
+            wd=cfg.rsa_wd,
+            clip=cfg.rsa_clip,
+            update_bn_buffers=cfg.rsa_update_bn_buffers,
+        )
+
+    def aggregate(self, inputs: RoundInputs) -> Aggregate:
+        mask = inputs.layout.param_mask(inputs.client_states.device)
+        order = sorted(range(inputs.n), key=lambda i: inputs.client_ids[i])
+        x_g = inputs.global_state[mask]
+        params = inputs.client_states if bool(mask.all()) else inputs.client_states[:, mask]
+        acc = clipped_sign_sum(x_g, params, self.clip, order)
+        if self.update_bn_buffers:
+            uniform = torch.full((inputs.n,), 1.0 / inputs.n, dtype=torch.float64)
+            new = weighted_average(inputs.client_states, uniform.to(inputs.client_states.device))
+        else:
+            new = inputs.global_state.clone()
+        new[mask] = rsa_step(x_g, acc, self.alpha, self.lam, self.wd)
+        return Aggregate(
+            global_state=new,
+            weights=None,
+            accepted=inputs.client_ids,
+            diagnostics={
+                "saturated_fraction": float((acc.abs() >= self.clip).to(torch.float64).mean()) if acc.numel() else 0.0,
+            },
+        )
