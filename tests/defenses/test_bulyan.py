@@ -7,35 +7,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs
 from spmc.defenses.bulyan import Bulyan, bulyan_coordinate_step, bulyan_select
 from spmc.defenses.krum import pairwise_sq_distances
-from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))  # entry 14: num_batches_tracked
+from ._helpers import BN, LINEAR, make_inputs
 
 X = [0.0, 1.0, 2.0, 3.0, 4.0, 100.0, -60.0]  # updates on coordinate 0 of clients 0..6
 
-
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    global_state: torch.Tensor | None = None,
-    layout: ParamLayout = LINEAR,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=0,
-    )
 
 
 def naive_bulyan(updates: list[list[float]], f: int) -> list[float]:
@@ -136,8 +116,8 @@ def test_bulyan_ignores_client_order_and_stays_within_bounds(n: int, seed: int) 
     states = g + torch.randn(n, BN.dim, generator=gen)
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
-    a = Bulyan(f=1).aggregate(make_inputs(states, ids, g, BN))
-    b = Bulyan(f=1).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), g, BN))
+    a = Bulyan(f=1).aggregate(make_inputs(states, ids, global_state=g, layout=BN))
+    b = Bulyan(f=1).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=BN))
     assert torch.allclose(a.global_state, b.global_state, atol=1e-6)
     assert set(a.accepted or ()) == set(b.accepted or ())
     assert bool((a.global_state >= states.min(dim=0).values - 1e-6).all())

@@ -6,33 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs
 from spmc.defenses.krum import Krum, krum_scores, nearest_sums, pairwise_sq_distances
-from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))  # 3 parameters
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))  # 15 entries, the last an int counter
-
-
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    global_state: torch.Tensor | None = None,
-    layout: ParamLayout = LINEAR,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=0,
-    )
-
+from ._helpers import BN, LINEAR, make_inputs
 
 # a = (0,0), b = (1,0), c = (0,1), d = (5,5), e = (10,0); third coordinate 0.
 HAND = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [5, 5, 0], [10, 0, 0]], dtype=torch.float32)
@@ -61,7 +39,7 @@ def test_krum_scores_hand_computed() -> None:
 def test_krum_selects_lowest_score_and_returns_its_state() -> None:
     g = torch.tensor([1.0, -2.0, 0.5])
     ids = (10, 11, 12, 13, 14)
-    agg = Krum(f=1).aggregate(make_inputs(HAND + g, ids, g))
+    agg = Krum(f=1).aggregate(make_inputs(HAND + g, ids, global_state=g))
     assert torch.equal(agg.global_state, HAND[0] + g)
     assert agg.accepted == (10,)
     assert agg.weights is not None and agg.weights.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]

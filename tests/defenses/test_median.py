@@ -6,32 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs
 from spmc.defenses.median import Median, coordinate_median
-from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))  # entry 14: num_batches_tracked
-
-
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    layout: ParamLayout = LINEAR,
-    global_state: torch.Tensor | None = None,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=0,
-    )
+from ._helpers import BN, LINEAR, make_inputs
 
 
 def test_median_hand_computed_odd_and_even() -> None:
@@ -69,8 +48,8 @@ def test_median_within_coordinate_bounds_and_order_free(n: int, seed: int, scale
     states = scale * torch.randn(n, BN.dim, generator=gen)
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
-    a = Median().aggregate(make_inputs(states, ids, BN)).global_state
-    b = Median().aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), BN)).global_state
+    a = Median().aggregate(make_inputs(states, ids, layout=BN)).global_state
+    b = Median().aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN)).global_state
     assert bool((a >= states.min(dim=0).values).all()) and bool((a <= states.max(dim=0).values).all())
     assert torch.allclose(a, b, rtol=0, atol=1e-6 * scale)
     assert torch.equal(a[:-1], b[:-1])  # sorting makes the float entries exactly order-free

@@ -6,41 +6,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs
 from spmc.defenses.krum import nearest_sums, pairwise_sq_distances
 from spmc.defenses.multikrum import MultiKrum
-from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+from ._helpers import BN, make_inputs
 
 # Krum scores with f = 1 (see test_krum.py): a 2, b 3, c 3, d 82, e 131.
 HAND = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [5, 5, 0], [10, 0, 0]], dtype=torch.float32)
 
 
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    global_state: torch.Tensor | None = None,
-    layout: ParamLayout = LINEAR,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=0,
-    )
-
 
 def test_multikrum_hand_computed_default_select_is_n_minus_f() -> None:
     g = torch.tensor([0.5, 0.5, -1.0])
-    agg = MultiKrum(f=1).aggregate(make_inputs(HAND + g, (3, 4, 5, 6, 7), g))
+    agg = MultiKrum(f=1).aggregate(make_inputs(HAND + g, (3, 4, 5, 6, 7), global_state=g))
     assert agg.global_state.tolist() == pytest.approx([1.5 + 0.5, 1.5 + 0.5, -1.0])  # mean of a, b, c, d
     assert agg.accepted == (3, 4, 5, 6)
     assert agg.diagnostics["removed"] == [7]

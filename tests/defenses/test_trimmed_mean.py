@@ -6,33 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs
 from spmc.defenses.trimmed_mean import TrimmedMean, closest_to_median_mean, trimmed_mean
-from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))  # entry 14: num_batches_tracked
+from ._helpers import BN, LINEAR, make_inputs
+
 MODES = ("trim_extremes", "closest_to_median")
 
-
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    layout: ParamLayout = LINEAR,
-    global_state: torch.Tensor | None = None,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=0,
-    )
 
 
 # Column 0: 0, 1, 2, 3, 100, 101 (median 2.5). Column 1: -7, 4, 5, 6, 7, 50. Column 2: constant.
@@ -99,8 +80,8 @@ def test_within_coordinate_bounds_and_order_free(n: int, k: int, seed: int, mode
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
     tm = TrimmedMean(k=k, mode=mode)  # type: ignore[arg-type]
-    a = tm.aggregate(make_inputs(states, ids, BN)).global_state
-    b = tm.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), BN)).global_state
+    a = tm.aggregate(make_inputs(states, ids, layout=BN)).global_state
+    b = tm.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN)).global_state
     assert bool((a >= states.min(dim=0).values).all()) and bool((a <= states.max(dim=0).values).all())
     assert torch.equal(a[:-1], b[:-1])  # sorting makes the float entries exactly order-free
     assert torch.allclose(a, b, atol=1e-6)
