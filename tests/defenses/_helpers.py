@@ -18,6 +18,7 @@ def make_inputs(
     *,
     global_state: torch.Tensor | None = None,
     layout: ParamLayout = LINEAR,
+    round_index: int = 0,
 ) -> RoundInputs:
     """RoundInputs for ``states`` [n, d]: ids 0..n-1 unless given, global state zeros unless given, unit counts."""
     n, d = states.shape
@@ -27,5 +28,5 @@ def make_inputs(
         client_ids=tuple(range(n)) if ids is None else ids,
         num_samples=torch.ones(n, dtype=torch.float64),
         layout=layout,
-        round=0,
+        round=round_index,
     )

@@ -9,31 +9,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses.base import RoundInputs, round_generator
+from spmc.defenses.base import round_generator
 from spmc.defenses.dnc import DnC, dnc_keep, dnc_outlier_scores, num_removed
 from spmc.params import ParamLayout
 
-LINEAR = ParamLayout.from_module(nn.Linear(2, 1))
-BN = ParamLayout.from_module(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))  # entry 14: num_batches_tracked
+from ._helpers import BN, LINEAR, make_inputs
+
 WIDE = ParamLayout.from_module(nn.Linear(40, 1))  # 41 parameters, for coordinate sub-sampling
-
-
-def make_inputs(
-    states: torch.Tensor,
-    ids: tuple[int, ...] | None = None,
-    global_state: torch.Tensor | None = None,
-    layout: ParamLayout = LINEAR,
-    round_index: int = 0,
-) -> RoundInputs:
-    n, d = states.shape
-    return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
-        client_states=states,
-        client_ids=tuple(range(n)) if ids is None else ids,
-        num_samples=torch.ones(n, dtype=torch.float64),
-        layout=layout,
-        round=round_index,
-    )
 
 
 def benign_plus_outlier(n: int, layout: ParamLayout, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +48,7 @@ def test_num_removed() -> None:
 def test_dnc_removes_an_obvious_outlier_and_reports_it() -> None:
     g, states = benign_plus_outlier(5, BN)
     ids = (3, 9, 4, 1, 7)
-    agg = DnC(gamma=0.4, filter_frac=0.5).aggregate(make_inputs(states, ids, g, BN))  # m̂ = 2, r = 1
+    agg = DnC(gamma=0.4, filter_frac=0.5).aggregate(make_inputs(states, ids, global_state=g, layout=BN))  # m̂ = 2, r = 1
     assert agg.diagnostics["removed"] == [7]
     assert agg.accepted == (3, 9, 4, 1)
     assert agg.weights is not None and agg.weights.tolist() == [0.25, 0.25, 0.25, 0.25, 0.0]
@@ -118,11 +100,13 @@ def test_subsampling_is_deterministic_per_round_and_order_free() -> None:
     g, states = benign_plus_outlier(6, WIDE, seed=3)
     ids = (5, 0, 2, 8, 1, 4)
     dnc = DnC(gamma=0.5, filter_frac=1.0, subdim=10)  # r = 3 of 6, 10 of 41 coordinates
-    a = dnc.aggregate(make_inputs(states, ids, g, WIDE, round_index=2))
-    b = dnc.aggregate(make_inputs(states, ids, g, WIDE, round_index=2))
+    a = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE, round_index=2))
+    b = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE, round_index=2))
     assert a.accepted == b.accepted and torch.equal(a.global_state, b.global_state)
     perm = [3, 5, 0, 1, 4, 2]
-    c = dnc.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), g, WIDE, round_index=2))
+    c = dnc.aggregate(
+        make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=WIDE, round_index=2)
+    )
     assert set(c.accepted or ()) == set(a.accepted or ())
     assert torch.allclose(c.global_state, a.global_state, atol=1e-6)
 
@@ -136,8 +120,8 @@ def test_dnc_order_free_and_weights_sum_to_one(n: int, seed: int, gamma: float) 
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
     dnc = DnC(gamma=gamma, filter_frac=1.0, subdim=20, seed=seed)
-    a = dnc.aggregate(make_inputs(states, ids, g, WIDE))
-    b = dnc.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), g, WIDE))
+    a = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE))
+    b = dnc.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=WIDE))
     assert set(a.accepted or ()) == set(b.accepted or ())
     assert len(a.accepted or ()) == n - num_removed(n, gamma, 1.0)
     assert torch.allclose(a.global_state, b.global_state, atol=1e-5)
