@@ -36,7 +36,9 @@ class Experiment(BaseModel):
     name: str = ""
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: Literal["sequential"] = "sequential"
+    engine: Literal["auto", "sequential", "batched"] = Field(
+        "auto", description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN)"
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
 
     dataset: str = "fmnist-sample"

@@ -33,13 +33,39 @@ def distillation_loss(
     return -(target * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean() * temperature**2
 
 
-def _project_pair(g_d: torch.Tensor, g_g: torch.Tensor, lam: float, norm_power: float) -> torch.Tensor:
-    dot = (g_d * g_g).sum()
-    g_norm_sq = (g_g * g_g).sum()
-    conflict = (dot < 0) & (g_norm_sq > 0) & ((g_d * g_d).sum() > 0)
+def project_rows(
+    grads_ce: torch.Tensor,
+    grads_kd: torch.Tensor,
+    segments: torch.Tensor,
+    num_segments: int,
+    lam: float = 1.0,
+    norm_power: float = 2.0,
+) -> torch.Tensor:
+    """The rule of spec §4.3 for many clients and tensors at once, without host synchronisation.
+
+    ``grads_ce`` and ``grads_kd`` are [C, d] (one row per client, all tensors concatenated); ``segments`` [d] gives
+    the tensor index (0 … num_segments − 1) of every entry. Dots and norms are summed per (client, tensor); a
+    conflicting pair gets G_d − λ·⟨G_d, G_g⟩/‖G_g‖^p · G_g, every other pair keeps G_d.
+    """
+    c = grads_ce.shape[0]
+    sums = torch.zeros(3, c, num_segments, dtype=grads_ce.dtype, device=grads_ce.device)
+    sums[0].index_add_(1, segments, grads_ce * grads_kd)
+    sums[1].index_add_(1, segments, grads_kd * grads_kd)
+    sums[2].index_add_(1, segments, grads_ce * grads_ce)
+    dot, g_norm_sq, d_norm_sq = sums
+    conflict = (dot < 0) & (g_norm_sq > 0) & (d_norm_sq > 0)
     denom = torch.where(conflict, g_norm_sq.pow(norm_power / 2), torch.ones_like(g_norm_sq))
     coef = torch.where(conflict, lam * dot / denom, torch.zeros_like(dot))
-    return g_d - coef * g_g
+    return grads_ce - coef[:, segments] * grads_kd
+
+
+def segment_ids(numels: Sequence[int], granularity: Granularity, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Tensor index of every entry of the concatenation of tensors of sizes ``numels`` (all 0 for ``model``)."""
+    if granularity == "tensor":
+        return torch.repeat_interleave(torch.arange(len(numels), device=device), torch.tensor(numels, device=device))
+    if granularity == "model":
+        return torch.zeros(sum(numels), dtype=torch.long, device=device)
+    raise ValueError(f"spmc_proj_granularity: unknown value {granularity!r}; allowed: tensor, model")
 
 
 def project_conflicting(
@@ -49,18 +75,22 @@ def project_conflicting(
     norm_power: float = 2.0,
     granularity: Granularity = "tensor",
 ) -> list[torch.Tensor]:
-    """Remove from each G_d the component that conflicts with G_g (spec §4.3); no host synchronisation.
+    """Remove from each G_d the component that conflicts with G_g (spec §4.3), for one client's list of tensors.
 
     With λ = 1 and p = 2 a conflicting tensor's result is orthogonal to G_g; λ < 1 removes part of it; a zero
-    norm on either side leaves G_d unchanged (the guard of spec §4.3).
+    norm on either side leaves G_d unchanged (the guard of spec §4.3). ``granularity = "model"`` applies the rule
+    once to all tensors concatenated (D6).
     """
     if len(grads_ce) != len(grads_kd):
         raise ValueError(f"got {len(grads_ce)} CE gradients and {len(grads_kd)} KD gradients")
-    if granularity == "tensor":
-        return [_project_pair(d, g, lam, norm_power) for d, g in zip(grads_ce, grads_kd)]
-    if granularity == "model":
-        flat = _project_pair(
-            torch.cat([d.reshape(-1) for d in grads_ce]), torch.cat([g.reshape(-1) for g in grads_kd]), lam, norm_power
-        )
-        return [piece.view_as(d) for piece, d in zip(flat.split([d.numel() for d in grads_ce]), grads_ce)]
-    raise ValueError(f"spmc_proj_granularity: unknown value {granularity!r}; allowed: tensor, model")
+    numels = [d.numel() for d in grads_ce]
+    segments = segment_ids(numels, granularity, grads_ce[0].device)
+    flat = project_rows(
+        torch.cat([d.reshape(1, -1) for d in grads_ce], dim=1),
+        torch.cat([g.reshape(1, -1) for g in grads_kd], dim=1),
+        segments,
+        len(numels) if granularity == "tensor" else 1,
+        lam,
+        norm_power,
+    )[0]
+    return [piece.view_as(d) for piece, d in zip(flat.split(numels), grads_ce)]

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from spmc import batched
 from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
+from spmc.batched import BatchedEngine
 from spmc.config import Experiment
 from spmc.data import (
     DATASETS,
@@ -226,10 +228,23 @@ class Simulation:
             weight_decay=cfg.weight_decay,
             seed=derive_seed(cfg.seed, _SEED_SERVER),
         )
-        self.engine = SequentialEngine(self.model, self.layout, self._optim_config())
+        self.engine = self._build_engine()
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
         self.store = RunStore(out_dir) if out_dir is not None else None
+
+    def _build_engine(self) -> SequentialEngine | BatchedEngine:
+        """The configured engine; ``auto`` takes the batched one wherever it applies (SimpleCNN)."""
+        can_batch = batched.supports(self.model, self.layout)
+        if self.cfg.engine == "batched" and not can_batch:
+            raise ValueError(
+                f"engine: 'batched' supports SimpleCNN only; model {self.cfg.resolved_model!r} "
+                "needs 'sequential' or 'auto'"
+            )
+        if self.cfg.engine == "batched" or (self.cfg.engine == "auto" and can_batch):
+            return BatchedEngine(self.layout, self._optim_config())
+        log.info("engine: sequential (model %s is not stacked)", self.cfg.resolved_model)
+        return SequentialEngine(self.model, self.layout, self._optim_config())
 
     def _optim_config(self) -> OptimConfig:
         c = self.cfg
