@@ -54,7 +54,7 @@ class StackedSimpleCNN:
             w = self._view(rows, f"{name}.weight")
             b = self._view(rows, f"{name}.bias")
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), groups=c)
-            h = F.max_pool2d(F.relu(h), 2)
+            h = F.relu(F.max_pool2d(h, 2), inplace=True)  # = max_pool(relu(h)), on a 4× smaller tensor
         batch = h.shape[0]
         h = h.reshape(batch, c, -1).transpose(0, 1)
         for name in _LINEARS:
@@ -62,7 +62,7 @@ class StackedSimpleCNN:
             b = self._view(rows, f"{name}.bias")
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if name in _RELU_AFTER:
-                h = F.relu(h)
+                h = F.relu(h, inplace=True)
         return h
 
 
@@ -87,10 +87,12 @@ class BatchedEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack one batch per client into [B, C·3, 32, 32] (channels_last) and labels [C, B]; idle clients get 0."""
         c, bs = len(step), self.cfg.batch_size
-        buf = torch.zeros(bs, 32, 32, c * 3, device=device)
+        buf = torch.empty(bs, 32, 32, c * 3, device=device)
         labels = torch.zeros(c, bs, dtype=torch.long, device=device)
         for k, item in enumerate(step):
-            if item is not None:
+            if item is None:
+                buf[:, :, :, 3 * k : 3 * k + 3] = 0.0
+            else:
                 buf[:, :, :, 3 * k : 3 * k + 3] = item[0].permute(0, 2, 3, 1)
                 labels[k] = item[1]
         x = buf.permute(0, 3, 1, 2)
