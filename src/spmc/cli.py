@@ -20,7 +20,7 @@ from spmc.attacks import ATTACKS
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
-from spmc.simulation import RunResult, run_experiment
+from spmc.simulation import RunResult, load_run_config, run_experiment
 
 CLIENTS = {
     "plain": "plain SGD on the cross-entropy (spec §1.4)",
@@ -91,9 +91,9 @@ def default_out_dir(cfg: Experiment, root: str = "runs") -> Path:
     return Path(root) / f"{cfg.dataset}-{cfg.defense}-{cfg.client}-g{cfg.gamma}-s{cfg.seed}-{stamp}"
 
 
-def _run_with_progress(cfg: Experiment, out: Path, label: str, quiet: bool) -> RunResult:
+def _run_with_progress(cfg: Experiment, out: Path, label: str, quiet: bool, resume: bool = False) -> RunResult:
     if quiet:
-        return run_experiment(cfg, out)
+        return run_experiment(cfg, out, resume=resume)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -109,7 +109,7 @@ def _run_with_progress(cfg: Experiment, out: Path, label: str, quiet: bool) -> R
                 task, advance=1, status=f"A {r['accuracy']:.2f}  ASR {r['asr']:.2f}  ({r['seconds']:.1f}s/round)"
             )
 
-        return run_experiment(cfg, out, on_round)
+        return run_experiment(cfg, out, on_round, resume)
 
 
 def _summary_table(results: dict[str, RunResult], title: str) -> Table:
@@ -130,10 +130,14 @@ def _summary_table(results: dict[str, RunResult], title: str) -> Table:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = resolve(args.preset, args.config, **_overrides(args))
-    out = Path(args.out) if args.out else default_out_dir(cfg)
+    if args.resume:
+        out = Path(args.resume)
+        cfg = load_run_config(out)
+    else:
+        cfg = resolve(args.preset, args.config, **_overrides(args))
+        out = Path(args.out) if args.out else default_out_dir(cfg)
     label = f"{cfg.defense}/{cfg.client} on {cfg.dataset}, γ={cfg.gamma}"
-    res = _run_with_progress(cfg, out, label, args.quiet)
+    res = _run_with_progress(cfg, out, label, args.quiet, resume=bool(args.resume))
     console.print(_summary_table({label: res}, f"last {res.final.last_k} rounds of {cfg.rounds}"))
     console.print(f"run directory: {out}")
     return 0
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run one experiment")
     _add_run_options(run)
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="FedAvg vs SPMC under attack on the embedded sample (the default command)")
     _add_run_options(demo)

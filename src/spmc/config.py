@@ -84,6 +84,7 @@ class Experiment(BaseModel):
     poison_static_aug: bool = True
     asr_exclude_target_class: bool = False
     report_last_k: int = Field(5, gt=0)
+    checkpoint_every: int = Field(1, ge=0, description="write checkpoint.pt every N rounds (0 = never)")
 
     # Baselines (spec §6, Appendix A). None for krum_f / multikrum_select / trimmed_mean_k means "derived from m".
     dnc_filter_frac: float = Field(0.5, ge=0.0)

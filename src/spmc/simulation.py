@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ import torch
 from spmc import batched
 from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
 from spmc.batched import BatchedEngine
-from spmc.config import Experiment
+from spmc.config import ConfigError, Experiment, make_experiment
 from spmc.data import (
     DATASETS,
     DatasetInfo,
@@ -398,17 +399,53 @@ class Simulation:
         }
         return final, summary
 
-    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-        """Run every round, writing each record to the run directory as soon as it exists."""
-        if self.store is not None:
+    def checkpoint(self, next_round: int) -> dict[str, Any]:
+        """Everything needed to continue at ``next_round``: global state, teachers, the defense's own state. Every
+        random stream is derived from (seed, round, client), so no generator state needs saving."""
+        ids = sorted(self.teachers)
+        payload: dict[str, Any] = {
+            "next_round": next_round,
+            "global_state": self.global_state.cpu(),
+            "teacher_ids": torch.tensor(ids),
+            "teachers": torch.stack([self.teachers[k] for k in ids]).cpu(),
+        }
+        if hasattr(self.defense, "state_dict"):
+            payload["defense_state"] = {str(k): v for k, v in self.defense.state_dict().items()}
+        return payload
+
+    def restore(self, payload: dict[str, Any]) -> int:
+        """Load a :meth:`checkpoint`; returns the round to continue from."""
+        self.layout.check(payload["global_state"])
+        self.global_state = payload["global_state"].to(self.device)
+        self.teachers = {
+            int(k): t.to(self.device) for k, t in zip(payload["teacher_ids"].tolist(), payload["teachers"])
+        }
+        if "defense_state" in payload and hasattr(self.defense, "load_state_dict"):
+            self.defense.load_state_dict(payload["defense_state"])
+        return int(payload["next_round"])
+
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> RunResult:
+        """Run every round, writing each record to the run directory as soon as it exists and a checkpoint every
+        ``checkpoint_every`` rounds. ``resume`` continues from the directory's checkpoint (records after it are
+        recomputed), giving the same metrics as an uninterrupted run."""
+        records: list[dict[str, Any]] = []
+        start = 0
+        payload = self.store.load_checkpoint() if (resume and self.store is not None) else None
+        if self.store is not None and payload is not None:
+            start = self.restore(payload)
+            records = self.store.truncate_metrics(start)
+            log.info("resuming %s at round %d", self.store.root, start)
+        elif self.store is not None:
             self.store.write_config(self.cfg.to_json())
             self.store.start_metrics()
-        records: list[dict[str, Any]] = []
-        for t in range(self.cfg.rounds):
+        every = self.cfg.checkpoint_every
+        for t in range(start, self.cfg.rounds):
             record = self.run_round(t)
             records.append(record)
             if self.store is not None:
                 self.store.append_metrics(record)
+                if every and ((t + 1) % every == 0 or t + 1 == self.cfg.rounds):
+                    self.store.save_checkpoint(self.checkpoint(t + 1))
             if on_round is not None:
                 on_round(record)
             log.info("round %d: A=%.2f ASR=%.2f (%.1fs)", t, record["accuracy"], record["asr"], record["seconds"])
@@ -421,7 +458,18 @@ class Simulation:
 
 
 def run_experiment(
-    cfg: Experiment, out_dir: str | Path | None = None, on_round: Callable[[dict[str, Any]], None] | None = None
+    cfg: Experiment,
+    out_dir: str | Path | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Build and run one experiment."""
-    return Simulation(cfg, out_dir).run(on_round)
+    """Build and run one experiment (``resume``: continue from ``out_dir``'s checkpoint if there is one)."""
+    return Simulation(cfg, out_dir).run(on_round, resume)
+
+
+def load_run_config(run_dir: str | Path) -> Experiment:
+    """The resolved configuration stored in a run directory."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"resume: {str(run_dir)!r} has no config.json; is it a run directory?")
+    return make_experiment(**json.loads(path.read_text()))

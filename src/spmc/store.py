@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN and ±Inf become null (strict JSON has no NaN)."""
@@ -40,6 +42,7 @@ class RunStore:
         self.metrics_path = self.root / "metrics.jsonl"
         self.summary_path = self.root / "summary.json"
         self.config_path = self.root / "config.json"
+        self.checkpoint_path = self.root / "checkpoint.pt"
 
     def write_config(self, config_json: str) -> None:
         atomic_write_text(self.config_path, config_json + "\n")
@@ -62,3 +65,25 @@ class RunStore:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.summary_path, json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+
+    def truncate_metrics(self, rounds: int) -> list[dict[str, Any]]:
+        """Keep the first ``rounds`` records (those a checkpoint covers), rewriting the log atomically."""
+        records = self.read_metrics()[:rounds]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in records))
+        return records
+
+    def save_checkpoint(self, payload: dict[str, Any]) -> None:
+        """Write ``payload`` with ``torch.save`` through a temporary file, fsync and rename: a reader sees the old
+        checkpoint or the new one, never half of one."""
+        tmp = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_path.exists():
+            return None
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+
