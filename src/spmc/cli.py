@@ -21,6 +21,7 @@ from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, r
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
 from spmc.simulation import RunResult, load_run_config, run_experiment
+from spmc.sweep import SweepOutcome, load_grid, run_sweep
 
 CLIENTS = {
     "plain": "plain SGD on the cross-entropy (spec §1.4)",
@@ -168,6 +169,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    spec = load_grid(args.grid)
+    table = Table(title=f"sweep {args.grid}")
+    for col in ("run", "status", "A (%)", "R (%)", "V (%)"):
+        table.add_column(col, justify="left" if col in ("run", "status") else "right")
+
+    def report(o: SweepOutcome) -> None:
+        console.print(f"{o.status:>8}  {o.run.name}", highlight=False)
+
+    outcomes = run_sweep(spec, args.out, args.jobs, report)
+    for o in outcomes:
+        s = o.summary
+        cells = [f"{s[k]:.2f}" for k in ("A", "R", "V")] if s else ["", "", ""]
+        table.add_row(o.run.name, o.status, *cells)
+    console.print(table)
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        console.print(f"[red]{o.run.name} failed:[/red] {o.error}", highlight=False)
+    return 1 if failed else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, str]] = {
         "defenses": {name: cls.description for name, cls in DEFENSES.items()},
@@ -204,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="FedAvg vs SPMC under attack on the embedded sample (the default command)")
     _add_run_options(demo)
     demo.set_defaults(func=cmd_demo)
+    sweep = sub.add_parser("sweep", help="run a grid of experiments; finished runs are skipped, killed ones resumed")
+    sweep.add_argument("grid", help="grid file (TOML with [base] and [grid]; see docs/reproducing.md)")
+    sweep.add_argument("--out", "-o", help="root folder of the run directories (default: the file's `out`)")
+    sweep.add_argument("--jobs", "-j", type=int, help="runs at once (default: the file's `jobs`, else 1)")
+    sweep.set_defaults(func=cmd_sweep)
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
     lst.add_argument("--options", action="store_true", help="list every configuration option instead")
     lst.set_defaults(func=cmd_list)

@@ -267,15 +267,20 @@ def make_experiment(**values: Any) -> Experiment:
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML configuration file; a ``[experiment]`` table is accepted as well as top-level keys."""
+def load_toml_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: file {str(p)!r} does not exist")
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config: {p} is not valid TOML: {err}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML configuration file; a ``[experiment]`` table is accepted as well as top-level keys."""
+    data = load_toml_file(path)
     return dict(data.get("experiment", data))
 
 
