@@ -221,6 +221,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-fmnist": {"dataset": "fmnist", "rounds": 50},
     "paper-mnist": {"dataset": "mnist", "rounds": 50},
     "paper-cifar10": {"dataset": "cifar10", "rounds": 50},
+    "quick-fmnist": {"dataset": "fmnist", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
+    "quick-mnist": {"dataset": "mnist", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
+    "quick-cifar10": {"dataset": "cifar10", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
     "demo": {
         "dataset": "fmnist-sample",
         "rounds": 10,
@@ -239,6 +242,9 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "paper-fmnist": "Table 2 protocol on full Fashion-MNIST (SimpleCNN, 10 clients, Dir(0.5), 50 rounds, 10 epochs)",
     "paper-mnist": "Table 2 protocol on MNIST (IDX files from --data-dir)",
     "paper-cifar10": "Table 2 protocol on CIFAR-10 (python batches from --data-dir; ResNet10)",
+    "quick-fmnist": "paper protocol on full Fashion-MNIST reduced for CPUs: 15 rounds of 2 local epochs",
+    "quick-mnist": "paper protocol on MNIST reduced for CPUs: 15 rounds of 2 local epochs",
+    "quick-cifar10": "paper protocol on CIFAR-10 reduced for CPUs: 15 rounds of 2 local epochs",
     "demo": "paper protocol on the embedded Fashion-MNIST sample, 10 rounds: a few minutes on a laptop CPU",
     "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
 }
