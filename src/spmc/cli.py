@@ -1,4 +1,4 @@
-"""The ``spmc`` command: ``run``, ``demo`` (the default) and ``list``."""
+"""The ``spmc`` command: ``run``, ``demo`` (the default), ``list``, and the reports ``table``, ``plot``, ``gradcam``."""
 
 from __future__ import annotations
 
@@ -215,6 +215,68 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(text: str, out: str | None) -> None:
+    """Write ``text`` to the file ``out``, or to standard output without wrapping."""
+    if out is None:
+        console.out(text, end="", highlight=False)
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text, encoding="utf-8")
+    console.print(f"wrote {out}")
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from spmc.report import build_table, load_paper_table, load_runs, render_table
+
+    table = build_table(load_runs(args.runs), load_paper_table() if args.paper else None)
+    _emit(render_table(table, args.format), args.out)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from spmc.report import load_runs
+    from spmc.report.curves import parse_panels, plot_curves, save_figure
+
+    panels = parse_panels(args.metric)
+    paths = save_figure(plot_curves(load_runs(args.runs, need_summary=False), panels), args.out)
+    console.print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from spmc.report.curves import save_figure
+    from spmc.report.gradcam import compare_runs, plot_gradcam
+
+    if args.images < 1:
+        raise ConfigError(f"--images: got {args.images}; must be at least 1")
+    comparison = compare_runs([args.run_a, args.run_b], args.images, args.data_dir)
+    paths = save_figure(plot_gradcam(comparison), args.out, formats=("png",))
+    console.print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _add_report_commands(sub: Any) -> None:
+    runs_help = "run directories, or folders searched recursively for them"
+    table = sub.add_parser("table", help="Table 2: A, R, V per defense, dataset and γ (mean ± std over seeds)")
+    table.add_argument("runs", nargs="+", metavar="RUNS", help=runs_help)
+    table.add_argument("--paper", action="store_true", help="put the paper's values and ours − paper beside ours")
+    table.add_argument("--format", "-f", choices=["markdown", "latex", "csv"], default="markdown")
+    table.add_argument("--out", "-o", help="write to this file instead of standard output")
+    table.set_defaults(func=cmd_table)
+    plot = sub.add_parser("plot", help="Figure 6: A and R = 100 − ASR per round, one line per run")
+    plot.add_argument("runs", nargs="+", metavar="RUNS", help=runs_help)
+    plot.add_argument("--out", "-o", default="figure6", help="writes PREFIX.png and PREFIX.svg (default figure6)")
+    plot.add_argument("--metric", "-m", default="accuracy,asr", help="panels: accuracy, asr, asr_all, ...")
+    plot.set_defaults(func=cmd_plot)
+    cam = sub.add_parser("gradcam", help="Figure 7: Grad-CAM maps of two runs' final models, clean vs triggered")
+    cam.add_argument("run_a", metavar="RUN_A", help="first run directory (its checkpoint.pt)")
+    cam.add_argument("run_b", metavar="RUN_B", help="second run directory")
+    cam.add_argument("--images", "-n", type=int, default=4, help="number of test images (rows), default 4")
+    cam.add_argument("--data-dir", help="dataset folder, if not the one stored in the runs")
+    cam.add_argument("--out", "-o", default="figure7", help="writes PREFIX.png (default figure7)")
+    cam.set_defaults(func=cmd_gradcam)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spmc", description="SPMC and rival federated backdoor defenses")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every round")
@@ -234,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
     lst.add_argument("--options", action="store_true", help="list every configuration option instead")
     lst.set_defaults(func=cmd_list)
+    _add_report_commands(sub)
     return parser
 
 

@@ -1,0 +1,316 @@
+"""Reading finished (or running) run directories for the reports, and the names the reports give them.
+
+A run directory (``store.RunStore``) holds ``config.json``, ``metrics.jsonl``, ``summary.json`` and
+``checkpoint.pt``. The reports take run directories or parent folders, which are searched recursively.
+
+Row labels (Table 2, the legends of Figure 6, the titles of Figure 7) follow one rule:
+
+* the defense's name as the paper prints it (``fedavg`` → ``FedAvg``, ``spmc`` → ``SPMC``, ...; a defense the
+  paper does not have keeps a readable name such as ``Multi-Krum``);
+* the paper pairs each defense with one client procedure, ``spmc`` for SPMC and ``plain`` for every other
+  defense; a run with the other procedure gets `` + SPMC client`` or `` + plain client``
+  (``--defense fedavg --client spmc`` → ``FedAvg + SPMC client``, ``--defense spmc --client plain`` →
+  ``SPMC + plain client``);
+* where runs of the same defense and client procedure differ in another option (a different
+  ``spmc_temperature``, say) on the same dataset and γ, the options that differ are appended in brackets:
+  ``SPMC [spmc_temperature=0.01]``. Options that do not change results (:data:`IGNORED_OPTIONS`) are never
+  compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spmc.config import ConfigError, Experiment
+from spmc.data import DataError
+
+log = logging.getLogger(__name__)
+
+#: The paper's names of the defenses, in the row order of its Table 2; then the other registered defenses.
+DEFENSE_LABELS: dict[str, str] = {
+    "fedavg": "FedAvg",
+    "dnc": "DnC",
+    "sageflow": "Sageflow",
+    "bulyan": "Bulyan",
+    "rfa": "RFA",
+    "rlr": "RLR",
+    "crfl": "CRFL",
+    "foolsgold": "FoolsGold",
+    "rsa": "RSA",
+    "finetuning": "Finetuning",
+    "spmc": "SPMC",
+    "krum": "Krum",
+    "multikrum": "Multi-Krum",
+    "trimmed_mean": "Trimmed mean",
+    "median": "Median",
+    "fltrust": "FLTrust",
+    "fedcpa": "FedCPA",
+}
+#: Defenses that are rows of the paper's Table 2 (the method strings of ``table2_paper.csv``).
+PAPER_DEFENSES: tuple[str, ...] = tuple(list(DEFENSE_LABELS)[:11])
+#: The paper's names of the datasets, in its column order; other datasets are labelled by their own name.
+DATASET_LABELS: dict[str, str] = {"fmnist": "FashionMNIST", "cifar10": "CIFAR-10", "mnist": "MNIST"}
+CLIENT_LABELS: dict[str, str] = {"plain": "plain", "spmc": "SPMC"}
+#: Options that never change a run's numbers, or that name the run rather than its setting.
+IGNORED_OPTIONS: frozenset[str] = frozenset(
+    {"seed", "name", "device", "engine", "threads", "data_dir", "checkpoint_every", "eval_batch_size"}
+)
+#: Options that place a run in the table (row, column, block) rather than distinguish variants of a row.
+IDENTITY_OPTIONS: frozenset[str] = frozenset({"dataset", "gamma", "defense", "client"})
+
+SUMMARY_KEYS: tuple[str, ...] = ("A", "R", "V", "dataset", "defense", "client", "gamma", "seed")
+
+
+def _json_defaults() -> dict[str, Any]:
+    return json.loads(Experiment.model_construct().model_dump_json())
+
+
+def natural_client(defense: str) -> str:
+    """The client procedure the paper pairs with ``defense``: ``spmc`` for SPMC, ``plain`` for the others."""
+    return "spmc" if defense == "spmc" else "plain"
+
+
+def defense_label(defense: str) -> str:
+    """The paper's name of a defense (``fedavg`` → ``FedAvg``); unknown names are returned unchanged."""
+    return DEFENSE_LABELS.get(defense, defense)
+
+
+def method_label(defense: str, client: str) -> str:
+    """Row label of a (defense, client procedure) pair: ``FedAvg``, ``SPMC``, ``FedAvg + SPMC client``, ..."""
+    base = defense_label(defense)
+    if client == natural_client(defense):
+        return base
+    return f"{base} + {CLIENT_LABELS.get(client, client)} client"
+
+
+def dataset_label(dataset: str) -> str:
+    """Column label of a dataset: the paper's name for ``fmnist``, ``cifar10``, ``mnist``; the name otherwise."""
+    return DATASET_LABELS.get(dataset, dataset)
+
+
+def defense_order(defense: str) -> tuple[int, str]:
+    """Sort key: the paper's row order, then the other registered defenses, then unknown names alphabetically."""
+    order = list(DEFENSE_LABELS)
+    return (order.index(defense), "") if defense in order else (len(order), defense)
+
+
+def dataset_order(label: str) -> tuple[int, str]:
+    """Sort key of a dataset label: the paper's column order, then the others alphabetically."""
+    order = list(DATASET_LABELS.values())
+    return (order.index(label), "") if label in order else (len(order), label)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory as the reports see it."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None
+
+    def _get(self, key: str) -> Any:
+        if self.summary is not None and key in self.summary:
+            return self.summary[key]
+        return self.config[key]
+
+    @property
+    def dataset(self) -> str:
+        return str(self._get("dataset"))
+
+    @property
+    def defense(self) -> str:
+        return str(self._get("defense"))
+
+    @property
+    def client(self) -> str:
+        return str(self._get("client"))
+
+    @property
+    def gamma(self) -> float:
+        return float(self._get("gamma"))
+
+    @property
+    def seed(self) -> int:
+        return int(self._get("seed"))
+
+    @property
+    def label(self) -> str:
+        return method_label(self.defense, self.client)
+
+    def metric(self, key: str) -> float:
+        """A, R or V from ``summary.json`` (NaN where the run stored null)."""
+        if self.summary is None:
+            raise DataError(f"{self.path}: no summary.json (is the run finished?)")
+        value = self.summary[key]
+        return float("nan") if value is None else float(value)
+
+    def options(self) -> dict[str, Any]:
+        """The options that may distinguish variants of a row (everything but identity and ignored options)."""
+        skip = IGNORED_OPTIONS | IDENTITY_OPTIONS
+        return {k: v for k, v in self.config.items() if k not in skip}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The per-round records of ``metrics.jsonl``."""
+        return read_metrics(self.path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err})") from None
+
+
+def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> list[Path]:
+    """Run directories named by ``paths``: each path that holds ``marker`` is one; any other folder is searched
+    recursively for ``marker``. Order: as given, then sorted within a searched folder; no duplicates.
+
+    Raises:
+        ConfigError: a path does not exist.
+        DataError: no run directory was found.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    given = list(paths)
+    for p in map(Path, given):
+        if not p.exists():
+            raise ConfigError(f"runs: {str(p)!r} does not exist")
+        if (p / marker).is_file():
+            candidates = [p]
+        elif p.is_dir():
+            candidates = sorted(m.parent for m in p.rglob(marker))
+        else:
+            raise ConfigError(f"runs: {str(p)!r} is a file; give run directories or folders that hold them")
+        for c in candidates:
+            if c.resolve() not in seen:
+                seen.add(c.resolve())
+                found.append(c)
+    if not found:
+        raise DataError(f"runs: no {marker} under {', '.join(map(str, given))}; give run directories")
+    return found
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (a half-written last line, from a running job, is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no metrics.jsonl; is it a run directory?")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                log.warning("%s: last line is incomplete, skipped", path)
+                break
+            raise DataError(f"{path}, line {i + 1}: not valid JSON ({err})") from None
+    return records
+
+
+def load_run_dir(path: str | Path, need_summary: bool = True) -> RunDir:
+    """Read ``config.json`` (missing options take the defaults) and ``summary.json`` of one run directory.
+
+    Raises:
+        DataError: a file is missing or malformed, or the summary lacks one of :data:`SUMMARY_KEYS`.
+    """
+    path = Path(path)
+    config = _json_defaults()
+    config_path = path / "config.json"
+    if config_path.is_file():
+        stored = _read_json(config_path)
+        if not isinstance(stored, dict):
+            raise DataError(f"{config_path}: expected a JSON object")
+        config.update(stored)
+    elif need_summary:
+        log.warning("%s: no config.json; variants of a row cannot be told apart", path)
+    else:
+        raise DataError(f"{path}: no config.json; is it a run directory?")
+    summary = None
+    summary_path = path / "summary.json"
+    if summary_path.is_file():
+        summary = _read_json(summary_path)
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise DataError(f"{summary_path}: missing {', '.join(missing)}")
+    elif need_summary:
+        raise DataError(f"{path}: no summary.json (is the run finished?)")
+    return RunDir(path, config, summary)
+
+
+def load_runs(paths: Iterable[str | Path], need_summary: bool = True) -> list[RunDir]:
+    """Find (:func:`find_run_dirs`) and read (:func:`load_run_dir`) the runs named by ``paths``."""
+    marker = "summary.json" if need_summary else "metrics.jsonl"
+    return [load_run_dir(p, need_summary) for p in find_run_dirs(paths, marker)]
+
+
+def _fmt_option(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def variant_keys(runs: Sequence[RunDir]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """For each (defense, client), the options that differ between its runs on the same dataset and γ."""
+    cells: dict[tuple[str, str, str, float], list[RunDir]] = defaultdict(list)
+    for r in runs:
+        cells[(r.defense, r.client, r.dataset, round(r.gamma, 6))].append(r)
+    keys: dict[tuple[str, str], set[str]] = {}
+    for (defense, client, _, _), members in cells.items():
+        pair_keys = keys.setdefault((defense, client), set())
+        opts = [m.options() for m in members]
+        for k in set().union(*opts):
+            if len({json.dumps(o.get(k), sort_keys=True) for o in opts}) > 1:
+                pair_keys.add(k)
+    return {pair: tuple(sorted(ks)) for pair, ks in keys.items()}
+
+
+def variant_of(run: RunDir, keys: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The (option, value) pairs of ``run`` for the given variant keys, values as short strings."""
+    opts = run.options()
+    return tuple((k, _fmt_option(opts.get(k))) for k in keys)
+
+
+def variant_suffix(variant: Sequence[tuple[str, str]]) -> str:
+    """`` [k=v, k=v]`` for a non-empty variant, else the empty string."""
+    return f" [{', '.join(f'{k}={v}' for k, v in variant)}]" if variant else ""
+
+
+def distinct_labels(runs: Sequence[RunDir]) -> list[str]:
+    """One label per run, as short as possible: the method label, then whatever tells runs with the same label
+    apart (dataset, γ, variant options, seed, finally the directory name)."""
+    labels = [r.label for r in runs]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, lab in enumerate(labels):
+        groups[lab].append(i)
+    vkeys = variant_keys(runs)
+    out = list(labels)
+    for idx in groups.values():
+        if len(idx) == 1:
+            continue
+        members = [runs[i] for i in idx]
+        parts: dict[int, list[str]] = {i: [] for i in idx}
+        if len({m.dataset for m in members}) > 1:
+            for i in idx:
+                parts[i].append(dataset_label(runs[i].dataset))
+        if len({m.gamma for m in members}) > 1:
+            for i in idx:
+                parts[i].append(f"γ={runs[i].gamma:g}")
+        for i in idx:
+            keys = vkeys.get((runs[i].defense, runs[i].client), ())
+            parts[i] += [f"{k}={v}" for k, v in variant_of(runs[i], keys)]
+        if len({m.seed for m in members}) > 1:
+            for i in idx:
+                parts[i].append(f"seed {runs[i].seed}")
+        for i in idx:
+            out[i] = labels[i] + (f" ({', '.join(parts[i])})" if parts[i] else "")
+        if len({out[i] for i in idx}) < len(idx):
+            for i in idx:
+                out[i] = f"{out[i]} [{runs[i].path.name}]"
+    return out
