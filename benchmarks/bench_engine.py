@@ -25,7 +25,7 @@ import torch
 from spmc import make_experiment
 from spmc.batched import BatchedEngine
 from spmc.simulation import Simulation
-from spmc.training import SequentialEngine
+from spmc.training import SequentialEngine, batches
 
 FWD_MFLOP = 1.364
 BWD_MFLOP = 2.022
@@ -72,6 +72,22 @@ def _time_round(engine: SequentialEngine | BatchedEngine, sim: Simulation, repea
     return best, samples
 
 
+def pipeline_seconds(sim: Simulation) -> float:
+    """Time of the batched engine's data pipeline alone for one round: drawing every client's mini-batches
+    (shuffle, gather, augmentation, normalisation) and stacking them, without training."""
+    engine = sim.engine
+    assert isinstance(engine, BatchedEngine)
+    tasks = sim.tasks(0, sim.participants(0))
+    start = time.perf_counter()
+    iters = [batches(t.data, t.epochs, sim.cfg.batch_size, torch.Generator().manual_seed(t.seed)) for t in tasks]
+    while True:
+        step = [next(it, None) for it in iters]
+        if all(item is None for item in step):
+            break
+        engine._gather(step, sim.global_state.device)
+    return time.perf_counter() - start
+
+
 def throughput(ceiling: float, repeats: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for client in ("plain", "spmc"):
@@ -91,6 +107,7 @@ def throughput(ceiling: float, repeats: int) -> dict[str, dict[str, float]]:
             row[f"{name}_gflops"] = gflops
             row[f"{name}_fraction_of_ceiling"] = gflops / ceiling
         row["speedup"] = row["batched_samples_per_s"] / row["sequential_samples_per_s"]
+        row["batched_pipeline_fraction"] = pipeline_seconds(sim) / _time_round(sim.engine, sim, 1)[0]
         out[client] = row
     return out
 
