@@ -1,0 +1,225 @@
+"""SPMC's client side over Flower: a ClientApp that trains one partition with spmc's trainers.
+
+The node config gives ``partition-id`` and ``num-partitions`` (Flower's simulation sets them; a SuperNode gets them
+from ``--node-config``). The partition, its poisoning and the seeds are exactly those of the engine: the data come
+from :func:`spmc.simulation.build_federated_data` with ``num_clients = num-partitions`` (cached per process), and
+round ``r`` (1-based) trains with the seed the engine uses for round ``r − 1``.
+
+A node is malicious when its partition id is among the last ⌊γK⌋ (spec §2.1), unless its node config says
+otherwise with ``malicious = true|false``. Malicious nodes run the configured client procedure, or plain SGD under
+``malicious_client = "plain"``. With the SPMC client the node distils from the teacher the server sent it (its
+marginal-coalition model); without one (round 1, or a node the server does not know yet) from the global model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from pydantic import PrivateAttr
+
+from spmc.config import ConfigError, Experiment
+from spmc.data import DATASETS
+from spmc.flower.convert import arrays_to_state, state_to_arrays
+from spmc.flower.options import UserValue, parse_run_config, with_num_clients
+from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TEACHER_KEY
+from spmc.models import build_model
+from spmc.params import ParamLayout
+from spmc.simulation import _SEED_CLIENT, FederatedData, build_federated_data, derive_seed, resolve_device
+from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine
+
+log = logging.getLogger(__name__)
+
+
+class _ExplicitMalicious(Experiment):
+    """An Experiment whose malicious ids are given, for a node whose config overrides the last-⌊γK⌋ rule."""
+
+    _ids: tuple[int, ...] = PrivateAttr(default=())
+
+    @property
+    def malicious_ids(self) -> tuple[int, ...]:
+        return self._ids
+
+
+def optim_config(cfg: Experiment) -> OptimConfig:
+    """The SGD and SPMC-client settings of ``cfg`` (as the engine builds them)."""
+    return OptimConfig(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        spmc_lambda=cfg.spmc_lambda,
+        spmc_kd_T=cfg.spmc_kd_T,
+        spmc_proj_norm_power=cfg.spmc_proj_norm_power,
+        spmc_proj_granularity=cfg.spmc_proj_granularity,
+        spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
+        spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
+    )
+
+
+def _as_int(node_config: Mapping[str, UserValue], key: str) -> int:
+    value = node_config.get(key)
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or number < 0 or str(number) != str(value).strip():
+        raise ConfigError(f"node config: {key} = {value!r}; expected a non-negative integer (--node-config)")
+    return number
+
+
+def node_partition(node_config: Mapping[str, UserValue]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config, checked."""
+    pid, k = _as_int(node_config, "partition-id"), _as_int(node_config, "num-partitions")
+    if pid >= k:
+        raise ConfigError(f"node config: partition-id {pid} must be < num-partitions {k}")
+    return pid, k
+
+
+def node_malicious_flag(node_config: Mapping[str, UserValue]) -> bool | None:
+    """The explicit ``malicious`` flag of the node config, or None when absent."""
+    if "malicious" not in node_config:
+        return None
+    value = node_config["malicious"]
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"node config: malicious = {value!r}; expected true or false")
+
+
+@dataclass
+class ClientSetup:
+    """What one node needs to train: its configuration, data, model layout and trainer."""
+
+    cfg: Experiment
+    partition_id: int
+    malicious: bool
+    method: str
+    data: ClientData
+    layout: ParamLayout
+    engine: SequentialEngine
+    device: torch.device
+
+
+def malicious_ids(cfg: Experiment, partition_id: int, flag: bool | None) -> tuple[tuple[int, ...], bool]:
+    """The malicious ids to build the data with and whether this node is malicious: the last ⌊γK⌋ (spec §2.1),
+    with this node added or removed by its explicit ``malicious`` flag."""
+    ids = set(cfg.malicious_ids)
+    if flag is not None and cfg.attack == "none":
+        log.warning("node config: malicious = %s ignored, attack = 'none'", flag)
+    elif flag is not None:
+        ids = ids | {partition_id} if flag else ids - {partition_id}
+    return tuple(sorted(ids)), partition_id in ids
+
+
+@functools.lru_cache(maxsize=2)
+def federated_data(cfg_json: str, malicious: tuple[int, ...]) -> FederatedData:
+    """Every partition's data exactly as the engine builds it (cached per process), with ``malicious`` poisoned."""
+    cfg = Experiment.model_validate_json(cfg_json)
+    if malicious != cfg.malicious_ids:
+        cfg = _ExplicitMalicious(**cfg.model_dump())
+        cfg._ids = malicious
+    return build_federated_data(cfg, resolve_device(cfg.device))
+
+
+@functools.lru_cache(maxsize=2)
+def trainer(cfg_json: str) -> tuple[ParamLayout, SequentialEngine]:
+    """The model layout and a sequential trainer for ``cfg`` (cached per process)."""
+    cfg = Experiment.model_validate_json(cfg_json)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = build_model(cfg.resolved_model, DATASETS[cfg.dataset].num_classes).to(resolve_device(cfg.device))
+    layout = ParamLayout.from_module(model)
+    return layout, SequentialEngine(model, layout, optim_config(cfg))
+
+
+def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = None) -> ClientSetup:
+    """The node's setup from its run and node configs (data and trainer built once per process)."""
+    pid, k = node_partition(context.node_config)
+    cfg, _ = parse_run_config(context.run_config, overrides)
+    if cfg.num_clients != k:
+        log.info("num_clients = %d in the run config; using num-partitions = %d of the node config", cfg.num_clients, k)
+    cfg = with_num_clients(cfg, k)
+    cfg_json = cfg.model_dump_json()
+    ids, malicious = malicious_ids(cfg, pid, node_malicious_flag(context.node_config))
+    layout, engine = trainer(cfg_json)
+    return ClientSetup(
+        cfg=cfg,
+        partition_id=pid,
+        malicious=malicious,
+        method="plain" if malicious and cfg.malicious_client == "plain" else cfg.client,
+        data=federated_data(cfg_json, ids).clients[pid],
+        layout=layout,
+        engine=engine,
+        device=resolve_device(cfg.device),
+    )
+
+
+def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | None = None) -> Message:
+    """Train the node's partition from the received global arrays (with its teacher under the SPMC client)."""
+    setup = client_setup(context, overrides)
+    cfg, pid = setup.cfg, setup.partition_id
+    content = msg.content
+    start = arrays_to_state(setup.layout, content.array_records[ARRAYS_KEY]).to(setup.device)
+    config = content.config_records.get(CONFIG_KEY, ConfigRecord())
+    t = int(config.get("server-round", 1)) - 1  # type: ignore[arg-type]
+    teacher = None
+    if setup.method == "spmc":
+        teacher = start
+        sent_for = config.get("teacher-client-id")
+        if TEACHER_KEY in content.array_records and sent_for is not None and int(sent_for) != pid:  # type: ignore[arg-type]
+            log.warning("teacher sent for client %s, but this is partition %d; using the global model", sent_for, pid)
+        elif TEACHER_KEY in content.array_records:
+            teacher = arrays_to_state(setup.layout, content.array_records[TEACHER_KEY]).to(setup.device)
+    task = ClientTask(
+        client_id=pid,
+        data=setup.data,
+        method=setup.method,  # type: ignore[arg-type]
+        epochs=cfg.local_epochs(cfg.client),
+        seed=derive_seed(cfg.seed, _SEED_CLIENT, t, pid),
+        teacher=teacher,
+    )
+    started = time.perf_counter()
+    result = setup.engine.train_client(start, task)
+    seconds = time.perf_counter() - started
+    metrics = MetricRecord(
+        {
+            "num-examples": len(setup.data),
+            "partition-id": pid,
+            "train-loss": float(result.mean_loss),
+            "train-seconds": seconds,
+            "steps": result.steps,
+            "malicious": int(setup.malicious),
+        }
+    )
+    reply = RecordDict({ARRAYS_KEY: state_to_arrays(setup.layout, result.state), METRICS_KEY: metrics})
+    return Message(reply, reply_to=msg)
+
+
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's identification query with the node's partition id."""
+    pid, _ = node_partition(context.node_config)
+    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientApp:
+    """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests)."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, overrides)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context)
+
+    return app

@@ -1,0 +1,185 @@
+"""The server side over Flower: the initial model, the defense, server-side evaluation (A and ASR) and the run
+directory, around :class:`~spmc.flower.strategy.DefenseStrategy`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from spmc.config import Experiment
+from spmc.defenses import Defense, build_defense
+from spmc.defenses.server_data import ServerData
+from spmc.flower.convert import arrays_to_state, state_to_arrays
+from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
+from spmc.flower.strategy import DefenseStrategy
+from spmc.metrics import final_metrics
+from spmc.models import build_model
+from spmc.params import ParamLayout
+from spmc.simulation import _SEED_SERVER, FederatedData, build_federated_data, derive_seed, resolve_device
+from spmc.store import RunStore
+from spmc.training import accuracy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSetup:
+    """The server's pieces: test and backdoor sets, the model and its layout, the defense, θ^0."""
+
+    cfg: Experiment
+    data: FederatedData
+    model: torch.nn.Module
+    layout: ParamLayout
+    defense: Defense
+    server_data: ServerData | None
+    initial_state: torch.Tensor
+
+
+def build_server(cfg: Experiment) -> ServerSetup:
+    """Data (for evaluation and the defenses' server split), θ^0 and the defense, exactly as the engine builds them."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = build_federated_data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
+    layout = ParamLayout.from_module(model)
+    defense = build_defense(cfg)
+    server_data = None
+    if defense.needs_server_data:
+        server_data = ServerData(
+            x=data.val_x,
+            y=data.val_y,
+            transform=data.val_transform,
+            model=copy.deepcopy(model),
+            layout=layout,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=derive_seed(cfg.seed, _SEED_SERVER),
+        )
+    initial = layout.flatten(model).cpu()
+    return ServerSetup(cfg, data, model, layout, defense, server_data, initial)
+
+
+class ServerEvaluator:
+    """``evaluate_fn`` for the strategy: A on the clean test set, ASR on the triggered one (as the engine)."""
+
+    def __init__(self, setup: ServerSetup) -> None:
+        self.setup = setup
+
+    def evaluate_state(self, state: torch.Tensor) -> dict[str, float]:
+        """accuracy, asr (per ``asr_exclude_target_class``), asr_all and asr_excl_target of a flat state, in %."""
+        s = self.setup
+        s.layout.load(s.model, state)
+        bs = s.cfg.eval_batch_size
+        keep = s.data.backdoor_not_target
+        acc = accuracy(s.model, s.data.test_x, s.data.test_y, bs)
+        asr_all = accuracy(s.model, s.data.backdoor_x, s.data.backdoor_y, bs)
+        asr_excl = accuracy(s.model, s.data.backdoor_x[keep], s.data.backdoor_y[keep], bs)
+        return {
+            "accuracy": acc,
+            "asr": asr_excl if s.cfg.asr_exclude_target_class else asr_all,
+            "asr_all": asr_all,
+            "asr_excl_target": asr_excl,
+        }
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        return MetricRecord(self.evaluate_state(arrays_to_state(self.setup.layout, arrays)))  # type: ignore[arg-type]
+
+
+def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | None = None) -> DefenseStrategy:
+    """The strategy for ``setup.cfg``: its defense, SPMC teachers with the SPMC client, the Flower options."""
+    cfg = setup.cfg
+    return DefenseStrategy(
+        setup.defense,
+        setup.layout,
+        send_teachers=cfg.client == "spmc",
+        participation=cfg.participation,
+        seed=cfg.seed,
+        on_invalid_update=cfg.on_invalid_update,
+        server_data=setup.server_data,
+        store=store,
+        resume=opts.resume,
+        config_json=cfg.to_json(),
+        min_nodes=opts.min_nodes or cfg.num_clients,
+        connect_timeout=opts.connect_timeout,
+        identify_timeout=opts.identify_timeout,
+        poll_interval=opts.poll_interval,
+        initial_state=setup.initial_state.clone(),
+    )
+
+
+def summarise(cfg: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A, R and V over the last ``report_last_k`` rounds plus what the run was (as the engine's summary)."""
+    evaluated = [r for r in records if r.get("accuracy") is not None and r.get("asr") is not None]
+    summary: dict[str, Any] = {
+        "runtime": "flower",
+        "rounds": len(records),
+        "dataset": cfg.dataset,
+        "defense": cfg.defense,
+        "client": cfg.client,
+        "gamma": cfg.gamma,
+        "seed": cfg.seed,
+        "num_clients": cfg.num_clients,
+        "seconds_per_round": float(np.mean([r["seconds"] for r in records])) if records else None,
+        "failed_per_round": [r.get("num_failed", 0) for r in records],
+    }
+    if evaluated:
+        final = final_metrics([r["accuracy"] for r in evaluated], [r["asr"] for r in evaluated], cfg.report_last_k)
+        summary.update(final.as_dict())
+    return summary
+
+
+def run_server(grid: Grid, cfg: Experiment, opts: FlowerOptions) -> Result:
+    """Run the whole federation for ``cfg`` on ``grid``; with ``out-dir`` write the run directory and resume."""
+    setup = build_server(cfg)
+    store = RunStore(opts.out_dir) if opts.out_dir else None
+    if store is not None:
+        store.write_config(cfg.to_json())
+    strategy = build_strategy(setup, opts, store)
+    result = strategy.start(
+        grid,
+        state_to_arrays(setup.layout, setup.initial_state),
+        num_rounds=cfg.rounds,
+        timeout=opts.round_timeout,
+        evaluate_fn=ServerEvaluator(setup),
+    )
+    if store is not None:
+        summary = summarise(cfg, store.read_metrics())
+        store.write_summary(summary)
+        log.info("summary: %s", {k: summary.get(k) for k in ("A", "R", "V", "rounds", "seconds_per_round")})
+    return result
+
+
+def _ensure_logging() -> None:
+    """Show spmc's INFO logs in a ServerApp process that configured no logging of its own."""
+    logger = logging.getLogger("spmc")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def make_server_app(overrides: Mapping[str, UserValue] | None = None) -> ServerApp:
+    """A ServerApp running spmc's defense for the run config; ``overrides`` take precedence (e.g. in tests)."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        _ensure_logging()
+        cfg, opts = parse_run_config(context.run_config, overrides)
+        run_server(grid, cfg, opts)
+
+    return app
