@@ -24,7 +24,7 @@ import torch
 
 from spmc import make_experiment
 from spmc.batched import BatchedEngine
-from spmc.simulation import Simulation
+from spmc.simulation import Simulation, optim_config
 from spmc.training import SequentialEngine, batches
 
 FWD_MFLOP = 1.364
@@ -95,7 +95,7 @@ def throughput(ceiling: float, repeats: int) -> dict[str, dict[str, float]]:
         # give every client non-trivial teachers, as from round 1 on
         sim.teachers = {k: sim.global_state + 0.01 * torch.randn_like(sim.global_state) for k in sim.teachers}
         engines = {
-            "sequential": SequentialEngine(sim.model, sim.layout, sim._optim_config()),
+            "sequential": SequentialEngine(sim.model, sim.layout, optim_config(sim.cfg)),
             "batched": sim.engine,
         }
         row: dict[str, float] = {}

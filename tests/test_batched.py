@@ -9,7 +9,7 @@ from spmc import make_experiment
 from spmc.batched import BatchedEngine, StackedSimpleCNN
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
-from spmc.simulation import Simulation
+from spmc.simulation import Simulation, optim_config
 from spmc.training import SequentialEngine
 
 
@@ -47,7 +47,7 @@ def test_batched_round_equals_sequential_round(client: str, granularity: str) ->
     assert isinstance(sim.engine, BatchedEngine)
     sim.run_round(0)  # teachers differ from the global model from round 1 on
     tasks = sim.tasks(1, sim.participants(1))
-    sequential = SequentialEngine(sim.model, sim.layout, sim._optim_config()).train_round(sim.global_state, tasks)
+    sequential = SequentialEngine(sim.model, sim.layout, optim_config(sim.cfg)).train_round(sim.global_state, tasks)
     batched = sim.engine.train_round(sim.global_state, tasks)
     assert len({r.steps for r in sequential}) > 1  # clients with different numbers of steps: masking is exercised
     for s, b in zip(sequential, batched):

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,8 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-# Purposes for derive_seed, so that streams never collide.
-_SEED_POISON, _SEED_STATIC_AUG, _SEED_CLIENT, _SEED_PARTICIPATION, _SEED_TEST, _SEED_SERVER = 1, 2, 3, 4, 5, 6
+# Purposes for derive_seed, so that streams never collide (public: the Flower apps derive the same streams).
+SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
 
 
 class InvalidUpdateError(RuntimeError):
@@ -93,8 +93,12 @@ class FederatedData:
     val_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData:
-    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets."""
+def build_federated_data(
+    cfg: Experiment, device: torch.device, malicious: Sequence[int] | None = None
+) -> FederatedData:
+    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets.
+
+    ``malicious`` overrides the last-⌊γK⌋ rule (a Flower node configured as malicious, for instance)."""
     info = DATASETS[cfg.dataset]
     raw = load_dataset(
         cfg.dataset,
@@ -109,7 +113,7 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
     parts = dirichlet_partition(
         raw.train_labels[torch.as_tensor(pool)].numpy(), cfg.num_clients, cfg.beta, cfg.min_client_size, cfg.seed
     )
-    malicious = cfg.malicious_ids
+    malicious = cfg.malicious_ids if malicious is None else tuple(sorted(malicious))
     values = trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels)
     attack_kw: dict[str, Any] = {
         "attack": cfg.attack,
@@ -121,7 +125,7 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
         poison_mask(
             raw.train_labels,
             cfg.poison_rate,
-            torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_POISON)),
+            torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_POISON)),
             cfg.attack,
             cfg.semantic_source_label,
         ).to(device)
@@ -143,7 +147,7 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
             continue
         mask = poisoned[idx]
         if cfg.poison_static_aug:
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_STATIC_AUG, k))
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_STATIC_AUG, k))
             xs, ys = poison_batch(pre.train(x, gen), y, mask, generator=gen, **attack_kw)
             clients[k] = ClientData(xs.contiguous(), ys, final=True)
         else:
@@ -171,7 +175,7 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
         target=cfg.target_label,
         source_label=cfg.semantic_source_label,
         noise_std=cfg.semantic_noise_std,
-        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_TEST)),
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST)),
     )
     val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
     return FederatedData(
@@ -190,6 +194,51 @@ def build_federated_data(cfg: Experiment, device: torch.device) -> FederatedData
             functools.partial(strong_augment, mean=info.mean, std=info.std) if info.name == "cifar10" else pre.train
         ),
     )
+
+
+def optim_config(cfg: Experiment) -> OptimConfig:
+    """The SGD settings (spec §1.1) and SPMC client options (spec §4, §7) of ``cfg``."""
+    return OptimConfig(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        spmc_lambda=cfg.spmc_lambda,
+        spmc_kd_T=cfg.spmc_kd_T,
+        spmc_proj_norm_power=cfg.spmc_proj_norm_power,
+        spmc_proj_granularity=cfg.spmc_proj_granularity,
+        spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
+        spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
+    )
+
+
+def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
+    """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38)."""
+    return ServerData(
+        x=data.val_x,
+        y=data.val_y,
+        transform=data.val_transform,
+        model=copy.deepcopy(model),
+        layout=layout,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=derive_seed(cfg.seed, SEED_SERVER),
+    )
+
+
+def coalition_teachers(agg: Aggregate, states: torch.Tensor, ids: Sequence[int]) -> dict[int, torch.Tensor]:
+    """teacher_k = α-weighted leave-one-out model of every client (spec §4.1); α is the defense's weights, or
+    uniform over the accepted clients when the defense gives none."""
+    weights = agg.weights
+    if weights is None:
+        accepted = set(agg.accepted if agg.accepted is not None else ids)
+        mask = torch.tensor([k in accepted for k in ids], dtype=torch.float64)
+        weights = mask / mask.sum()
+    weights = weights.to(torch.float64)
+    coalition = weighted_average(states, weights)
+    return dict(zip(ids, marginal_teachers(coalition, states, weights)))
 
 
 @dataclass
@@ -217,18 +266,7 @@ class Simulation:
         self.model = build_model(cfg.resolved_model, self.data.info.num_classes).to(self.device)
         self.layout = ParamLayout.from_module(self.model)
         self.defense = build_defense(cfg)
-        self.server_data = ServerData(
-            x=self.data.val_x,
-            y=self.data.val_y,
-            transform=self.data.val_transform,
-            model=copy.deepcopy(self.model),
-            layout=self.layout,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            seed=derive_seed(cfg.seed, _SEED_SERVER),
-        )
+        self.server_data = make_server_data(cfg, self.data, self.model, self.layout)
         self.engine = self._build_engine()
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
@@ -243,24 +281,9 @@ class Simulation:
                 "needs 'sequential' or 'auto'"
             )
         if self.cfg.engine == "batched" or (self.cfg.engine == "auto" and can_batch):
-            return BatchedEngine(self.layout, self._optim_config())
+            return BatchedEngine(self.layout, optim_config(self.cfg))
         log.info("engine: sequential (model %s is not stacked)", self.cfg.resolved_model)
-        return SequentialEngine(self.model, self.layout, self._optim_config())
-
-    def _optim_config(self) -> OptimConfig:
-        c = self.cfg
-        return OptimConfig(
-            lr=c.lr,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            batch_size=c.batch_size,
-            spmc_lambda=c.spmc_lambda,
-            spmc_kd_T=c.spmc_kd_T,
-            spmc_proj_norm_power=c.spmc_proj_norm_power,
-            spmc_proj_granularity=c.spmc_proj_granularity,
-            spmc_kd_grad_weight=c.spmc_kd_grad_weight,
-            spmc_teacher_bn_mode=c.spmc_teacher_bn_mode,
-        )
+        return SequentialEngine(self.model, self.layout, optim_config(self.cfg))
 
     def participants(self, t: int) -> list[int]:
         """S_t: every client at participation 1.0, else a seeded sample of ⌈pK⌉ ids, sorted (D2, D34)."""
@@ -268,7 +291,7 @@ class Simulation:
         if self.cfg.participation >= 1.0:
             return list(range(k))
         size = max(1, math.ceil(self.cfg.participation * k - 1e-9))
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, _SEED_PARTICIPATION, t))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, SEED_PARTICIPATION, t))
         return sorted(int(i) for i in rng.choice(k, size=size, replace=False))
 
     def method_for(self, client_id: int) -> str:
@@ -285,7 +308,7 @@ class Simulation:
                 data=self.data.clients[k],
                 method=self.method_for(k),  # type: ignore[arg-type]
                 epochs=epochs,
-                seed=derive_seed(self.cfg.seed, _SEED_CLIENT, t, k),
+                seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, k),
                 teacher=self.teachers[k] if self.method_for(k) == "spmc" else None,
             )
             for k in ids
@@ -309,16 +332,8 @@ class Simulation:
         return keep
 
     def update_teachers(self, agg: Aggregate, states: torch.Tensor, ids: list[int]) -> None:
-        """teacher_k = α-weighted leave-one-out model (spec §4.1); uniform α when the defense gives no weights."""
-        weights = agg.weights
-        if weights is None:
-            accepted = set(agg.accepted if agg.accepted is not None else ids)
-            mask = torch.tensor([k in accepted for k in ids], dtype=torch.float64)
-            weights = mask / mask.sum()
-        weights = weights.to(torch.float64)
-        coalition = weighted_average(states, weights)
-        for k, teacher in zip(ids, marginal_teachers(coalition, states, weights)):
-            self.teachers[k] = teacher
+        """teacher_k = α-weighted leave-one-out model (spec §4.1), see :func:`coalition_teachers`."""
+        self.teachers.update(coalition_teachers(agg, states, ids))
 
     def evaluate(self, state: torch.Tensor | None = None) -> dict[str, float]:
         """A_t on the clean test set and ASR_t on the triggered set, with and without target-class images, of

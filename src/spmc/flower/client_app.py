@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import PrivateAttr
 
 from spmc.config import ConfigError, Experiment
 from spmc.data import DATASETS
@@ -31,36 +30,10 @@ from spmc.flower.options import UserValue, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TEACHER_KEY
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import _SEED_CLIENT, FederatedData, build_federated_data, derive_seed, resolve_device
-from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine
+from spmc.simulation import SEED_CLIENT, FederatedData, build_federated_data, derive_seed, optim_config, resolve_device
+from spmc.training import ClientData, ClientTask, SequentialEngine
 
 log = logging.getLogger(__name__)
-
-
-class _ExplicitMalicious(Experiment):
-    """An Experiment whose malicious ids are given, for a node whose config overrides the last-⌊γK⌋ rule."""
-
-    _ids: tuple[int, ...] = PrivateAttr(default=())
-
-    @property
-    def malicious_ids(self) -> tuple[int, ...]:
-        return self._ids
-
-
-def optim_config(cfg: Experiment) -> OptimConfig:
-    """The SGD and SPMC-client settings of ``cfg`` (as the engine builds them)."""
-    return OptimConfig(
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        spmc_lambda=cfg.spmc_lambda,
-        spmc_kd_T=cfg.spmc_kd_T,
-        spmc_proj_norm_power=cfg.spmc_proj_norm_power,
-        spmc_proj_granularity=cfg.spmc_proj_granularity,
-        spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
-        spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
-    )
 
 
 def _as_int(node_config: Mapping[str, UserValue], key: str) -> int:
@@ -124,10 +97,7 @@ def malicious_ids(cfg: Experiment, partition_id: int, flag: bool | None) -> tupl
 def federated_data(cfg_json: str, malicious: tuple[int, ...]) -> FederatedData:
     """Every partition's data exactly as the engine builds it (cached per process), with ``malicious`` poisoned."""
     cfg = Experiment.model_validate_json(cfg_json)
-    if malicious != cfg.malicious_ids:
-        cfg = _ExplicitMalicious(**cfg.model_dump())
-        cfg._ids = malicious
-    return build_federated_data(cfg, resolve_device(cfg.device))
+    return build_federated_data(cfg, resolve_device(cfg.device), malicious)
 
 
 @functools.lru_cache(maxsize=2)
@@ -184,7 +154,7 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
         data=setup.data,
         method=setup.method,  # type: ignore[arg-type]
         epochs=cfg.local_epochs(cfg.client),
-        seed=derive_seed(cfg.seed, _SEED_CLIENT, t, pid),
+        seed=derive_seed(cfg.seed, SEED_CLIENT, t, pid),
         teacher=teacher,
     )
     started = time.perf_counter()

@@ -3,7 +3,6 @@ directory, around :class:`~spmc.flower.strategy.DefenseStrategy`."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from spmc.flower.strategy import DefenseStrategy
 from spmc.metrics import final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import _SEED_SERVER, FederatedData, build_federated_data, derive_seed, resolve_device
+from spmc.simulation import FederatedData, build_federated_data, make_server_data, resolve_device
 from spmc.store import RunStore
 from spmc.training import accuracy
 
@@ -54,20 +53,7 @@ def build_server(cfg: Experiment) -> ServerSetup:
     model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
     layout = ParamLayout.from_module(model)
     defense = build_defense(cfg)
-    server_data = None
-    if defense.needs_server_data:
-        server_data = ServerData(
-            x=data.val_x,
-            y=data.val_y,
-            transform=data.val_transform,
-            model=copy.deepcopy(model),
-            layout=layout,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            seed=derive_seed(cfg.seed, _SEED_SERVER),
-        )
+    server_data = make_server_data(cfg, data, model, layout) if defense.needs_server_data else None
     initial = layout.flatten(model).cpu()
     return ServerSetup(cfg, data, model, layout, defense, server_data, initial)
 

@@ -39,11 +39,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from spmc.config import ConfigError
-from spmc.defenses import Aggregate, Defense, RoundInputs, marginal_teachers, weighted_average
+from spmc.defenses import Aggregate, Defense, RoundInputs
 from spmc.flower.convert import MalformedUpdate, arrays_to_state, finite_number, metric_record, state_to_arrays
 from spmc.metrics import detection_scores
 from spmc.params import ParamLayout
-from spmc.simulation import _SEED_PARTICIPATION, InvalidUpdateError, derive_seed
+from spmc.simulation import SEED_PARTICIPATION, InvalidUpdateError, coalition_teachers, derive_seed
 from spmc.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,6 @@ class ClientUpdate:
     malicious: bool | None
     train_seconds: float = math.nan
     reply_seconds: float = math.nan
-
-
-def coalition_teachers(agg: Aggregate, states: torch.Tensor, ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """teacher_k = α-weighted leave-one-out model of every client (spec §4.1), as the engine computes it; α is
-    uniform over the accepted clients when the defense gives no weights."""
-    weights = agg.weights
-    if weights is None:
-        accepted = set(agg.accepted if agg.accepted is not None else ids)
-        mask = torch.tensor([k in accepted for k in ids], dtype=torch.float64)
-        weights = mask / mask.sum()
-    weights = weights.to(torch.float64)
-    coalition = weighted_average(states, weights)
-    return dict(zip(ids, marginal_teachers(coalition, states, weights)))
 
 
 def finalise_global(state: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
@@ -360,7 +347,7 @@ class DefenseStrategy(Strategy):
         if self.participation >= 1.0 or not nodes:
             return nodes
         size = max(1, math.ceil(self.participation * len(nodes) - 1e-9))
-        rng = np.random.default_rng(derive_seed(self.seed, _SEED_PARTICIPATION, server_round - 1))
+        rng = np.random.default_rng(derive_seed(self.seed, SEED_PARTICIPATION, server_round - 1))
         return sorted(int(n) for n in rng.choice(nodes, size=size, replace=False))
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
