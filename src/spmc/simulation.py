@@ -241,6 +241,24 @@ def coalition_teachers(agg: Aggregate, states: torch.Tensor, ids: Sequence[int])
     return dict(zip(ids, marginal_teachers(coalition, states, weights)))
 
 
+def evaluate_state(
+    model: torch.nn.Module, layout: ParamLayout, data: FederatedData, cfg: Experiment, state: torch.Tensor
+) -> dict[str, float]:
+    """A_t on the clean test set and ASR_t on the triggered set (spec §1.6, §2.4), with and without target-class
+    images; ``asr`` is the one ``asr_exclude_target_class`` picks. ``model`` is overwritten with ``state``."""
+    layout.load(model, state)
+    bs = cfg.eval_batch_size
+    keep = data.backdoor_not_target
+    asr_all = accuracy(model, data.backdoor_x, data.backdoor_y, bs)
+    asr_excl = accuracy(model, data.backdoor_x[keep], data.backdoor_y[keep], bs)
+    return {
+        "accuracy": accuracy(model, data.test_x, data.test_y, bs),
+        "asr": asr_excl if cfg.asr_exclude_target_class else asr_all,
+        "asr_all": asr_all,
+        "asr_excl_target": asr_excl,
+    }
+
+
 @dataclass
 class RunResult:
     """What a finished run returns: the per-round records, the final metrics and the global state."""
@@ -336,20 +354,9 @@ class Simulation:
         self.teachers.update(coalition_teachers(agg, states, ids))
 
     def evaluate(self, state: torch.Tensor | None = None) -> dict[str, float]:
-        """A_t on the clean test set and ASR_t on the triggered set, with and without target-class images, of
-        ``state`` (default: the global model)."""
-        self.layout.load(self.model, self.global_state if state is None else state)
-        bs = self.cfg.eval_batch_size
-        acc = accuracy(self.model, self.data.test_x, self.data.test_y, bs)
-        keep = self.data.backdoor_not_target
-        asr_all = accuracy(self.model, self.data.backdoor_x, self.data.backdoor_y, bs)
-        asr_excl = accuracy(self.model, self.data.backdoor_x[keep], self.data.backdoor_y[keep], bs)
-        return {
-            "accuracy": acc,
-            "asr": asr_excl if self.cfg.asr_exclude_target_class else asr_all,
-            "asr_all": asr_all,
-            "asr_excl_target": asr_excl,
-        }
+        """:func:`evaluate_state` of ``state`` (default: the global model)."""
+        state = self.global_state if state is None else state
+        return evaluate_state(self.model, self.layout, self.data, self.cfg, state)
 
     def run_round(self, t: int) -> dict[str, Any]:
         """Train, aggregate and evaluate round ``t``; returns its metrics record."""

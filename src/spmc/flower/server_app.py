@@ -23,9 +23,8 @@ from spmc.flower.strategy import DefenseStrategy
 from spmc.metrics import final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import FederatedData, build_federated_data, make_server_data, resolve_device
+from spmc.simulation import FederatedData, build_federated_data, evaluate_state, make_server_data, resolve_device
 from spmc.store import RunStore
-from spmc.training import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +66,7 @@ class ServerEvaluator:
     def evaluate_state(self, state: torch.Tensor) -> dict[str, float]:
         """accuracy, asr (per ``asr_exclude_target_class``), asr_all and asr_excl_target of a flat state, in %."""
         s = self.setup
-        s.layout.load(s.model, state)
-        bs = s.cfg.eval_batch_size
-        keep = s.data.backdoor_not_target
-        acc = accuracy(s.model, s.data.test_x, s.data.test_y, bs)
-        asr_all = accuracy(s.model, s.data.backdoor_x, s.data.backdoor_y, bs)
-        asr_excl = accuracy(s.model, s.data.backdoor_x[keep], s.data.backdoor_y[keep], bs)
-        return {
-            "accuracy": acc,
-            "asr": asr_excl if s.cfg.asr_exclude_target_class else asr_all,
-            "asr_all": asr_all,
-            "asr_excl_target": asr_excl,
-        }
+        return evaluate_state(s.model, s.layout, s.data, s.cfg, state)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord(self.evaluate_state(arrays_to_state(self.setup.layout, arrays)))  # type: ignore[arg-type]
