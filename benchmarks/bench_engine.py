@@ -81,8 +81,8 @@ def pipeline_seconds(sim: Simulation) -> float:
     start = time.perf_counter()
     iters = [batches(t.data, t.epochs, sim.cfg.batch_size, torch.Generator().manual_seed(t.seed)) for t in tasks]
     while True:
-        step = [next(it, None) for it in iters]
-        if all(item is None for item in step):
+        step = [item for item in (next(it, None) for it in iters) if item is not None]
+        if not step:
             break
         engine._gather(step, sim.global_state.device)
     return time.perf_counter() - start

@@ -3,8 +3,9 @@
 The C clients' parameters are the rows of one leaf tensor P ∈ R^{C×d}. Per-tensor views of P feed a stacked
 forward pass: the convolutions of all clients run as one grouped convolution (``groups = C``, activations in
 channels_last), the linear layers as one batched matmul (``baddbmm``). The loss is Σ_k L_k, so ∂/∂P_k is client k's
-own gradient. SGD with momentum and weight decay runs on [C, d] with a mask, so a client with fewer mini-batches
-takes exactly the steps it would take alone (spec §1.4):
+own gradient. Each step computes only the clients that still have a mini-batch, so a client with fewer
+mini-batches takes exactly the steps it would take alone (spec §1.4) and idle clients cost nothing; SGD with
+momentum and weight decay is applied to their rows:
 
     buf_k ← μ·buf_k + g_k + λ_wd·P_k ,  P_k ← P_k − η·buf_k        for active clients; unchanged otherwise.
 
@@ -83,20 +84,15 @@ class BatchedEngine:
         self.numels = [e.numel for e in layout.entries]
 
     def _gather(
-        self, step: list[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device
+        self, step: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack one batch per client into [B, C·3, 32, 32] (channels_last) and labels [C, B]; idle clients get 0."""
-        c, bs = len(step), self.cfg.batch_size
-        buf = torch.empty(bs, 32, 32, c * 3, device=device)
-        labels = torch.zeros(c, bs, dtype=torch.long, device=device)
-        for k, item in enumerate(step):
-            if item is None:
-                buf[:, :, :, 3 * k : 3 * k + 3] = 0.0
-            else:
-                buf[:, :, :, 3 * k : 3 * k + 3] = item[0].permute(0, 2, 3, 1)
-                labels[k] = item[1]
+        """Stack one batch per client into [B, C·3, 32, 32] (channels_last) and labels [C, B]."""
+        bs = self.cfg.batch_size
+        buf = torch.empty(bs, 32, 32, len(step) * 3, device=device)
+        for k, (x, _) in enumerate(step):
+            buf[:, :, :, 3 * k : 3 * k + 3] = x.permute(0, 2, 3, 1)
         x = buf.permute(0, 3, 1, 2)
-        return (x if self.channels_last else x.contiguous()), labels
+        return (x if self.channels_last else x.contiguous()), torch.stack([y for _, y in step])
 
     def train_round(self, start: torch.Tensor, tasks: list[ClientTask]) -> list[ClientResult]:
         """Train ``tasks`` from the global state ``start``; returns each client's state, mean loss and steps."""
@@ -112,7 +108,7 @@ class BatchedEngine:
         granularity = cfg.spmc_proj_granularity
         segments = segment_ids(self.numels, granularity, device)
         num_segments = len(self.numels) if granularity == "tensor" else 1
-        rows = start.unsqueeze(0).repeat(c, 1).requires_grad_(True)
+        rows = start.unsqueeze(0).repeat(c, 1)
         momentum = torch.zeros_like(rows)
         gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
         iters = [batches(t.data, t.epochs, cfg.batch_size, g) for t, g in zip(tasks, gens)]
@@ -120,36 +116,37 @@ class BatchedEngine:
         steps = torch.zeros(c, dtype=torch.long)
         while True:
             step = [_next_or_none(it) for it in iters]
-            active_list = [item is not None for item in step]
-            if not any(active_list):
+            active = [k for k, item in enumerate(step) if item is not None]
+            if not active:
                 break
-            active = torch.tensor(active_list, device=device)
-            steps += torch.tensor(active_list, dtype=torch.long)
-            x, y = self._gather(step, device)
-            logits = self.net.forward(rows, x)
+            # Only the clients that still have a batch are computed; the others keep their state and momentum.
+            idx = torch.tensor(active, device=device)
+            steps[active] += 1
+            sub = rows[idx].requires_grad_(True)
+            x, y = self._gather([step[k] for k in active], device)
+            logits = self.net.forward(sub, x)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-            ce = ce.view(c, -1).mean(dim=1)
+            ce = ce.view(len(active), -1).mean(dim=1)
             if teachers is None:
-                (grad,) = torch.autograd.grad(ce.sum(), rows)
+                (grad,) = torch.autograd.grad(ce.sum(), sub)
             else:
                 with torch.no_grad():
-                    target = torch.softmax(self.net.forward(teachers, x) / cfg.spmc_kd_T, dim=-1)
+                    target = torch.softmax(self.net.forward(teachers[idx], x) / cfg.spmc_kd_T, dim=-1)
                 kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=1) * cfg.spmc_kd_T**2
-                (g_kd,) = torch.autograd.grad(kd.sum(), rows, retain_graph=True)
-                (g_ce,) = torch.autograd.grad(ce.sum(), rows)
+                (g_kd,) = torch.autograd.grad(kd.sum(), sub, retain_graph=True)
+                (g_ce,) = torch.autograd.grad(ce.sum(), sub)
                 projected = project_rows(
                     g_ce, g_kd, segments, num_segments, cfg.spmc_lambda, cfg.spmc_proj_norm_power
                 )
                 if cfg.spmc_kd_grad_weight:
                     projected = projected + cfg.spmc_kd_grad_weight * g_kd
-                grad = torch.where(spmc.unsqueeze(1), projected, g_ce)
+                grad = torch.where(spmc[idx].unsqueeze(1), projected, g_ce)
             with torch.no_grad():
-                mask = active.unsqueeze(1)
-                d_p = grad + cfg.weight_decay * rows
-                momentum.copy_(torch.where(mask, cfg.momentum * momentum + d_p, momentum))
-                rows.copy_(torch.where(mask, rows - cfg.lr * momentum, rows))
-                loss_sum += torch.where(active, ce.detach(), torch.zeros_like(ce))
-        final = rows.detach()
+                buf = cfg.momentum * momentum[idx] + grad + cfg.weight_decay * sub
+                momentum[idx] = buf
+                rows[idx] = sub - cfg.lr * buf
+                loss_sum[idx] += ce.detach()
+        final = rows
         return [
             ClientResult(
                 t.client_id,
