@@ -111,3 +111,12 @@ def test_krum_ignores_client_order(n: int, seed: int) -> None:
     assert a.weights is not None and b.weights is not None
     assert torch.equal(a.weights[perm], b.weights)
     assert a.weights.sum().item() == 1.0 and bool((a.weights >= 0).all())
+
+
+def test_lowest_scores_treats_rounding_level_differences_as_ties() -> None:
+    from spmc.defenses.krum import lowest_scores
+
+    scores = torch.tensor([1.0, 1.0 + 1e-15, 3.0], dtype=torch.float64)
+    assert lowest_scores(scores, (7, 4, 1), 1) == [1]  # client 4 wins the (rounding-level) tie with client 7
+    assert lowest_scores(scores, (4, 7, 1), 1) == [0]
+    assert lowest_scores(torch.tensor([2.0, 1.0, 1.5]), (0, 1, 2), 2) == [1, 2]

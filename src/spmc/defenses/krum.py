@@ -73,11 +73,26 @@ def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
     return nearest_sums(dist, n - f - 2)
 
 
-def lowest_scores(scores: torch.Tensor, client_ids: Sequence[int], count: int) -> list[int]:
-    """Positions of the ``count`` lowest scores, ties broken by the smaller client id (so independent of order)."""
+def lowest_scores(
+    scores: torch.Tensor, client_ids: Sequence[int], count: int, rel_tol: float = 1e-9
+) -> list[int]:
+    """Positions of the ``count`` lowest scores, ties broken by the smaller client id, so the choice does not
+    depend on the order of the clients.
+
+    Scores that are equal in exact arithmetic can differ in the last bits depending on the order in which they were
+    accumulated (two clients' DnC scores are always equal, for instance), so neighbours in sorted order closer
+    than ``rel_tol`` × their magnitude are one tie group, ordered by client id.
+    """
     values = scores.tolist()
-    order = sorted(range(len(values)), key=lambda i: (values[i], client_ids[i]))
-    return order[:count]
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    group, groups = 0, []
+    for pos, i in enumerate(order):
+        prev = values[order[pos - 1]] if pos else values[i]
+        if values[i] - prev > rel_tol * max(abs(values[i]), abs(prev)):
+            group += 1
+        groups.append(group)
+    ranked = sorted(zip(groups, order), key=lambda gi: (gi[0], client_ids[gi[1]]))
+    return [i for _, i in ranked[:count]]
 
 
 def update_distances(inputs: RoundInputs, exclude_int_buffers: bool) -> torch.Tensor:
