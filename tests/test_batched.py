@@ -19,7 +19,8 @@ def test_stacked_forward_equals_per_client_forward() -> None:
     layout = ParamLayout.from_module(models[0])
     rows = torch.stack([layout.flatten(m) for m in models])
     x = torch.randn(3, 5, 3, 32, 32)
-    stacked = StackedSimpleCNN(layout).forward(rows, x.permute(1, 0, 2, 3, 4).reshape(5, 9, 32, 32))
+    net = StackedSimpleCNN(layout)
+    stacked = net.forward(net.tensors(rows), x.permute(1, 0, 2, 3, 4).reshape(5, 9, 32, 32))
     for k, m in enumerate(models):
         assert torch.allclose(stacked[k], m(x[k]), atol=1e-5)
 

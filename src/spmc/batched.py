@@ -43,28 +43,34 @@ class StackedSimpleCNN:
         self.layout = layout
         self.entries = {e.name: e for e in layout.entries}
 
-    def _view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
-        e = self.entries[name]
-        return rows[:, e.slice].reshape(rows.shape[0], *e.shape)
-
-    def forward(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits [C, B, classes] for inputs ``x`` [B, C·3, 32, 32] (client k's images in channels 3k … 3k+2)."""
+    def tensors(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views [C, *shape] of every parameter tensor of the stacked rows [C, d]."""
         c = rows.shape[0]
+        return {e.name: rows[:, e.slice].view(c, *e.shape) for e in self.layout.entries}
+
+    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits [C, B, classes] for inputs ``x`` [B, C·3, 32, 32] (client k's images in channels 3k … 3k+2)."""
+        c = params["conv1.weight"].shape[0]
         h = x
         for name in _CONVS:
-            w = self._view(rows, f"{name}.weight")
-            b = self._view(rows, f"{name}.bias")
+            w = params[f"{name}.weight"]
+            b = params[f"{name}.bias"]
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), groups=c)
             h = F.relu(F.max_pool2d(h, 2), inplace=True)  # = max_pool(relu(h)), on a 4× smaller tensor
         batch = h.shape[0]
         h = h.reshape(batch, c, -1).transpose(0, 1)
         for name in _LINEARS:
-            w = self._view(rows, f"{name}.weight")
-            b = self._view(rows, f"{name}.bias")
+            w = params[f"{name}.weight"]
+            b = params[f"{name}.bias"]
             h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if name in _RELU_AFTER:
                 h = F.relu(h, inplace=True)
         return h
+
+
+def _flat(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-tensor gradients [C, *shape] → one [C, d] row per client."""
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
 
 def _next_or_none(it: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -122,19 +128,24 @@ class BatchedEngine:
             # Only the clients that still have a batch are computed; the others keep their state and momentum.
             idx = torch.tensor(active, device=device)
             steps[active] += 1
-            sub = rows[idx].requires_grad_(True)
+            everyone = len(active) == c
+            sub = rows if everyone else rows[idx]
+            # One leaf per tensor: the gradient of a slice of one [C, d] leaf would cost a zero-filled [C, d] each.
+            params = {name: t.requires_grad_(True) for name, t in self.net.tensors(sub).items()}
+            leaves = list(params.values())
             x, y = self._gather([step[k] for k in active], device)
-            logits = self.net.forward(sub, x)
+            logits = self.net.forward(params, x)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
             ce = ce.view(len(active), -1).mean(dim=1)
             if teachers is None:
-                (grad,) = torch.autograd.grad(ce.sum(), sub)
+                grad = _flat(torch.autograd.grad(ce.sum(), leaves))
             else:
                 with torch.no_grad():
-                    target = torch.softmax(self.net.forward(teachers[idx], x) / cfg.spmc_kd_T, dim=-1)
+                    teacher = self.net.tensors(teachers[idx])
+                    target = torch.softmax(self.net.forward(teacher, x) / cfg.spmc_kd_T, dim=-1)
                 kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=1) * cfg.spmc_kd_T**2
-                (g_kd,) = torch.autograd.grad(kd.sum(), sub, retain_graph=True)
-                (g_ce,) = torch.autograd.grad(ce.sum(), sub)
+                g_kd = _flat(torch.autograd.grad(kd.sum(), leaves, retain_graph=True))
+                g_ce = _flat(torch.autograd.grad(ce.sum(), leaves))
                 projected = project_rows(
                     g_ce, g_kd, segments, num_segments, cfg.spmc_lambda, cfg.spmc_proj_norm_power
                 )
@@ -142,9 +153,13 @@ class BatchedEngine:
                     projected = projected + cfg.spmc_kd_grad_weight * g_kd
                 grad = torch.where(spmc[idx].unsqueeze(1), projected, g_ce)
             with torch.no_grad():
-                buf = cfg.momentum * momentum[idx] + grad + cfg.weight_decay * sub
-                momentum[idx] = buf
-                rows[idx] = sub - cfg.lr * buf
+                if everyone:  # in place, no gather/scatter of the [C, d] rows
+                    momentum.mul_(cfg.momentum).add_(grad).add_(rows, alpha=cfg.weight_decay)
+                    rows.sub_(momentum, alpha=cfg.lr)
+                else:
+                    buf = cfg.momentum * momentum[idx] + grad + cfg.weight_decay * sub
+                    momentum[idx] = buf
+                    rows[idx] = sub - cfg.lr * buf
                 loss_sum[idx] += ce.detach()
         final = rows
         return [
