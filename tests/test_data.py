@@ -526,6 +526,8 @@ def test_preprocessor(name: str) -> None:
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     torch.testing.assert_close(test_out, (x01.expand(-1, 3, -1, -1) - mean) / std)
+    # grey images are normalised before the copy to 3 channels: the same values, bit for bit
+    assert torch.equal(test_out, normalize(to_three_channels(x01), info.mean, info.std))
     train_out = pre.train(x01, torch.Generator().manual_seed(0))
     assert (
         train_out.shape == (5, 3, 32, 32) and train_out.dtype == torch.float32 and train_out.is_contiguous()

@@ -36,6 +36,36 @@ def supports(model: torch.nn.Module, layout: ParamLayout) -> bool:
     return isinstance(model, SimpleCNN) and layout.num_params == layout.dim
 
 
+class _GroupedConv(torch.autograd.Function):
+    """y = conv2d(x, w, groups=g) (stride 1, no padding, no bias) with a faster input gradient on this CPU.
+
+    ∂L/∂x is the full correlation of ∂L/∂y with the spatially flipped, per-group transposed kernel
+    (conv2d with padding k − 1), which oneDNN runs ~1.4× faster than its transposed-convolution kernel for these
+    small groups; ∂L/∂w is oneDNN's weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.groups = groups
+        return F.conv2d(x, w, groups=groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        g = ctx.groups
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            out_g, in_g, kh, kw = w.shape[0] // g, w.shape[1], w.shape[2], w.shape[3]
+            flipped = w.view(g, out_g, in_g, kh, kw).transpose(1, 2).flip(-1, -2).reshape(g * in_g, out_g, kh, kw)
+            grad_x = F.conv2d(grad, flipped, padding=(kh - 1, kw - 1), groups=g)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], g, [False, True, False]
+            )[1]
+        return grad_x, grad_w, None
+
+
 class StackedSimpleCNN:
     """A functional SimpleCNN over C stacked parameter rows."""
 
@@ -55,8 +85,10 @@ class StackedSimpleCNN:
         for name in _CONVS:
             w = params[f"{name}.weight"]
             b = params[f"{name}.bias"]
-            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), groups=c)
-            h = F.relu(F.max_pool2d(h, 2), inplace=True)  # = max_pool(relu(h)), on a 4× smaller tensor
+            h = F.max_pool2d(_GroupedConv.apply(h, w.reshape(-1, *w.shape[2:]), c), 2)
+            # = max_pool(relu(conv + b)): the per-channel bias and relu commute with max-pooling, so both run on
+            # the 4× smaller pooled tensor (and the bias gradient is a sum over it)
+            h = F.relu(h + b.reshape(1, -1, 1, 1), inplace=True)
         batch = h.shape[0]
         h = h.reshape(batch, c, -1).transpose(0, 1)
         for name in _LINEARS:

@@ -134,6 +134,9 @@ class Preprocessor:
             )
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:
+            # grey images with one mean/std: normalising before the copy to 3 channels gives the same values
+            return to_three_channels(normalize(x, self.mean[:1], self.std[:1]))
         return normalize(to_three_channels(x), self.mean, self.std).contiguous()
 
     def train(self, x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
