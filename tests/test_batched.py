@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spmc import make_experiment
-from spmc.batched import BatchedEngine, StackedSimpleCNN
+from spmc.batched import BatchedEngine, GroupedConv, StackedSimpleCNN
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.simulation import Simulation, optim_config
@@ -66,3 +66,14 @@ def test_auto_engine_choice_and_refusal() -> None:
     assert Simulation(make_experiment(**small, model="resnet10")).engine.name == "sequential"
     with pytest.raises(ValueError, match="engine: 'batched' supports SimpleCNN only"):
         Simulation(make_experiment(**small, model="resnet10", engine="batched"))
+
+
+@pytest.mark.parametrize(("groups", "cin", "cout", "k"), [(1, 3, 6, 5), (3, 6, 16, 5), (2, 2, 3, 3)])
+def test_grouped_conv_gradients(groups: int, cin: int, cout: int, k: int) -> None:
+    """The custom input gradient (flipped convolution) and weight gradient match finite differences."""
+    torch.manual_seed(0)
+    x = torch.randn(2, groups * cin, 9, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups * cout, cin, k, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: GroupedConv.apply(a, b, groups), (x, w))
+    y = GroupedConv.apply(x, w, groups)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, groups=groups))

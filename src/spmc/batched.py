@@ -36,7 +36,7 @@ def supports(model: torch.nn.Module, layout: ParamLayout) -> bool:
     return isinstance(model, SimpleCNN) and layout.num_params == layout.dim
 
 
-class _GroupedConv(torch.autograd.Function):
+class GroupedConv(torch.autograd.Function):
     """y = conv2d(x, w, groups=g) (stride 1, no padding, no bias) with a faster input gradient on this CPU.
 
     ∂L/∂x is the full correlation of ∂L/∂y with the spatially flipped, per-group transposed kernel
@@ -85,7 +85,7 @@ class StackedSimpleCNN:
         for name in _CONVS:
             w = params[f"{name}.weight"]
             b = params[f"{name}.bias"]
-            h = F.max_pool2d(_GroupedConv.apply(h, w.reshape(-1, *w.shape[2:]), c), 2)
+            h = F.max_pool2d(GroupedConv.apply(h, w.reshape(-1, *w.shape[2:]), c), 2)
             # = max_pool(relu(conv + b)): the per-channel bias and relu commute with max-pooling, so both run on
             # the 4× smaller pooled tensor (and the bias gradient is a sum over it)
             h = F.relu(h + b.reshape(1, -1, 1, 1), inplace=True)
