@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spmc import make_experiment
-from spmc.batched import BatchedEngine, GroupedConv, StackedSimpleCNN
+from spmc.batched import BatchedEngine, GroupedConv, SharedInputBlock, StackedSimpleCNN
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.simulation import Simulation, optim_config
@@ -77,3 +77,21 @@ def test_grouped_conv_gradients(groups: int, cin: int, cout: int, k: int) -> Non
     assert torch.autograd.gradcheck(lambda a, b: GroupedConv.apply(a, b, groups), (x, w))
     y = GroupedConv.apply(x, w, groups)
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, groups=groups))
+
+
+def test_shared_input_block_equals_two_blocks_and_its_gradient_is_the_students() -> None:
+    torch.manual_seed(0)
+    groups, cin, cout = 3, 3, 6
+    x = torch.randn(2, groups * cin, 12, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w_s, w_t = (torch.randn(groups * cout, cin, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b_s, b_t = (torch.randn(groups * cout, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def block(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(x, w, groups=groups), 2)
+        return torch.relu(pooled + b.view(1, -1, 1, 1))
+
+    h_s, h_t = SharedInputBlock.apply(x, w_s, b_s, w_t, b_t, groups)
+    torch.testing.assert_close(h_s, block(w_s, b_s))
+    torch.testing.assert_close(h_t, block(w_t, b_t))
+    assert not h_t.requires_grad
+    assert torch.autograd.gradcheck(lambda w, b: SharedInputBlock.apply(x, w, b, w_t, b_t, groups)[0], (w_s, b_s))
