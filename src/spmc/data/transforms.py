@@ -15,6 +15,7 @@ pads a PIL image with fill 0 before ``ToTensor``/``Normalize``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -96,10 +97,14 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     span = 2 * padding + 1
     oy = torch.randint(0, span, (b,), generator=generator, device=generator.device).to(x.device)
     ox = torch.randint(0, span, (b,), generator=generator, device=generator.device).to(x.device)
-    rows = oy[:, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = ox[:, None] + torch.arange(w, device=x.device)  # [B, W]
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-    return padded.gather(2, flat).reshape(b, c, h, w)
+    flat = (oy * wp + ox)[:, None] + _window(h, w, wp, x.device)  # [B, H·W]
+    return padded.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w)).reshape(b, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _window(h: int, w: int, wp: int, device: torch.device) -> torch.Tensor:
+    """Flat offsets i·wp + j of an h×w window in a row-major image of width wp (cached: one per shape)."""
+    return (torch.arange(h, device=device)[:, None] * wp + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 
 def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -136,7 +141,7 @@ class Preprocessor:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:
             # grey images with one mean/std: normalising before the copy to 3 channels gives the same values
-            return to_three_channels(normalize(x, self.mean[:1], self.std[:1]))
+            return to_three_channels((x - self.mean[0]) / self.std[0])
         return normalize(to_three_channels(x), self.mean, self.std).contiguous()
 
     def train(self, x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
