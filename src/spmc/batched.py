@@ -135,7 +135,7 @@ class StackedSimpleCNN:
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits [C, B, classes] for inputs ``x`` [B, C·3, 32, 32] (client k's images in channels 3k … 3k+2)."""
-        return self._from(params, x, _CONVS)
+        return self._layers(params, x, _CONVS)
 
     def forward_with_teacher(
         self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], x: torch.Tensor
@@ -151,11 +151,12 @@ class StackedSimpleCNN:
             teacher["conv1.bias"].reshape(-1),
             c,
         )
-        logits = self._from(params, h_s, _CONVS[1:])
+        logits = self._layers(params, h_s, _CONVS[1:])
         with torch.no_grad():
-            return logits, self._from(teacher, h_t, _CONVS[1:])
+            return logits, self._layers(teacher, h_t, _CONVS[1:])
 
-    def _from(self, params: dict[str, torch.Tensor], h: torch.Tensor, convs: tuple[str, ...]) -> torch.Tensor:
+    def _layers(self, params: dict[str, torch.Tensor], h: torch.Tensor, convs: tuple[str, ...]) -> torch.Tensor:
+        """The conv blocks ``convs`` (conv → max-pool → bias → relu), then the linear layers, on ``h``."""
         c = params["conv1.weight"].shape[0]
         for name in convs:
             w = params[f"{name}.weight"]
