@@ -10,7 +10,7 @@ import pytest
 
 from spmc.cli import main
 from spmc.config import ConfigError
-from spmc.sweep import expand_grid, run_sweep
+from spmc.sweep import expand_grid, load_grid, run_sweep
 
 GRID = """
 jobs = 2
@@ -78,3 +78,14 @@ def _toml(path: Path) -> dict:
     from spmc.config import load_toml_file
 
     return load_toml_file(path)
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_grids_are_valid(path: Path) -> None:
+    """Every shipped grid loads and every point validates (as `spmc sweep` checks before starting)."""
+    spec = load_grid(path)
+    runs = expand_grid(spec)
+    assert runs and spec.get("out")
