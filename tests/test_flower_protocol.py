@@ -5,7 +5,7 @@ uninterrupted run, nodes that never answer are left out, and the node config's m
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
 from spmc.flower import client_app, parse_run_config, run_server  # noqa: E402
@@ -93,13 +92,7 @@ def node(pid: int, node_config: dict | None = None, silent: bool = False) -> Han
     return handle
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages are created inside a run; outside Flower's runtime the test stands in for it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from torch import nn
 pytest.importorskip("flwr")
 
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
 from spmc.config import ConfigError  # noqa: E402
@@ -48,13 +46,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages are created inside a run; outside Flower's runtime the test stands in for it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def reply(

@@ -103,7 +103,7 @@ class SharedInputBlock(torch.autograd.Function):
         h_t = half(pooled, 1).add_(b_t.view(1, -1, 1, 1)).relu_()
         ctx.save_for_backward(x, w_s, h_s, half(idx, 0))
         ctx.groups = groups
-        ctx.conv_shape = (batch, c * o, conv.shape[2], conv.shape[3])
+        ctx.conv_size = conv.shape[2:]
         ctx.mark_non_differentiable(h_t)
         return h_s, h_t
 
@@ -114,7 +114,7 @@ class SharedInputBlock(torch.autograd.Function):
         x, w_s, h_s, idx = ctx.saved_tensors
         grad = grad_s * (h_s > 0)
         grad_b = grad.sum(dim=(0, 2, 3))
-        grad_conv = F.max_unpool2d(grad, idx, 2, output_size=ctx.conv_shape[2:])
+        grad_conv = F.max_unpool2d(grad, idx, 2, output_size=ctx.conv_size)
         grad_w = torch.ops.aten.convolution_backward(
             grad_conv, x, w_s, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.groups, [False, True, False]
         )[1]
@@ -126,7 +126,6 @@ class StackedSimpleCNN:
 
     def __init__(self, layout: ParamLayout) -> None:
         self.layout = layout
-        self.entries = {e.name: e for e in layout.entries}
 
     def tensors(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views [C, *shape] of every parameter tensor of the stacked rows [C, d]."""
