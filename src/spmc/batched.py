@@ -23,10 +23,12 @@ channels to 16 anyway.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from spmc import native
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.purify import project_rows, segment_ids
@@ -121,11 +123,54 @@ class SharedInputBlock(torch.autograd.Function):
         return None, grad_w, grad_b, None, None, None
 
 
-class StackedSimpleCNN:
-    """A functional SimpleCNN over C stacked parameter rows."""
+class NativeFirstBlock(torch.autograd.Function):
+    """SimpleCNN's first block for all clients with the compiled kernel of :mod:`spmc.native`.
 
-    def __init__(self, layout: ParamLayout) -> None:
+    h_s = relu(maxpool₂(conv(x_g, w_s,g)) + b_s,g) for every client g and, if ``w_t`` is not empty, the teacher's
+    h_t likewise (not differentiable; the kernel runs both in one pass over the images). ``x`` is a
+    :func:`spmc.native.image_buffer` of [C, B, 3, 32, 32] images. ∂L/∂b_s = Σ ∂L/∂h_s·[h_s > 0] over batch and
+    space; ∂L/∂w_s routes that through each pooling window's argmax to the convolution's weight gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lib = native.load()
+        groups = w_s.shape[0]
+        w = w_s if w_t.numel() == 0 else torch.cat([w_s, w_t], dim=1)
+        pooled, arg = native.conv1_pool_forward(lib, x, w, groups, batch, argmax=True)
+        channels = pooled.permute(0, 1, 4, 2, 3)  # [nch, B, C·6, 14, 14], channels_last per block
+        h_s = channels[0].add_(b_s.reshape(1, -1, 1, 1)).relu_()
+        h_t = channels[1].add_(b_t.reshape(1, -1, 1, 1)).relu_() if w_t.numel() else w_t.new_empty(0)
+        ctx.save_for_backward(x, h_s, arg)
+        ctx.shapes = (groups, batch, b_s.shape)
+        ctx.mark_non_differentiable(h_t)
+        return h_s, h_t
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
+    ) -> tuple[None, torch.Tensor, torch.Tensor, None, None, None]:
+        x, h_s, arg = ctx.saved_tensors
+        groups, batch, bias_shape = ctx.shapes
+        grad = grad_s * (h_s > 0)
+        grad_b = grad.sum(dim=(0, 2, 3)).view(bias_shape)
+        grad_w = native.conv1_pool_weight_grad(native.load(), x, grad.permute(0, 2, 3, 1), arg, groups, batch)
+        return None, grad_w, grad_b, None, None, None
+
+
+class StackedSimpleCNN:
+    """A functional SimpleCNN over C stacked parameter rows.
+
+    With ``native`` the first block runs the compiled kernel (:class:`NativeFirstBlock`) and the inputs are a
+    :func:`spmc.native.image_buffer`; otherwise they are [B, C·3, 32, 32] (client k's images in channels
+    3k … 3k+2) and the first block is torch's grouped convolution.
+    """
+
+    def __init__(self, layout: ParamLayout, native: bool = False) -> None:
         self.layout = layout
+        self.native = native
 
     def tensors(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views [C, *shape] of every parameter tensor of the stacked rows [C, d]."""
@@ -133,8 +178,11 @@ class StackedSimpleCNN:
         return {e.name: rows[:, e.slice].view(c, *e.shape) for e in self.layout.entries}
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Logits [C, B, classes] for inputs ``x`` [B, C·3, 32, 32] (client k's images in channels 3k … 3k+2)."""
-        return self._layers(params, x, _CONVS)
+        """Logits [C, B, classes]."""
+        if not self.native:
+            return self._layers(params, x, _CONVS)
+        h, _ = self._native_block(params, None, x)
+        return self._layers(params, h, _CONVS[1:])
 
     def forward_with_teacher(
         self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], x: torch.Tensor
@@ -142,17 +190,29 @@ class StackedSimpleCNN:
         """Student logits (differentiable) and teacher logits (not) on the same inputs, sharing conv1's call."""
         c = params["conv1.weight"].shape[0]
         w_s, w_t = params["conv1.weight"], teacher["conv1.weight"]
-        h_s, h_t = SharedInputBlock.apply(
-            x,
-            w_s.reshape(-1, *w_s.shape[2:]),
-            params["conv1.bias"].reshape(-1),
-            w_t.reshape(-1, *w_t.shape[2:]),
-            teacher["conv1.bias"].reshape(-1),
-            c,
-        )
+        if self.native:
+            h_s, h_t = self._native_block(params, teacher, x)
+        else:
+            h_s, h_t = SharedInputBlock.apply(
+                x,
+                w_s.reshape(-1, *w_s.shape[2:]),
+                params["conv1.bias"].reshape(-1),
+                w_t.reshape(-1, *w_t.shape[2:]),
+                teacher["conv1.bias"].reshape(-1),
+                c,
+            )
         logits = self._layers(params, h_s, _CONVS[1:])
         with torch.no_grad():
             return logits, self._layers(teacher, h_t, _CONVS[1:])
+
+    def _native_block(
+        self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w_s = params["conv1.weight"]
+        batch = (x.numel() - native.PAD) // (w_s.shape[0] * 3 * 32 * 32)
+        empty = w_s.new_empty(0)
+        w_t, b_t = (teacher["conv1.weight"], teacher["conv1.bias"]) if teacher is not None else (empty, empty)
+        return NativeFirstBlock.apply(x, w_s, params["conv1.bias"], w_t.detach(), b_t.detach(), batch)
 
     def _layers(self, params: dict[str, torch.Tensor], h: torch.Tensor, convs: tuple[str, ...]) -> torch.Tensor:
         """The conv blocks ``convs`` (conv → max-pool → bias → relu), then the linear layers, on ``h``."""
@@ -175,6 +235,25 @@ class StackedSimpleCNN:
         return h
 
 
+KernelChoice = Literal["auto", "native", "torch"]
+
+
+def resolve_kernel(choice: KernelChoice, device: torch.device) -> Literal["native", "torch"]:
+    """The first block's kernel: ``native`` (compiled, CPU only) where asked for or, with ``auto``, available."""
+    if choice == "torch" or (choice == "auto" and device.type != "cpu"):
+        return "torch"
+    if device.type != "cpu":
+        raise ValueError(f"kernel: 'native' runs on the CPU only, got device {str(device)!r}; use 'auto' or 'torch'")
+    if native.load() is None:
+        if choice == "native":
+            raise RuntimeError(
+                "kernel: 'native' needs a working C compiler ($CC, cc or gcc) to build spmc/csrc/conv1_pool.c; "
+                "use 'auto' or 'torch'"
+            )
+        return "torch"
+    return "native"
+
+
 def _flat(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-tensor gradients [C, *shape] → one [C, d] row per client."""
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
@@ -189,18 +268,33 @@ class BatchedEngine:
 
     name = "batched"
 
-    def __init__(self, layout: ParamLayout, cfg: OptimConfig, channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        layout: ParamLayout,
+        cfg: OptimConfig,
+        channels_last: bool = True,
+        kernel: KernelChoice = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.layout = layout
         self.cfg = cfg
-        self.net = StackedSimpleCNN(layout)
+        self.kernel = resolve_kernel(kernel, torch.device(device))
+        self.net = StackedSimpleCNN(layout, native=self.kernel == "native")
         self.channels_last = channels_last
         self.numels = [e.numel for e in layout.entries]
 
     def _gather(
         self, step: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack one batch per client into [B, C·3, 32, 32] (channels_last) and labels [C, B]."""
+        """Stack one batch per client into the first block's input and labels [C, B].
+
+        The input is [B, C·3, 32, 32] (channels_last) for torch's kernel, an image buffer for the native one.
+        """
         bs = self.cfg.batch_size
+        if self.net.native:
+            flat = native.image_buffer(len(step), bs, device)
+            torch.stack([x for x, _ in step], out=native.images_view(flat, len(step), bs))
+            return flat, torch.stack([y for _, y in step])
         buf = torch.empty(bs, 32, 32, len(step) * 3, device=device)
         for k, (x, _) in enumerate(step):
             buf[:, :, :, 3 * k : 3 * k + 3] = x.permute(0, 2, 3, 1)

@@ -40,6 +40,11 @@ class Experiment(BaseModel):
         "auto", description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN)"
     )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    kernel: Literal["auto", "native", "torch"] = Field(
+        "auto",
+        description="batched engine's first block (conv1 + max-pool): native = a C kernel compiled at first use "
+        "(CPU), torch = oneDNN; auto = native on the CPU where a C compiler works, else torch",
+    )
 
     dataset: str = "fmnist-sample"
     data_dir: str | None = None

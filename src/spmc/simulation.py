@@ -299,7 +299,7 @@ class Simulation:
                 "needs 'sequential' or 'auto'"
             )
         if self.cfg.engine == "batched" or (self.cfg.engine == "auto" and can_batch):
-            return BatchedEngine(self.layout, optim_config(self.cfg))
+            return BatchedEngine(self.layout, optim_config(self.cfg), kernel=self.cfg.kernel, device=self.device)
         log.info("engine: sequential (model %s is not stacked)", self.cfg.resolved_model)
         return SequentialEngine(self.model, self.layout, optim_config(self.cfg))
 
@@ -417,6 +417,7 @@ class Simulation:
             "num_samples": {str(k): n for k, n in self.data.num_samples.items()},
             "seconds_per_round": float(np.mean([r["seconds"] for r in records])),
             "engine": self.engine.name,
+            "kernel": getattr(self.engine, "kernel", "torch"),
             "device": str(self.device),
         }
         return final, summary

@@ -1,0 +1,151 @@
+"""A compiled kernel for SimpleCNN's first block in the batched engine: conv1 (3 → 6, 5×5) fused with max-pooling.
+
+oneDNN runs this layer at about a third of the CPU's speed (it pads the 3 input and 6 output channels of each
+client to blocks of 16) and writes the 28×28 convolution output only for max-pooling to read it back. The C
+kernel in ``csrc/conv1_pool.c`` vectorises along an output row instead and keeps each row pair in registers until
+it is pooled, so only the pooled values and a 2-bit argmax per window are stored; the weight gradient rebuilds the
+convolution's output gradient from those, one image at a time.
+
+It is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -march=native``) into
+``$SPMC_CACHE_DIR`` (default ``~/.cache/spmc``), keyed by the source, the flags and the CPU, and called through
+``ctypes``. With ``-fopenmp`` it links ``libgomp.so.1``, which the dynamic loader resolves to the copy torch has
+already loaded, so a call runs on torch's own ``torch.get_num_threads()`` worker threads (separate Python threads
+were slower: torch's idle workers spin and take their cores). Where no compiler works, :func:`load` returns None
+and the engine keeps its torch path (``kernel = "auto"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "conv1_pool.c"
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+PAD = 16
+"""Floats of finite padding the kernel may read past the last image."""
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$SPMC_CACHE_DIR``, else ``$XDG_CACHE_HOME/spmc`` or ``~/.cache/spmc``."""
+    if os.environ.get("SPMC_CACHE_DIR"):
+        return Path(os.environ["SPMC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spmc"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (``-march=native`` output differs between CPUs)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log.info("native kernel: %s failed: %s", " ".join(cmd), done.stderr.strip()[-500:])
+            return False
+        os.replace(out, target)  # atomic: parallel runs may compile the same kernel
+    return True
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, compiling it if needed; None (logged) where that is not possible."""
+    if os.environ.get("SPMC_NATIVE", "1") == "0":
+        log.info("native kernel: disabled by SPMC_NATIVE=0")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("native kernel: no C compiler found ($CC, cc, gcc); the batched engine uses torch's conv1")
+        return None
+    source = SOURCE.read_bytes()
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_signature().encode()]))
+        target = cache_dir() / f"conv1_pool-{key.hexdigest()[:16]}.so"
+        try:
+            if target.exists() or _compile(compiler, flags, target):
+                lib = ctypes.CDLL(str(target))
+                break
+        except OSError as err:
+            log.info("native kernel: cannot build or load %s: %s", target, err)
+    else:
+        log.warning("native kernel: compiling %s failed; the batched engine uses torch's conv1", SOURCE.name)
+        return None
+    lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+    lib.conv1_pool_forward.restype = None
+    lib.conv1_pool_weight_grad.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+    lib.conv1_pool_weight_grad.restype = None
+    log.info("native kernel: %s", target)
+    return lib
+
+
+def image_buffer(groups: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zero-padded flat buffer for [groups, batch, 3, 32, 32] images; fill ``images_view(buf, ...)``."""
+    size = groups * batch * 3 * 32 * 32
+    buf = torch.empty(size + PAD, device=device)
+    buf[size:].zero_()
+    return buf
+
+
+def images_view(buf: torch.Tensor, groups: int, batch: int) -> torch.Tensor:
+    """The [groups, batch, 3, 32, 32] view of an :func:`image_buffer`."""
+    return buf[: groups * batch * 3 * 32 * 32].view(groups, batch, 3, 32, 32)
+
+
+def conv1_pool_forward(
+    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, groups: int, batch: int, argmax: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pooled[k] = maxpool₂(conv(x_g, w_g[6k:6k+6])) for every client g, without bias.
+
+    ``x`` is an :func:`image_buffer`, ``w`` [groups, 6·nch, 3, 5, 5]. Returns pooled [nch, batch, 14, 14,
+    groups·6] (so ``pooled[k].permute(0, 3, 1, 2)`` is [batch, groups·6, 14, 14] in channels_last) and, when
+    ``argmax``, the uint8 argmax of block 0 (2·dy + dx in each 2×2 window), as the weight gradient needs it.
+    """
+    w = w.contiguous()
+    nch = w.shape[1] // 6
+    out = torch.empty(nch, batch, 14, 14, groups * 6)
+    arg = torch.empty(batch, 14, 14, groups * 6, dtype=torch.uint8) if argmax else None
+    ptrs = (x.data_ptr(), w.data_ptr(), out.data_ptr(), arg.data_ptr() if arg is not None else None)
+    lib.conv1_pool_forward(*ptrs, groups, batch, nch, torch.get_num_threads())
+    return out, arg
+
+
+def conv1_pool_weight_grad(
+    lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor, arg: torch.Tensor, groups: int, batch: int
+) -> torch.Tensor:
+    """∂L/∂w [groups, 6, 3, 5, 5] of block 0 from the pooled output's gradient ``grad`` [batch, 14, 14, groups·6]."""
+    grad = grad.contiguous()
+    threads = torch.get_num_threads()
+    partial = torch.zeros(threads, groups, 6, 3, 5, 5)
+    ptrs = (x.data_ptr(), grad.data_ptr(), arg.data_ptr(), partial.data_ptr())
+    lib.conv1_pool_weight_grad(*ptrs, groups, batch, threads)
+    return partial.sum(dim=0) if threads > 1 else partial[0]
