@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spmc import make_experiment
+from spmc import make_experiment, native
 from spmc.batched import BatchedEngine, GroupedConv, SharedInputBlock, StackedSimpleCNN
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.simulation import Simulation, optim_config
 from spmc.training import SequentialEngine
+
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
 
 
 def test_stacked_forward_equals_per_client_forward() -> None:
@@ -25,8 +27,9 @@ def test_stacked_forward_equals_per_client_forward() -> None:
         assert torch.allclose(stacked[k], m(x[k]), atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("native", marks=needs_compiler)])
 @pytest.mark.parametrize(("client", "granularity"), [("plain", "tensor"), ("spmc", "tensor"), ("spmc", "model")])
-def test_batched_round_equals_sequential_round(client: str, granularity: str) -> None:
+def test_batched_round_equals_sequential_round(client: str, granularity: str, kernel: str) -> None:
     cfg = make_experiment(
         dataset="synthetic",
         synthetic_train_size=1200,
@@ -43,9 +46,11 @@ def test_batched_round_equals_sequential_round(client: str, granularity: str) ->
         spmc_lambda=0.8,
         device="cpu",
         engine="batched",
+        kernel=kernel,
     )
     sim = Simulation(cfg)
     assert isinstance(sim.engine, BatchedEngine)
+    assert sim.engine.kernel == kernel
     sim.run_round(0)  # teachers differ from the global model from round 1 on
     tasks = sim.tasks(1, sim.participants(1))
     sequential = SequentialEngine(sim.model, sim.layout, optim_config(sim.cfg)).train_round(sim.global_state, tasks)

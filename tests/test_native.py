@@ -1,0 +1,155 @@
+"""The compiled first-block kernel (spmc.native, csrc/conv1_pool.c) against torch and hand-computed cases."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spmc import make_experiment, native
+from spmc.batched import resolve_kernel
+from spmc.simulation import Simulation
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def lib() -> ctypes.CDLL:
+    built = native.load()
+    assert built is not None, "a C compiler is present, so the kernel must build"
+    return built
+
+
+def _images(groups: int, batch: int, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    buf = native.image_buffer(groups, batch)
+    images = native.images_view(buf, groups, batch)
+    images.normal_()
+    images[:, :, :, :6, :8] = 0.25  # a constant patch: every window there is a tie
+    return buf
+
+
+def _reference(buf: torch.Tensor, w: torch.Tensor, groups: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch in float64: pooled [nch, B, 14, 14, G·6] and the argmax (flat 28×28 index) of every window."""
+    x = native.images_view(buf, groups, batch).double()
+    nch = w.shape[1] // 6
+    conv = torch.stack([F.conv2d(x[g], w[g].double()) for g in range(groups)])  # [G, B, 6·nch, 28, 28]
+    pooled, idx = F.max_pool2d_with_indices(conv.flatten(0, 1), 2)
+    pooled = pooled.view(groups, batch, nch, 6, 14, 14).permute(2, 1, 4, 5, 0, 3).reshape(nch, batch, 14, 14, -1)
+    idx = idx.view(groups, batch, nch, 6, 14, 14)[:, :, 0].permute(1, 3, 4, 0, 2).reshape(batch, 14, 14, -1)
+    return pooled, idx
+
+
+def _flat_index(arg: torch.Tensor) -> torch.Tensor:
+    """The kernel's 2-bit argmax (2·dy + dx) as torch's flat index into the 28×28 convolution output."""
+    ph = torch.arange(14).view(1, 14, 1, 1)
+    pw = torch.arange(14).view(1, 1, 14, 1)
+    a = arg.long()
+    return (2 * ph + a // 2) * 28 + 2 * pw + a % 2
+
+
+def test_hand_computed_single_tap(lib: ctypes.CDLL) -> None:
+    """A weight with one tap w[o=2, c=1, kh=2, kw=3] = 2 copies channel 1 shifted by (2, 3), times 2. On an image
+    that grows along rows and columns every window's maximum is its bottom-right pixel (argmax 3)."""
+    buf = native.image_buffer(1, 1)
+    img = native.images_view(buf, 1, 1)
+    img[0, 0] = torch.arange(3 * 32 * 32, dtype=torch.float32).view(3, 32, 32) / 1000
+    w = torch.zeros(1, 6, 3, 5, 5)
+    w[0, 2, 1, 2, 3] = 2.0
+    pooled, arg = native.conv1_pool_forward(lib, buf, w, 1, 1, argmax=True)
+    ph, pw = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
+    expected = 2 * (1024 + (2 * ph + 1 + 2) * 32 + (2 * pw + 1 + 3)) / 1000
+    torch.testing.assert_close(pooled[0, 0, :, :, 2], expected.float())
+    assert torch.all(pooled[0, 0, :, :, [0, 1, 3, 4, 5]] == 0)
+    assert torch.all(arg[0, :, :, 2] == 3)
+    assert torch.all(arg[0, :, :, 0] == 0)  # all-zero windows: a tie, the first pixel wins as in torch
+
+
+@pytest.mark.parametrize(("groups", "batch", "nch"), [(1, 1, 1), (3, 5, 1), (4, 3, 2), (10, 2, 2)])
+def test_forward_equals_torch(lib: ctypes.CDLL, groups: int, batch: int, nch: int) -> None:
+    buf = _images(groups, batch)
+    w = torch.randn(groups, 6 * nch, 3, 5, 5) * 0.2
+    pooled, arg = native.conv1_pool_forward(lib, buf, w, groups, batch, argmax=True)
+    ref, ref_idx = _reference(buf, w, groups, batch)
+    torch.testing.assert_close(pooled.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_flat_index(arg), ref_idx)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_weight_gradient_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
+    groups, batch = 3, 4
+    buf = _images(groups, batch, seed=1)
+    w = torch.randn(groups, 6, 3, 5, 5) * 0.2
+    dp = torch.randn(batch, 14, 14, groups * 6)
+    _, arg = native.conv1_pool_forward(lib, buf, w, groups, batch, argmax=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad = native.conv1_pool_weight_grad(lib, buf, dp, arg, groups, batch)
+    finally:
+        torch.set_num_threads(before)
+    w64 = w.double().requires_grad_(True)
+    x = native.images_view(buf, groups, batch).double()
+    for g in range(groups):
+        pooled = F.max_pool2d(F.conv2d(x[g], w64[g]), 2)  # [B, 6, 14, 14]
+        (pooled * dp[:, :, :, 6 * g : 6 * g + 6].permute(0, 3, 1, 2).double()).sum().backward()
+    torch.testing.assert_close(grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_padding_after_the_images_never_reaches_a_result(lib: ctypes.CDLL) -> None:
+    """The kernel reads up to 4 floats past the last row; huge values there must change nothing."""
+    buf = _images(2, 2)
+    w = torch.randn(2, 6, 3, 5, 5)
+    clean, arg = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
+    dp = torch.randn(2, 14, 14, 12)
+    grad = native.conv1_pool_weight_grad(lib, buf, dp, arg, 2, 2)
+    buf[-native.PAD :] = 1e30
+    dirty, _ = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
+    assert torch.equal(clean, dirty)
+    assert torch.equal(grad, native.conv1_pool_weight_grad(lib, buf, dp, arg, 2, 2))
+
+
+def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_kernel("torch", torch.device("cpu")) == "torch"
+    assert resolve_kernel("auto", torch.device("cpu")) == "native"
+    assert resolve_kernel("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="kernel: 'native' runs on the CPU only"):
+        resolve_kernel("native", torch.device("cuda"))
+    monkeypatch.setenv("SPMC_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        assert resolve_kernel("auto", torch.device("cpu")) == "torch"
+        with pytest.raises(RuntimeError, match="kernel: 'native' needs a working C compiler"):
+            resolve_kernel("native", torch.device("cpu"))
+    finally:
+        native.load.cache_clear()
+
+
+def test_failed_build_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SPMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compile", lambda *args: False)
+    native.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="spmc.native"):
+            assert native.load() is None
+        assert "compiling conv1_pool.c failed" in caplog.text
+        small = {"dataset": "synthetic", "synthetic_train_size": 200, "synthetic_test_size": 20, "num_clients": 2}
+        assert Simulation(make_experiment(**small)).engine.kernel == "torch"
+    finally:
+        native.load.cache_clear()
+
+
+def test_builds_into_a_fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPMC_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        assert native.load() is not None
+        assert len(list(tmp_path.glob("conv1_pool-*.so"))) == 1
+    finally:
+        native.load.cache_clear()
