@@ -80,24 +80,30 @@ def test_forward_equals_torch(lib: ctypes.CDLL, groups: int, batch: int, nch: in
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_weight_gradient_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
+def test_backward_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
+    """∂L/∂w and ∂L/∂b of L = Σ dp·relu(maxpool(conv(x, w)) + b), in float64 by torch's autograd."""
     groups, batch = 3, 4
     buf = _images(groups, batch, seed=1)
     w = torch.randn(groups, 6, 3, 5, 5) * 0.2
+    b = torch.randn(groups, 6) * 0.3 - 1.0  # pooled values are mostly positive: shift so relu cuts some
     dp = torch.randn(batch, 14, 14, groups * 6)
     _, arg = native.conv1_pool_forward(lib, buf, w, groups, batch, argmax=True)
+    w64, b64 = w.double().requires_grad_(True), b.double().requires_grad_(True)
+    x = native.images_view(buf, groups, batch).double()
+    h = []
+    for g in range(groups):
+        h.append(F.relu(F.max_pool2d(F.conv2d(x[g], w64[g]), 2) + b64[g].view(1, 6, 1, 1)))  # [B, 6, 14, 14]
+        (h[-1] * dp[:, :, :, 6 * g : 6 * g + 6].permute(0, 3, 1, 2).double()).sum().backward()
+    h = torch.stack(h).permute(1, 3, 4, 0, 2).reshape(batch, 14, 14, groups * 6).float().detach()
+    assert 0.1 < float((h > 0).float().mean()) < 0.9  # relu's mask matters
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        grad = native.conv1_pool_weight_grad(lib, buf, dp, arg, groups, batch)
+        grad_w, grad_b = native.conv1_pool_backward(lib, buf, dp, h, arg, groups, batch)
     finally:
         torch.set_num_threads(before)
-    w64 = w.double().requires_grad_(True)
-    x = native.images_view(buf, groups, batch).double()
-    for g in range(groups):
-        pooled = F.max_pool2d(F.conv2d(x[g], w64[g]), 2)  # [B, 6, 14, 14]
-        (pooled * dp[:, :, :, 6 * g : 6 * g + 6].permute(0, 3, 1, 2).double()).sum().backward()
-    torch.testing.assert_close(grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_w.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_b.double(), b64.grad, atol=1e-4, rtol=1e-5)
 
 
 def test_padding_after_the_images_never_reaches_a_result(lib: ctypes.CDLL) -> None:
@@ -106,11 +112,12 @@ def test_padding_after_the_images_never_reaches_a_result(lib: ctypes.CDLL) -> No
     w = torch.randn(2, 6, 3, 5, 5)
     clean, arg = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
     dp = torch.randn(2, 14, 14, 12)
-    grad = native.conv1_pool_weight_grad(lib, buf, dp, arg, 2, 2)
+    grads = native.conv1_pool_backward(lib, buf, dp, clean[0].relu(), arg, 2, 2)
     buf[-native.PAD :] = 1e30
     dirty, _ = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
     assert torch.equal(clean, dirty)
-    assert torch.equal(grad, native.conv1_pool_weight_grad(lib, buf, dp, arg, 2, 2))
+    for before, after in zip(grads, native.conv1_pool_backward(lib, buf, dp, clean[0].relu(), arg, 2, 2)):
+        assert torch.equal(before, after)
 
 
 def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,9 +154,10 @@ class NativeFirstBlock(torch.autograd.Function):
     ) -> tuple[None, torch.Tensor, torch.Tensor, None, None, None]:
         x, h_s, arg = ctx.saved_tensors
         groups, batch, bias_shape = ctx.shapes
-        grad = grad_s * (h_s > 0)
-        grad_b = grad.sum(dim=(0, 2, 3)).view(bias_shape)
-        grad_w = native.conv1_pool_weight_grad(native.load(), x, grad.permute(0, 2, 3, 1), arg, groups, batch)
+        grad_w, grad_b = native.conv1_pool_backward(
+            native.load(), x, grad_s.permute(0, 2, 3, 1), h_s.permute(0, 2, 3, 1), arg, groups, batch
+        )
+        grad_b = grad_b.view(bias_shape)
         return None, grad_w, grad_b, None, None, None
 
 

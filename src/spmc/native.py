@@ -102,8 +102,8 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
     lib.conv1_pool_forward.restype = None
-    lib.conv1_pool_weight_grad.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-    lib.conv1_pool_weight_grad.restype = None
+    lib.conv1_pool_backward.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.conv1_pool_backward.restype = None
     log.info("native kernel: %s", target)
     return lib
 
@@ -139,13 +139,25 @@ def conv1_pool_forward(
     return out, arg
 
 
-def conv1_pool_weight_grad(
-    lib: ctypes.CDLL, x: torch.Tensor, grad: torch.Tensor, arg: torch.Tensor, groups: int, batch: int
-) -> torch.Tensor:
-    """∂L/∂w [groups, 6, 3, 5, 5] of block 0 from the pooled output's gradient ``grad`` [batch, 14, 14, groups·6]."""
-    grad = grad.contiguous()
+def conv1_pool_backward(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    arg: torch.Tensor,
+    groups: int,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂L/∂w [groups, 6, 3, 5, 5] and ∂L/∂b [groups, 6] of h = relu(pooled block 0 + b).
+
+    ``grad`` = ∂L/∂h and ``h`` are [batch, 14, 14, groups·6]; ``arg`` is the forward's argmax. With
+    δ = ∂L/∂h·[h > 0]: ∂L/∂b = Σ δ over batch and space, and ∂L/∂w is the convolution's weight gradient of δ placed
+    at each window's argmax.
+    """
+    grad, h = grad.contiguous(), h.contiguous()
     threads = torch.get_num_threads()
-    partial = torch.zeros(threads, groups, 6, 3, 5, 5)
-    ptrs = (x.data_ptr(), grad.data_ptr(), arg.data_ptr(), partial.data_ptr())
-    lib.conv1_pool_weight_grad(*ptrs, groups, batch, threads)
-    return partial.sum(dim=0) if threads > 1 else partial[0]
+    partial = torch.zeros(threads, groups, 6 * 75 + 6)
+    ptrs = (x.data_ptr(), grad.data_ptr(), h.data_ptr(), arg.data_ptr(), partial.data_ptr())
+    lib.conv1_pool_backward(*ptrs, groups, batch, threads)
+    total = partial.sum(dim=0) if threads > 1 else partial[0]
+    return total[:, :450].reshape(groups, 6, 3, 5, 5), total[:, 450:]

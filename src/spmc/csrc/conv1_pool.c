@@ -11,8 +11,9 @@
  *   w    [G][6*nch][3][5][5]                          nch blocks of 6 output channels (student, teacher)
  *   out  [nch][N][14][14][G*6]                        pooled conv, before bias (channels_last [N, G*6, 14, 14])
  *   arg  [N][14][14][G*6] uint8                       argmax of block 0 in its 2x2 window: 2*dy + dx
- *   dp   [N][14][14][G*6]                             dL/d(out block 0)
- *   dw   [threads][G][6][3][5][5]                     dL/dw of block 0, one zeroed partial sum per thread
+ *   dp   [N][14][14][G*6]                             dL/dh for h = relu(out block 0 + bias)
+ *   h    [N][14][14][G*6]                             that h (its sign is relu's mask)
+ *   grad [threads][G][6*75 + 6]                       dL/dw and dL/dbias of block 0, a zeroed partial sum per thread
  *
  * Ties in a pooling window go to the first maximum in row-major order, as in torch's max_pool2d.
  */
@@ -94,59 +95,71 @@ void conv1_pool_forward(const float *x, const float *w, float *out, uint8_t *arg
 }
 
 /* Items it = g * N + n in [lo, hi): sums whole runs of one client's images in vector registers and adds them to
- * dw once per client. */
-static void weight_grad_range(const float *x, const float *dp, const uint8_t *arg, float *dw, int G, int N,
-                              long lo, long hi) {
+ * grad once per client. */
+static void backward_range(const float *x, const float *dp, const float *h, const uint8_t *arg, float *grad, int G,
+                           int N, long lo, long hi) {
     const long gc = (long)G * 6;
     float dy[6][28][32] __attribute__((aligned(64)));
+    float xs[5][32][32] __attribute__((aligned(64)));
     v16 sums[6][3][5][5];
+    float bias[6];
     int cur = -1;
     for (long it = lo; it <= hi; ++it) {
         const int g = it < hi ? (int)(it / N) : -1;
         if (g != cur) {
             if (cur >= 0) {
-                float *d = dw + (long)cur * 450;
+                float *d = grad + (long)cur * 456;
                 for (int i = 0; i < 450; ++i) {
                     float s[16], t = 0.0f;
                     memcpy(s, &((v16 *)sums)[i], sizeof s);
                     for (int l = 0; l < 16; ++l) t += s[l];
                     d[i] += t;
                 }
+                for (int o = 0; o < 6; ++o) d[450 + o] += bias[o];
             }
             if (g < 0) break;
             memset(sums, 0, sizeof sums);
+            memset(bias, 0, sizeof bias);
             cur = g;
         }
         const int n = (int)(it % N);
         const float *xi = x + ((long)g * N + n) * 3072;
-        const float *dpi = dp + (long)n * 196 * gc + g * 6;
-        const uint8_t *ai = arg + (long)n * 196 * gc + g * 6;
-        /* the conv output's gradient: the pooled gradient at each window's argmax, zero elsewhere and in
-           columns 28-31 (so the padding lanes add nothing) */
+        const long at = (long)n * 196 * gc + g * 6;
+        /* the conv output's gradient: the pooled gradient (zero where relu cut it) at each window's argmax, zero
+           elsewhere and in columns 28-31 (so the padding lanes add nothing) */
         memset(dy, 0, sizeof dy);
         for (int p = 0; p < 196; ++p) {
             const int ph = p / 14, pw = p % 14;
             for (int o = 0; o < 6; ++o) {
-                const uint8_t a = ai[p * gc + o];
-                dy[o][2 * ph + (a >> 1)][2 * pw + (a & 1)] = dpi[p * gc + o];
+                const long i = at + p * gc + o;
+                const float v = h[i] > 0.0f ? dp[i] : 0.0f;
+                const uint8_t a = arg[i];
+                dy[o][2 * ph + (a >> 1)][2 * pw + (a & 1)] = v;
+                bias[o] += v;
             }
         }
         /* dw[o][c][kh][kw] = sum_{h, w} dy[o][h][w] * x[c][h + kh][w + kw] */
-        for (int c = 0; c < 3; ++c)
+        for (int c = 0; c < 3; ++c) {
+            /* xs[kw][r] = x[c][r][kw : kw + 32], aligned: the inner loop then makes no cache-line-splitting loads */
+            for (int kw = 0; kw < 5; ++kw)
+                for (int r = 0; r < 32; ++r) {
+                    memcpy(&xs[kw][r][0], xi + c * 1024 + r * 32 + kw, 64);
+                    memcpy(&xs[kw][r][16], xi + c * 1024 + r * 32 + kw + 16, 64);
+                }
             for (int kh = 0; kh < 5; ++kh)
                 for (int o0 = 0; o0 < 6; o0 += 3) {
                     v16 acc[3][5];
                     for (int o = 0; o < 3; ++o)
                         for (int kw = 0; kw < 5; ++kw) acc[o][kw] = sums[o0 + o][c][kh][kw];
-                    for (int h = 0; h < 28; ++h) {
+                    for (int row = 0; row < 28; ++row) {
 #pragma GCC unroll 2
                         for (int col = 0; col < 32; col += 16) {
-                            const float *xr = xi + c * 1024 + (h + kh) * 32 + col;
-                            const v16 d0 = ld(&dy[o0][h][col]), d1 = ld(&dy[o0 + 1][h][col]),
-                                      d2 = ld(&dy[o0 + 2][h][col]);
+                            const v16 d0 = *(const v16 *)&dy[o0][row][col];
+                            const v16 d1 = *(const v16 *)&dy[o0 + 1][row][col];
+                            const v16 d2 = *(const v16 *)&dy[o0 + 2][row][col];
 #pragma GCC unroll 5
                             for (int kw = 0; kw < 5; ++kw) {
-                                const v16 xv = ld(xr + kw);
+                                const v16 xv = *(const v16 *)&xs[kw][row + kh][col];
                                 acc[0][kw] += d0 * xv;
                                 acc[1][kw] += d1 * xv;
                                 acc[2][kw] += d2 * xv;
@@ -156,12 +169,13 @@ static void weight_grad_range(const float *x, const float *dp, const uint8_t *ar
                     for (int o = 0; o < 3; ++o)
                         for (int kw = 0; kw < 5; ++kw) sums[o0 + o][c][kh][kw] = acc[o][kw];
                 }
+        }
     }
 }
 
-/* Thread t takes the t-th contiguous range of items g * N + n and writes dw + t * G * 450. */
-void conv1_pool_weight_grad(const float *x, const float *dp, const uint8_t *arg, float *dw, int G, int N,
-                            int threads) {
+/* Thread t takes the t-th contiguous range of items g * N + n and writes grad + t * G * 456. */
+void conv1_pool_backward(const float *x, const float *dp, const float *h, const uint8_t *arg, float *grad, int G,
+                         int N, int threads) {
     const long items = (long)G * N;
 #pragma omp parallel num_threads(threads)
     {
@@ -170,6 +184,6 @@ void conv1_pool_weight_grad(const float *x, const float *dp, const uint8_t *arg,
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        weight_grad_range(x, dp, arg, dw + (long)t * G * 450, G, N, items * t / nt, items * (t + 1) / nt);
+        backward_range(x, dp, h, arg, grad + (long)t * G * 456, G, N, items * t / nt, items * (t + 1) / nt);
     }
 }
