@@ -24,20 +24,28 @@ def lib() -> ctypes.CDLL:
     return built
 
 
-def _images(groups: int, batch: int, seed: int = 0) -> torch.Tensor:
+def _images(groups: int, batch: int, seed: int = 0, grey: tuple[bool, ...] = ()) -> native.ImageBatch:
+    """Random images with a constant patch (every pooling window there is a tie); client k's three channels are
+    equal where ``grey[k]`` (default: none)."""
     torch.manual_seed(seed)
-    buf = native.image_buffer(groups, batch)
-    images = native.images_view(buf, groups, batch)
-    images.normal_()
-    images[:, :, :, :6, :8] = 0.25  # a constant patch: every window there is a tie
-    return buf
+    grey = grey or (False,) * groups
+    x = torch.randn(groups, batch, 3, 32, 32)
+    x[:, :, :, :6, :8] = 0.25
+    images = native.ImageBatch.stack([xk[:, :1].expand(-1, 3, -1, -1) if g else xk for xk, g in zip(x, grey)])
+    assert images.channels.tolist() == [1 if g else 3 for g in grey]
+    return images
 
 
-def _reference(buf: torch.Tensor, w: torch.Tensor, groups: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _three_channels(x: native.ImageBatch) -> torch.Tensor:
+    """[groups, batch, 3, 32, 32] float64, grey clients' channel repeated."""
+    return torch.stack([x.client(k).double().expand(-1, 3, -1, -1) for k in range(x.groups)])
+
+
+def _reference(x: native.ImageBatch, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch in float64: pooled [nch, B, 14, 14, G·6] and the argmax (flat 28×28 index) of every window."""
-    x = native.images_view(buf, groups, batch).double()
+    images, groups, batch = _three_channels(x), x.groups, x.batch
     nch = w.shape[1] // 6
-    conv = torch.stack([F.conv2d(x[g], w[g].double()) for g in range(groups)])  # [G, B, 6·nch, 28, 28]
+    conv = torch.stack([F.conv2d(images[g], w[g].double()) for g in range(groups)])  # [G, B, 6·nch, 28, 28]
     pooled, idx = F.max_pool2d_with_indices(conv.flatten(0, 1), 2)
     pooled = pooled.view(groups, batch, nch, 6, 14, 14).permute(2, 1, 4, 5, 0, 3).reshape(nch, batch, 14, 14, -1)
     idx = idx.view(groups, batch, nch, 6, 14, 14)[:, :, 0].permute(1, 3, 4, 0, 2).reshape(batch, 14, 14, -1)
@@ -55,12 +63,11 @@ def _flat_index(arg: torch.Tensor) -> torch.Tensor:
 def test_hand_computed_single_tap(lib: ctypes.CDLL) -> None:
     """A weight with one tap w[o=2, c=1, kh=2, kw=3] = 2 copies channel 1 shifted by (2, 3), times 2. On an image
     that grows along rows and columns every window's maximum is its bottom-right pixel (argmax 3)."""
-    buf = native.image_buffer(1, 1)
-    img = native.images_view(buf, 1, 1)
-    img[0, 0] = torch.arange(3 * 32 * 32, dtype=torch.float32).view(3, 32, 32) / 1000
+    x = native.ImageBatch.stack([torch.arange(3 * 32 * 32, dtype=torch.float32).view(1, 3, 32, 32) / 1000])
+    assert x.channels.tolist() == [3]
     w = torch.zeros(1, 6, 3, 5, 5)
     w[0, 2, 1, 2, 3] = 2.0
-    pooled, arg = native.conv1_pool_forward(lib, buf, w, 1, 1, argmax=True)
+    pooled, arg = native.conv1_pool_forward(lib, x, w, argmax=True)
     ph, pw = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
     expected = 2 * (1024 + (2 * ph + 1 + 2) * 32 + (2 * pw + 1 + 3)) / 1000
     torch.testing.assert_close(pooled[0, 0, :, :, 2], expected.float())
@@ -69,37 +76,63 @@ def test_hand_computed_single_tap(lib: ctypes.CDLL) -> None:
     assert torch.all(arg[0, :, :, 0] == 0)  # all-zero windows: a tie, the first pixel wins as in torch
 
 
-@pytest.mark.parametrize(("groups", "batch", "nch"), [(1, 1, 1), (3, 5, 1), (4, 3, 2), (10, 2, 2)])
-def test_forward_equals_torch(lib: ctypes.CDLL, groups: int, batch: int, nch: int) -> None:
-    buf = _images(groups, batch)
+def test_grey_clients_are_stored_with_one_channel() -> None:
+    grey = torch.rand(4, 1, 32, 32).expand(-1, 3, -1, -1)
+    colour = grey.clone()
+    colour[2, 1, 5, 7] += 0.5  # one pixel of one image
+    x = native.ImageBatch.stack([grey, colour, grey])
+    assert x.channels.tolist() == [1, 3, 1]
+    assert x.offsets.tolist() == [0, 4 * 1024, 4 * 4 * 1024]
+    assert torch.equal(x.client(0), grey[:, :1]) and torch.equal(x.client(1), colour)
+    assert torch.equal(x.client(2), grey[:, :1])
+    assert torch.all(x.buf[-native.PAD :] == 0)
+    with pytest.raises(ValueError, match=r"must be \[batch, 3, 32, 32\], got \[\(4, 3, 28, 28\)\]"):
+        native.ImageBatch.stack([torch.rand(4, 3, 28, 28)])
+
+
+@pytest.mark.parametrize(
+    ("groups", "batch", "nch", "grey"),
+    [
+        (1, 1, 1, ()),
+        (3, 5, 1, ()),
+        (4, 3, 2, ()),
+        (10, 2, 2, ()),
+        (3, 5, 1, (True, True, True)),
+        (4, 3, 2, (True, False, True, False)),
+    ],
+)
+def test_forward_equals_torch(lib: ctypes.CDLL, groups: int, batch: int, nch: int, grey: tuple[bool, ...]) -> None:
+    x = _images(groups, batch, grey=grey)
     w = torch.randn(groups, 6 * nch, 3, 5, 5) * 0.2
-    pooled, arg = native.conv1_pool_forward(lib, buf, w, groups, batch, argmax=True)
-    ref, ref_idx = _reference(buf, w, groups, batch)
+    pooled, arg = native.conv1_pool_forward(lib, x, w, argmax=True)
+    ref, ref_idx = _reference(x, w)
     torch.testing.assert_close(pooled.double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(_flat_index(arg), ref_idx)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_backward_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
+@pytest.mark.parametrize(
+    ("threads", "grey"), [(1, ()), (2, ()), (3, ()), (2, (True, True, True)), (2, (True, False, False))]
+)
+def test_backward_equals_torch_autograd(lib: ctypes.CDLL, threads: int, grey: tuple[bool, ...]) -> None:
     """∂L/∂w and ∂L/∂b of L = Σ dp·relu(maxpool(conv(x, w)) + b), in float64 by torch's autograd."""
     groups, batch = 3, 4
-    buf = _images(groups, batch, seed=1)
+    x = _images(groups, batch, seed=1, grey=grey)
     w = torch.randn(groups, 6, 3, 5, 5) * 0.2
     b = torch.randn(groups, 6) * 0.3 - 1.0  # pooled values are mostly positive: shift so relu cuts some
     dp = torch.randn(batch, 14, 14, groups * 6)
-    _, arg = native.conv1_pool_forward(lib, buf, w, groups, batch, argmax=True)
+    _, arg = native.conv1_pool_forward(lib, x, w, argmax=True)
     w64, b64 = w.double().requires_grad_(True), b.double().requires_grad_(True)
-    x = native.images_view(buf, groups, batch).double()
+    images = _three_channels(x)
     h = []
     for g in range(groups):
-        h.append(F.relu(F.max_pool2d(F.conv2d(x[g], w64[g]), 2) + b64[g].view(1, 6, 1, 1)))  # [B, 6, 14, 14]
+        h.append(F.relu(F.max_pool2d(F.conv2d(images[g], w64[g]), 2) + b64[g].view(1, 6, 1, 1)))  # [B, 6, 14, 14]
         (h[-1] * dp[:, :, :, 6 * g : 6 * g + 6].permute(0, 3, 1, 2).double()).sum().backward()
     h = torch.stack(h).permute(1, 3, 4, 0, 2).reshape(batch, 14, 14, groups * 6).float().detach()
     assert 0.1 < float((h > 0).float().mean()) < 0.9  # relu's mask matters
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        grad_w, grad_b = native.conv1_pool_backward(lib, buf, dp, h, arg, groups, batch)
+        grad_w, grad_b = native.conv1_pool_backward(lib, x, dp, h, arg)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(grad_w.double(), w64.grad, atol=1e-4, rtol=1e-5)
@@ -108,15 +141,15 @@ def test_backward_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
 
 def test_padding_after_the_images_never_reaches_a_result(lib: ctypes.CDLL) -> None:
     """The kernel reads up to 4 floats past the last row; huge values there must change nothing."""
-    buf = _images(2, 2)
+    x = _images(2, 2)
     w = torch.randn(2, 6, 3, 5, 5)
-    clean, arg = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
+    clean, arg = native.conv1_pool_forward(lib, x, w, argmax=True)
     dp = torch.randn(2, 14, 14, 12)
-    grads = native.conv1_pool_backward(lib, buf, dp, clean[0].relu(), arg, 2, 2)
-    buf[-native.PAD :] = 1e30
-    dirty, _ = native.conv1_pool_forward(lib, buf, w, 2, 2, argmax=True)
+    grads = native.conv1_pool_backward(lib, x, dp, clean[0].relu(), arg)
+    x.buf[-native.PAD :] = 1e30
+    dirty, _ = native.conv1_pool_forward(lib, x, w, argmax=True)
     assert torch.equal(clean, dirty)
-    for before, after in zip(grads, native.conv1_pool_backward(lib, buf, dp, clean[0].relu(), arg, 2, 2)):
+    for before, after in zip(grads, native.conv1_pool_backward(lib, x, dp, clean[0].relu(), arg)):
         assert torch.equal(before, after)
 
 

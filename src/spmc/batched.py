@@ -127,45 +127,47 @@ class NativeFirstBlock(torch.autograd.Function):
     """SimpleCNN's first block for all clients with the compiled kernel of :mod:`spmc.native`.
 
     h_s = relu(maxpool₂(conv(x_g, w_s,g)) + b_s,g) for every client g and, if ``w_t`` is not empty, the teacher's
-    h_t likewise (not differentiable; the kernel runs both in one pass over the images). ``x`` is a
-    :func:`spmc.native.image_buffer` of [C, B, 3, 32, 32] images. ∂L/∂b_s = Σ ∂L/∂h_s·[h_s > 0] over batch and
+    h_t likewise (not differentiable; the kernel runs both in one pass over the images) on the images ``x`` of a
+    :class:`spmc.native.ImageBatch`. ∂L/∂b_s = Σ ∂L/∂h_s·[h_s > 0] over batch and
     space; ∂L/∂w_s routes that through each pooling window's argmax to the convolution's weight gradient.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor, batch: int
+        ctx,
+        x: native.ImageBatch,
+        w_s: torch.Tensor,
+        b_s: torch.Tensor,
+        w_t: torch.Tensor,
+        b_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        lib = native.load()
-        groups = w_s.shape[0]
         w = w_s if w_t.numel() == 0 else torch.cat([w_s, w_t], dim=1)
-        pooled, arg = native.conv1_pool_forward(lib, x, w, groups, batch, argmax=True)
+        pooled, arg = native.conv1_pool_forward(native.load(), x, w, argmax=True)
         channels = pooled.permute(0, 1, 4, 2, 3)  # [nch, B, C·6, 14, 14], channels_last per block
         h_s = channels[0].add_(b_s.reshape(1, -1, 1, 1)).relu_()
         h_t = channels[1].add_(b_t.reshape(1, -1, 1, 1)).relu_() if w_t.numel() else w_t.new_empty(0)
-        ctx.save_for_backward(x, h_s, arg)
-        ctx.shapes = (groups, batch, b_s.shape)
+        ctx.save_for_backward(h_s, arg)
+        ctx.images = x
+        ctx.bias_shape = b_s.shape
         ctx.mark_non_differentiable(h_t)
         return h_s, h_t
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
-    ) -> tuple[None, torch.Tensor, torch.Tensor, None, None, None]:
-        x, h_s, arg = ctx.saved_tensors
-        groups, batch, bias_shape = ctx.shapes
+    ) -> tuple[None, torch.Tensor, torch.Tensor, None, None]:
+        h_s, arg = ctx.saved_tensors
         grad_w, grad_b = native.conv1_pool_backward(
-            native.load(), x, grad_s.permute(0, 2, 3, 1), h_s.permute(0, 2, 3, 1), arg, groups, batch
+            native.load(), ctx.images, grad_s.permute(0, 2, 3, 1), h_s.permute(0, 2, 3, 1), arg
         )
-        grad_b = grad_b.view(bias_shape)
-        return None, grad_w, grad_b, None, None, None
+        return None, grad_w, grad_b.view(ctx.bias_shape), None, None
 
 
 class StackedSimpleCNN:
     """A functional SimpleCNN over C stacked parameter rows.
 
     With ``native`` the first block runs the compiled kernel (:class:`NativeFirstBlock`) and the inputs are a
-    :func:`spmc.native.image_buffer`; otherwise they are [B, C·3, 32, 32] (client k's images in channels
+    :class:`spmc.native.ImageBatch`; otherwise they are [B, C·3, 32, 32] (client k's images in channels
     3k … 3k+2) and the first block is torch's grouped convolution.
     """
 
@@ -178,7 +180,7 @@ class StackedSimpleCNN:
         c = rows.shape[0]
         return {e.name: rows[:, e.slice].view(c, *e.shape) for e in self.layout.entries}
 
-    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | native.ImageBatch) -> torch.Tensor:
         """Logits [C, B, classes]."""
         if not self.native:
             return self._layers(params, x, _CONVS)
@@ -186,7 +188,7 @@ class StackedSimpleCNN:
         return self._layers(params, h, _CONVS[1:])
 
     def forward_with_teacher(
-        self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], x: torch.Tensor
+        self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], x: torch.Tensor | native.ImageBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Student logits (differentiable) and teacher logits (not) on the same inputs, sharing conv1's call."""
         c = params["conv1.weight"].shape[0]
@@ -207,13 +209,12 @@ class StackedSimpleCNN:
             return logits, self._layers(teacher, h_t, _CONVS[1:])
 
     def _native_block(
-        self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, x: torch.Tensor
+        self, params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, x: native.ImageBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         w_s = params["conv1.weight"]
-        batch = (x.numel() - native.PAD) // (w_s.shape[0] * 3 * 32 * 32)
         empty = w_s.new_empty(0)
         w_t, b_t = (teacher["conv1.weight"], teacher["conv1.bias"]) if teacher is not None else (empty, empty)
-        return NativeFirstBlock.apply(x, w_s, params["conv1.bias"], w_t.detach(), b_t.detach(), batch)
+        return NativeFirstBlock.apply(x, w_s, params["conv1.bias"], w_t.detach(), b_t.detach())
 
     def _layers(self, params: dict[str, torch.Tensor], h: torch.Tensor, convs: tuple[str, ...]) -> torch.Tensor:
         """The conv blocks ``convs`` (conv → max-pool → bias → relu), then the linear layers, on ``h``."""
@@ -286,16 +287,15 @@ class BatchedEngine:
 
     def _gather(
         self, step: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | native.ImageBatch, torch.Tensor]:
         """Stack one batch per client into the first block's input and labels [C, B].
 
-        The input is [B, C·3, 32, 32] (channels_last) for torch's kernel, an image buffer for the native one.
+        The input is [B, C·3, 32, 32] (channels_last) for torch's kernel, a :class:`spmc.native.ImageBatch` for
+        the native one.
         """
         bs = self.cfg.batch_size
         if self.net.native:
-            flat = native.image_buffer(len(step), bs, device)
-            torch.stack([x for x, _ in step], out=native.images_view(flat, len(step), bs))
-            return flat, torch.stack([y for _, y in step])
+            return native.ImageBatch.stack([x for x, _ in step]), torch.stack([y for _, y in step])
         buf = torch.empty(bs, 32, 32, len(step) * 3, device=device)
         for k, (x, _) in enumerate(step):
             buf[:, :, :, 3 * k : 3 * k + 3] = x.permute(0, 2, 3, 1)
@@ -351,9 +351,7 @@ class BatchedEngine:
                 kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=1) * cfg.spmc_kd_T**2
                 g_kd = _flat(torch.autograd.grad(kd.sum(), leaves, retain_graph=True))
                 g_ce = _flat(torch.autograd.grad(ce.sum(), leaves))
-                projected = project_rows(
-                    g_ce, g_kd, segments, num_segments, cfg.spmc_lambda, cfg.spmc_proj_norm_power
-                )
+                projected = project_rows(g_ce, g_kd, segments, num_segments, cfg.spmc_lambda, cfg.spmc_proj_norm_power)
                 if cfg.spmc_kd_grad_weight:
                     projected = projected + cfg.spmc_kd_grad_weight * g_kd
                 grad = torch.where(spmc[idx].unsqueeze(1), projected, g_ce)

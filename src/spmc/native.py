@@ -24,6 +24,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,64 +102,103 @@ def load() -> ctypes.CDLL | None:
     else:
         log.warning("native kernel: compiling %s failed; the batched engine uses torch's conv1", SOURCE.name)
         return None
-    lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+    lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.conv1_pool_forward.restype = None
-    lib.conv1_pool_backward.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.conv1_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
     lib.conv1_pool_backward.restype = None
     log.info("native kernel: %s", target)
     return lib
 
 
-def image_buffer(groups: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A zero-padded flat buffer for [groups, batch, 3, 32, 32] images; fill ``images_view(buf, ...)``."""
-    size = groups * batch * 3 * 32 * 32
-    buf = torch.empty(size + PAD, device=device)
-    buf[size:].zero_()
-    return buf
+@dataclass(frozen=True)
+class ImageBatch:
+    """One mini-batch per client as the kernel reads it: client k's [batch, channels[k], 32, 32] float32 images from
+    ``buf[offsets[k]]`` on, all in one flat buffer followed by :data:`PAD` zeros.
 
+    ``channels[k]`` is 1 where client k's images are grey (3 equal channels): the kernel then convolves its one
+    channel with the weights summed over the channels, conv(x·1₃, w) = conv(x, Σ_c w_c), a third of the work.
+    """
 
-def images_view(buf: torch.Tensor, groups: int, batch: int) -> torch.Tensor:
-    """The [groups, batch, 3, 32, 32] view of an :func:`image_buffer`."""
-    return buf[: groups * batch * 3 * 32 * 32].view(groups, batch, 3, 32, 32)
+    buf: torch.Tensor
+    offsets: torch.Tensor
+    channels: torch.Tensor
+    batch: int
+
+    @classmethod
+    def stack(cls, images: Sequence[torch.Tensor]) -> ImageBatch:
+        """Client k's batch ``images[k]`` [batch, 3, 32, 32], stored with one channel where it is grey."""
+        shape = tuple(images[0].shape)
+        if len(shape) != 4 or shape[1:] != (3, 32, 32) or any(tuple(x.shape) != shape for x in images):
+            got = [tuple(x.shape) for x in images]
+            raise ValueError(f"native kernel: every client's images must be [batch, 3, 32, 32], got {got}")
+        batch = shape[0]
+        grey = [bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])) for x in images]
+        channels = [1 if g else 3 for g in grey]
+        sizes = [batch * c * 32 * 32 for c in channels]
+        offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        buf = torch.empty(sum(sizes) + PAD, device=images[0].device)
+        buf[sum(sizes) :].zero_()
+        for x, c, start, size in zip(images, channels, offsets, sizes):
+            buf[start : start + size].view(batch, c, 32, 32).copy_(x[:, :c])
+        return cls(buf, torch.tensor(offsets, dtype=torch.long), torch.tensor(channels, dtype=torch.int32), batch)
+
+    @property
+    def groups(self) -> int:
+        return int(self.channels.shape[0])
+
+    @property
+    def grey(self) -> torch.Tensor:
+        """[groups] bool: which clients' images are stored with one channel."""
+        return self.channels == 1
+
+    def client(self, k: int) -> torch.Tensor:
+        """Client k's images as stored, [batch, channels[k], 32, 32]."""
+        c = int(self.channels[k])
+        start = int(self.offsets[k])
+        return self.buf[start : start + self.batch * c * 32 * 32].view(self.batch, c, 32, 32)
 
 
 def conv1_pool_forward(
-    lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, groups: int, batch: int, argmax: bool
+    lib: ctypes.CDLL, x: ImageBatch, w: torch.Tensor, argmax: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """pooled[k] = maxpool₂(conv(x_g, w_g[6k:6k+6])) for every client g, without bias.
 
-    ``x`` is an :func:`image_buffer`, ``w`` [groups, 6·nch, 3, 5, 5]. Returns pooled [nch, batch, 14, 14,
-    groups·6] (so ``pooled[k].permute(0, 3, 1, 2)`` is [batch, groups·6, 14, 14] in channels_last) and, when
-    ``argmax``, the uint8 argmax of block 0 (2·dy + dx in each 2×2 window), as the weight gradient needs it.
+    ``w`` is [groups, 6·nch, 3, 5, 5]. Returns pooled [nch, batch, 14, 14, groups·6] (so
+    ``pooled[k].permute(0, 3, 1, 2)`` is [batch, groups·6, 14, 14] in channels_last) and, when ``argmax``, the
+    uint8 argmax of block 0 (2·dy + dx in each 2×2 window), as the backward pass needs it.
     """
+    grey = x.grey
+    if bool(grey.any()):
+        w = w.clone()
+        w[grey, :, 0] = w[grey].sum(dim=2)
     w = w.contiguous()
     nch = w.shape[1] // 6
-    out = torch.empty(nch, batch, 14, 14, groups * 6)
-    arg = torch.empty(batch, 14, 14, groups * 6, dtype=torch.uint8) if argmax else None
-    ptrs = (x.data_ptr(), w.data_ptr(), out.data_ptr(), arg.data_ptr() if arg is not None else None)
-    lib.conv1_pool_forward(*ptrs, groups, batch, nch, torch.get_num_threads())
+    out = torch.empty(nch, x.batch, 14, 14, x.groups * 6)
+    arg = torch.empty(x.batch, 14, 14, x.groups * 6, dtype=torch.uint8) if argmax else None
+    ptrs = (x.buf.data_ptr(), x.offsets.data_ptr(), x.channels.data_ptr(), w.data_ptr(), out.data_ptr())
+    lib.conv1_pool_forward(
+        *ptrs, arg.data_ptr() if arg is not None else None, x.groups, x.batch, nch, torch.get_num_threads()
+    )
     return out, arg
 
 
 def conv1_pool_backward(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    h: torch.Tensor,
-    arg: torch.Tensor,
-    groups: int,
-    batch: int,
+    lib: ctypes.CDLL, x: ImageBatch, grad: torch.Tensor, h: torch.Tensor, arg: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """∂L/∂w [groups, 6, 3, 5, 5] and ∂L/∂b [groups, 6] of h = relu(pooled block 0 + b).
 
     ``grad`` = ∂L/∂h and ``h`` are [batch, 14, 14, groups·6]; ``arg`` is the forward's argmax. With
     δ = ∂L/∂h·[h > 0]: ∂L/∂b = Σ δ over batch and space, and ∂L/∂w is the convolution's weight gradient of δ placed
-    at each window's argmax.
+    at each window's argmax (for a grey client the same for each of the 3 input channels).
     """
     grad, h = grad.contiguous(), h.contiguous()
     threads = torch.get_num_threads()
-    partial = torch.zeros(threads, groups, 6 * 75 + 6)
-    ptrs = (x.data_ptr(), grad.data_ptr(), h.data_ptr(), arg.data_ptr(), partial.data_ptr())
-    lib.conv1_pool_backward(*ptrs, groups, batch, threads)
+    partial = torch.zeros(threads, x.groups, 456)
+    ptrs = (x.buf.data_ptr(), x.offsets.data_ptr(), x.channels.data_ptr(), grad.data_ptr(), h.data_ptr())
+    lib.conv1_pool_backward(*ptrs, arg.data_ptr(), partial.data_ptr(), x.groups, x.batch, threads)
     total = partial.sum(dim=0) if threads > 1 else partial[0]
-    return total[:, :450].reshape(groups, 6, 3, 5, 5), total[:, 450:]
+    grad_w = total[:, :450].reshape(x.groups, 6, 3, 5, 5)
+    grey = x.grey
+    if bool(grey.any()):
+        grad_w[grey] = grad_w[grey][:, :, :1].expand(-1, -1, 3, -1, -1)
+    return grad_w, total[:, 450:]

@@ -2,18 +2,21 @@
  *
  * Built at first use by spmc/native.py (gcc -O3 -march=native -fopenmp) and called through ctypes. Its OpenMP
  * runtime is the one torch has already loaded (same libgomp.so.1), so it shares torch's worker threads instead of
- * competing with them. Vectorised along an output row: the 28 columns of a
- * 32-float input row are two 16-lane vectors (GCC vector extensions; AVX-512 where the CPU has it). Lanes 28-31
+ * competing with them. Vectorised along an output row: the 28 columns of a 32-float input row are two 16-lane
+ * vectors (GCC vector extensions; AVX-512 where the CPU has it). Lanes 28-31
  * read up to 4 floats past a row, which the caller pads with finite values; they never reach a result.
+ * A client whose images are grey (three equal channels) stores one channel (cin[g] = 1) and its weights' channel 0
+ * holds their sum over the channels: conv(x repeated 3 times, w) = conv(x, w_0 + w_1 + w_2).
  *
  * Layouts (all float32, contiguous):
- *   x    [G][N][3][32][32] + 16 floats of padding     client g's image n
+ *   x    client g's images [N][cin[g]][32][32] from x + xoff[g], then 16 floats of padding; cin[g] = 3 or 1
  *   w    [G][6*nch][3][5][5]                          nch blocks of 6 output channels (student, teacher)
  *   out  [nch][N][14][14][G*6]                        pooled conv, before bias (channels_last [N, G*6, 14, 14])
  *   arg  [N][14][14][G*6] uint8                       argmax of block 0 in its 2x2 window: 2*dy + dx
  *   dp   [N][14][14][G*6]                             dL/dh for h = relu(out block 0 + bias)
  *   h    [N][14][14][G*6]                             that h (its sign is relu's mask)
- *   grad [threads][G][6*75 + 6]                       dL/dw and dL/dbias of block 0, a zeroed partial sum per thread
+ *   grad [threads][G][6*3*25 + 6]                     dL/dw and dL/dbias of block 0, a zeroed partial sum per thread
+ *                                                     (channels c >= cin[g] are left at zero)
  *
  * Ties in a pooling window go to the first maximum in row-major order, as in torch's max_pool2d.
  */
@@ -30,15 +33,16 @@ static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v;
 static inline v16 sel(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
 
 /* Items it = n * G + g, statically split: neighbouring threads write different images. */
-void conv1_pool_forward(const float *x, const float *w, float *out, uint8_t *arg, int G, int N, int nch,
-                        int threads) {
+void conv1_pool_forward(const float *x, const long *xoff, const int *cin, const float *w, float *out, uint8_t *arg,
+                        int G, int N, int nch, int threads) {
     const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
     const v16i odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
     const long gc = (long)G * 6;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long it = 0; it < (long)G * N; ++it) {
         const int n = (int)(it / G), g = (int)(it % G);
-        const float *xi = x + ((long)g * N + n) * 3072;
+        const int channels = cin[g];
+        const float *xi = x + xoff[g] + (long)n * channels * 1024;
         for (int ch = 0; ch < nch; ++ch) {
             const float *wg = w + ((long)g * 6 * nch + ch * 6) * 75;
             float *og = out + ((long)ch * N + n) * 196 * gc + g * 6;
@@ -47,7 +51,7 @@ void conv1_pool_forward(const float *x, const float *w, float *out, uint8_t *arg
                 /* acc[o][row][half]: conv rows 2ph and 2ph+1, columns 0-15 and 16-31 */
                 v16 acc[6][2][2];
                 memset(acc, 0, sizeof acc);
-                for (int c = 0; c < 3; ++c) {
+                for (int c = 0; c < channels; ++c) {
 #pragma GCC unroll 6
                     for (int r = 0; r < 6; ++r) {
                         const float *row = xi + c * 1024 + (2 * ph + r) * 32;
@@ -96,8 +100,8 @@ void conv1_pool_forward(const float *x, const float *w, float *out, uint8_t *arg
 
 /* Items it = g * N + n in [lo, hi): sums whole runs of one client's images in vector registers and adds them to
  * grad once per client. */
-static void backward_range(const float *x, const float *dp, const float *h, const uint8_t *arg, float *grad, int G,
-                           int N, long lo, long hi) {
+static void backward_range(const float *x, const long *xoff, const int *cin, const float *dp, const float *h,
+                           const uint8_t *arg, float *grad, int G, int N, long lo, long hi) {
     const long gc = (long)G * 6;
     float dy[6][28][32] __attribute__((aligned(64)));
     float xs[5][32][32] __attribute__((aligned(64)));
@@ -123,7 +127,8 @@ static void backward_range(const float *x, const float *dp, const float *h, cons
             cur = g;
         }
         const int n = (int)(it % N);
-        const float *xi = x + ((long)g * N + n) * 3072;
+        const int channels = cin[g];
+        const float *xi = x + xoff[g] + (long)n * channels * 1024;
         const long at = (long)n * 196 * gc + g * 6;
         /* the conv output's gradient: the pooled gradient (zero where relu cut it) at each window's argmax, zero
            elsewhere and in columns 28-31 (so the padding lanes add nothing) */
@@ -139,7 +144,7 @@ static void backward_range(const float *x, const float *dp, const float *h, cons
             }
         }
         /* dw[o][c][kh][kw] = sum_{h, w} dy[o][h][w] * x[c][h + kh][w + kw] */
-        for (int c = 0; c < 3; ++c) {
+        for (int c = 0; c < channels; ++c) {
             /* xs[kw][r] = x[c][r][kw : kw + 32], aligned: the inner loop then makes no cache-line-splitting loads */
             for (int kw = 0; kw < 5; ++kw)
                 for (int r = 0; r < 32; ++r) {
@@ -173,10 +178,12 @@ static void backward_range(const float *x, const float *dp, const float *h, cons
     }
 }
 
-/* Thread t takes the t-th contiguous range of items g * N + n and writes grad + t * G * 456. */
-void conv1_pool_backward(const float *x, const float *dp, const float *h, const uint8_t *arg, float *grad, int G,
-                         int N, int threads) {
-    const long items = (long)G * N;
+/* Thread t takes the t-th of nt contiguous ranges of items g * N + n of equal cost (an item costs cin[g]) and
+ * writes grad + t * G * 456. */
+void conv1_pool_backward(const float *x, const long *xoff, const int *cin, const float *dp, const float *h,
+                         const uint8_t *arg, float *grad, int G, int N, int threads) {
+    long total = 0;
+    for (int g = 0; g < G; ++g) total += (long)N * cin[g];
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, nt = 1;
@@ -184,6 +191,13 @@ void conv1_pool_backward(const float *x, const float *dp, const float *h, const 
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        backward_range(x, dp, h, arg, grad + (long)t * G * 456, G, N, items * t / nt, items * (t + 1) / nt);
+        /* bounds[k] = the first item whose cost prefix reaches total * k / nt */
+        long bounds[2], prefix = 0;
+        int k = 0;
+        const long want[2] = {total * t / nt, total * (t + 1) / nt};
+        bounds[0] = bounds[1] = (long)G * N;
+        for (long it = 0; it < (long)G * N && k < 2; prefix += cin[it / N], ++it)
+            while (k < 2 && prefix >= want[k]) bounds[k++] = it;
+        backward_range(x, xoff, cin, dp, h, arg, grad + (long)t * G * 456, G, N, bounds[0], bounds[1]);
     }
 }
