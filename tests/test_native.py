@@ -53,10 +53,12 @@ def _reference(x: native.ImageBatch, w: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _flat_index(arg: torch.Tensor) -> torch.Tensor:
-    """The kernel's 2-bit argmax (2·dy + dx) as torch's flat index into the 28×28 convolution output."""
+    """The kernel's 2-bit argmax (2·dy + dx) [G, B, 14, 14, 6] as torch's flat index into the 28×28 convolution
+    output, [B, 14, 14, G·6]."""
     ph = torch.arange(14).view(1, 14, 1, 1)
     pw = torch.arange(14).view(1, 1, 14, 1)
-    a = arg.long()
+    groups, batch = arg.shape[:2]
+    a = arg.permute(1, 2, 3, 0, 4).reshape(batch, 14, 14, groups * 6).long()
     return (2 * ph + a // 2) * 28 + 2 * pw + a % 2
 
 
@@ -72,8 +74,8 @@ def test_hand_computed_single_tap(lib: ctypes.CDLL) -> None:
     expected = 2 * (1024 + (2 * ph + 1 + 2) * 32 + (2 * pw + 1 + 3)) / 1000
     torch.testing.assert_close(pooled[0, 0, :, :, 2], expected.float())
     assert torch.all(pooled[0, 0, :, :, [0, 1, 3, 4, 5]] == 0)
-    assert torch.all(arg[0, :, :, 2] == 3)
-    assert torch.all(arg[0, :, :, 0] == 0)  # all-zero windows: a tie, the first pixel wins as in torch
+    assert torch.all(arg[0, 0, :, :, 2] == 3)
+    assert torch.all(arg[0, 0, :, :, 0] == 0)  # all-zero windows: a tie, the first pixel wins as in torch
 
 
 def test_grey_clients_are_stored_with_one_channel() -> None:
@@ -191,5 +193,30 @@ def test_builds_into_a_fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path
     try:
         assert native.load() is not None
         assert len(list(tmp_path.glob("conv1_pool-*.so"))) == 1
+    finally:
+        native.load.cache_clear()
+
+
+def test_self_test_passes_and_catches_a_wrong_kernel(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native.self_test(lib) is None
+    right = native.conv1_pool_forward
+
+    def off_by_a_bit(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled, arg = right(*args, **kwargs)  # type: ignore[arg-type]
+        return pooled + 1e-2, arg
+
+    monkeypatch.setattr(native, "conv1_pool_forward", off_by_a_bit)
+    assert native.self_test(lib) == "forward, client 0"
+
+
+def test_a_kernel_that_fails_its_self_test_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(native, "self_test", lambda lib: "weight gradient")
+    native.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="spmc.native"):
+            assert native.load() is None
+        assert "disagrees with torch (weight gradient)" in caplog.text
     finally:
         native.load.cache_clear()
