@@ -533,6 +533,9 @@ def test_preprocessor(name: str) -> None:
         train_out.shape == (5, 3, 32, 32) and train_out.dtype == torch.float32 and train_out.is_contiguous()
     )
     assert torch.equal(pre.train(x01, torch.Generator().manual_seed(0)), train_out)
+    view = pre.train(x01, torch.Generator().manual_seed(0), grey_view=True)
+    assert torch.equal(view, train_out)  # the same values; grey images as a stride-0 view of one channel
+    assert (view.stride(1) == 0) == (channels == 1)
     # the zero padding happens in [0, 1] space: on an all-ones batch, padded pixels normalise to -mean/std
     ones = pre.train(torch.ones(64, channels, 32, 32), torch.Generator().manual_seed(0))
     pad_value, img_value = -mean / std, (1 - mean) / std

@@ -88,6 +88,9 @@ def test_grey_clients_are_stored_with_one_channel() -> None:
     assert torch.equal(x.client(0), grey[:, :1]) and torch.equal(x.client(1), colour)
     assert torch.equal(x.client(2), grey[:, :1])
     assert torch.all(x.buf[-native.PAD :] == 0)
+    view = torch.rand(4, 1, 32, 32).expand(-1, 3, -1, -1)  # grey by construction: no comparison needed
+    assert native.ImageBatch.stack([colour, view]).channels.tolist() == [3, 1]
+    assert torch.equal(native.ImageBatch.stack([colour, view]).client(1), view[:, :1])
     with pytest.raises(ValueError, match=r"must be \[batch, 3, 32, 32\], got \[\(4, 3, 28, 28\)\]"):
         native.ImageBatch.stack([torch.rand(4, 3, 28, 28)])
 

@@ -108,7 +108,7 @@ def load() -> ctypes.CDLL | None:
     lib.conv1_pool_forward.restype = None
     lib.conv1_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
     lib.conv1_pool_backward.restype = None
-    lib.stack_images.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+    lib.stack_images.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.stack_images.restype = None
     problem = self_test(lib)
     if problem:
@@ -162,9 +162,9 @@ class ImageBatch:
 
     @classmethod
     def stack(cls, images: Sequence[torch.Tensor], lib: ctypes.CDLL | None = None) -> ImageBatch:
-        """Client k's batch ``images[k]`` [batch, 3, 32, 32], stored with one channel where it is grey (its three
-        channels equal bit for bit in every image; checked by the kernel library, which stops at the first
-        difference)."""
+        """Client k's batch ``images[k]`` [batch, 3, 32, 32], stored with one channel where it is grey: expanded
+        from one channel (stride 0, as :meth:`spmc.data.Preprocessor.train` gives with ``grey_view``), or three
+        channels equal bit for bit in every image (checked in C, stopping at the first difference)."""
         shape = tuple(images[0].shape)
         if len(shape) != 4 or shape[1:] != (3, 32, 32) or any(tuple(x.shape) != shape for x in images):
             got = [tuple(x.shape) for x in images]
@@ -173,13 +173,22 @@ class ImageBatch:
         if lib is None:
             raise RuntimeError("native kernel: not available (see the log of spmc.native)")
         groups, batch = len(images), shape[0]
-        src = [x.detach().to(torch.float32).contiguous() for x in images]
+        # a batch expanded from one channel (stride 0) is grey by construction: only that channel is read
+        src = [(x[:, :1] if x.stride(1) == 0 else x).detach().to(torch.float32).contiguous() for x in images]
+        src_channels = torch.tensor([x.shape[1] for x in src], dtype=torch.int32)
         buf = torch.empty(groups * batch * 3 * 32 * 32 + PAD, device=images[0].device)
         offsets = torch.empty(groups, dtype=torch.long)
         channels = torch.empty(groups, dtype=torch.int32)
         pointers = (ctypes.c_void_p * groups)(*[x.data_ptr() for x in src])
         lib.stack_images(
-            pointers, buf.data_ptr(), offsets.data_ptr(), channels.data_ptr(), groups, batch, torch.get_num_threads()
+            pointers,
+            src_channels.data_ptr(),
+            buf.data_ptr(),
+            offsets.data_ptr(),
+            channels.data_ptr(),
+            groups,
+            batch,
+            torch.get_num_threads(),
         )
         used = int(offsets[-1]) + batch * int(channels[-1]) * 32 * 32
         buf[used : used + PAD].zero_()

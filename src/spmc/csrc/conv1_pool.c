@@ -243,14 +243,16 @@ void conv1_pool_backward(const float *x, const long *xoff, const int *cin, const
     }
 }
 
-/* Stack client g's images src[g] ([N][3][32][32], contiguous) into x: cin[g] = 1 where all three channels of every
- * image are equal (compared exactly, stopping at the first difference), else 3; xoff[g] = where they start.
- * Writes G * N * 3 * 1024 floats at most; the caller pads after sum(N * cin[g] * 1024). */
-void stack_images(const float *const *src, float *x, long *xoff, int *cin, int G, int N, int threads) {
+/* Stack client g's images into x. src[g] is [N][src_cin[g]][32][32], contiguous. A one-channel source is grey by
+ * construction; for a three-channel one cin[g] = 1 where all three channels of every image are equal (compared
+ * bit for bit, stopping at the first difference), else 3. xoff[g] = where client g's images start in x. Writes
+ * at most G * N * 3 * 1024 floats; the caller pads after sum(N * cin[g] * 1024). */
+void stack_images(const float *const *src, const int *src_cin, float *x, long *xoff, int *cin, int G, int N,
+                  int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int g = 0; g < G; ++g) {
         int grey = 1;
-        for (long n = 0; n < N && grey; ++n) {
+        for (long n = 0; n < N && grey && src_cin[g] == 3; ++n) {
             const float *img = src[g] + n * 3072;
             grey = memcmp(img, img + 1024, 4096) == 0 && memcmp(img, img + 2048, 4096) == 0;
         }
@@ -263,8 +265,8 @@ void stack_images(const float *const *src, float *x, long *xoff, int *cin, int G
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int g = 0; g < G; ++g) {
-        if (cin[g] == 3) {
-            memcpy(x + xoff[g], src[g], (size_t)N * 3072 * sizeof(float));
+        if (cin[g] == src_cin[g]) {
+            memcpy(x + xoff[g], src[g], (size_t)N * cin[g] * 4096);
         } else {
             for (long n = 0; n < N; ++n) memcpy(x + xoff[g] + n * 1024, src[g] + n * 3072, 4096);
         }

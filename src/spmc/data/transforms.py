@@ -121,8 +121,8 @@ class Preprocessor:
 
     ``train(x01, g)`` = random_crop(pad 4) → random_hflip(0.5) if ``info.hflip`` → to_three_channels →
     normalize; ``test(x01)`` = to_three_channels → normalize (spec §1.2). Outputs are contiguous float32
-    ``[B, 3, H, W]``. For MNIST and Fashion-MNIST the server-validation transform is the training one
-    (spec §1.2).
+    ``[B, 3, H, W]`` (except ``train(..., grey_view=True)`` on grey images: a stride-0 view). For MNIST and
+    Fashion-MNIST the server-validation transform is the training one (spec §1.2).
     """
 
     def __init__(self, info: DatasetInfo, *, padding: int = 4, flip_p: float = 0.5) -> None:
@@ -138,19 +138,25 @@ class Preprocessor:
                 f"expected a float [B, 1 or 3, H, W] batch in [0, 1], got {x01.dtype} {tuple(x01.shape)}"
             )
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, grey_view: bool = False) -> torch.Tensor:
         if x.shape[1] == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:
             # grey images with one mean/std: normalising before the copy to 3 channels gives the same values
-            return to_three_channels((x - self.mean[0]) / self.std[0])
+            x = (x - self.mean[0]) / self.std[0]
+            return x.expand(-1, 3, -1, -1) if grey_view else to_three_channels(x)
         return normalize(to_three_channels(x), self.mean, self.std).contiguous()
 
-    def train(self, x01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment and normalise a training batch (random crop, optional flip, 3 channels, Normalize)."""
+    def train(self, x01: torch.Tensor, generator: torch.Generator, *, grey_view: bool = False) -> torch.Tensor:
+        """Augment and normalise a training batch (random crop, optional flip, 3 channels, Normalize).
+
+        With ``grey_view``, a grey batch comes back as a read-only view of one channel expanded to 3 (stride 0;
+        the same values without the copies; the batched engine's native kernel then reads one channel). Only for
+        callers that never write into the batch.
+        """
         self._check(x01)
         x = random_crop(x01, self.padding, generator)
         if self.info.hflip:
             x = random_hflip(x, self.flip_p, generator)
-        return self._finish(x)
+        return self._finish(x, grey_view)
 
     def test(self, x01: torch.Tensor) -> torch.Tensor:
         """Normalise a test batch (3 channels, Normalize), no randomness."""
