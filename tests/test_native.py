@@ -223,3 +223,27 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(
         assert "disagrees with torch (weight gradient)" in caplog.text
     finally:
         native.load.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["fmnist", "cifar10"])
+@pytest.mark.parametrize("padding", [4, 0])
+def test_native_augmentation_is_bit_exact(
+    lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch, name: str, padding: int
+) -> None:
+    """Preprocessor.train through the C pass gives the torch pipeline's values bit for bit, with the same draws
+    (the generators end in the same state)."""
+    from spmc.data.registry import DATASETS
+    from spmc.data.transforms import Preprocessor
+
+    pre = Preprocessor(DATASETS[name], padding=padding)
+    channels = 3 if name == "cifar10" else 1
+    x01 = torch.rand(64, channels, 32, 32, generator=torch.Generator().manual_seed(1))
+    x01[:3] = 0.0  # all-zero images: the padding's value equals the images'
+    g_native, g_torch = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert pre._native_applies(x01)
+    fast = pre.train(x01, g_native, grey_view=True)
+    monkeypatch.setattr(Preprocessor, "_native_applies", lambda self, x: False)
+    slow = pre.train(x01, g_torch, grey_view=True)
+    assert torch.equal(fast, slow) and fast.shape == (64, 3, 32, 32)
+    assert fast.stride() == slow.stride()
+    assert torch.equal(torch.rand(3, generator=g_native), torch.rand(3, generator=g_torch))

@@ -110,6 +110,8 @@ def load() -> ctypes.CDLL | None:
     lib.conv1_pool_backward.restype = None
     lib.stack_images.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.stack_images.restype = None
+    lib.crop_flip_normalize.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I]
+    lib.crop_flip_normalize.restype = None
     problem = self_test(lib)
     if problem:
         log.warning(
@@ -256,3 +258,43 @@ def conv1_pool_backward(
     if bool(grey.any()):
         grad_w[grey] = grad_w[grey][:, :, :1].expand(-1, -1, 3, -1, -1)
     return grad_w, total[:, 450:]
+
+
+def crop_flip_normalize(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    oy: torch.Tensor,
+    ox: torch.Tensor,
+    flip: torch.Tensor | None,
+    padding: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Random crop (zero padding ``padding``, offsets ``oy``, ``ox``), optional horizontal flip, then
+    (x − mean[c]) / std[c], of a [B, C, H, W] float32 batch in [0, 1], in one pass; bit for bit what
+    :func:`spmc.data.transforms.random_crop`, ``random_hflip`` and ``normalize`` give for the same draws."""
+    b, c, h, w = x.shape
+    if w > 64 or padding > 16 or len(mean) != c or len(std) != c:
+        raise ValueError(f"crop_flip_normalize: needs W <= 64, padding <= 16, C means/stds; got {tuple(x.shape)}")
+    x = x.contiguous()
+    oy, ox = oy.to(torch.long).contiguous(), ox.to(torch.long).contiguous()
+    flags = flip.to(torch.uint8).contiguous() if flip is not None else None
+    m = torch.tensor(mean, dtype=torch.float32)
+    s = torch.tensor(std, dtype=torch.float32)
+    out = torch.empty_like(x)
+    lib.crop_flip_normalize(
+        x.data_ptr(),
+        b,
+        c,
+        h,
+        w,
+        oy.data_ptr(),
+        ox.data_ptr(),
+        flags.data_ptr() if flags is not None else None,
+        padding,
+        m.data_ptr(),
+        s.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out

@@ -272,3 +272,43 @@ void stack_images(const float *const *src, const int *src_cin, float *x, long *x
         }
     }
 }
+
+/* The training augmentation of spec 1.2 on a batch x [B][C][H][W] of [0, 1] images, in one pass:
+ *   out[b][c][i][j] = (p - mean[c]) / std[c],  p = x[b][c][i + oy[b] - pad][j' + ox[b] - pad] or 0 outside,
+ *   j' = W - 1 - j where flip[b] (a horizontal flip after the crop), else j;
+ * the same float32 operations as torch's pad, gather, flip and (x - mean) / std, so the same bits. A source row
+ * is normalised once into a padded line, from which the output row is a shifted (or reversed) copy.
+ * Needs W <= 64 and pad <= 16. */
+void crop_flip_normalize(const float *x, int B, int C, int H, int W, const long *oy, const long *ox,
+                         const uint8_t *flip, int pad, const float *mean, const float *std, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long bc = 0; bc < (long)B * C; ++bc) {
+        float line[16 + 64 + 16 + 16] __attribute__((aligned(64)));
+        const int b = (int)(bc / C), c = (int)(bc % C);
+        const float *src = x + bc * H * W;
+        float *dst = out + bc * H * W;
+        const float m = mean[c], s = std[c], outside = (0.0f - m) / s;
+        const v16 mv = m - (v16){0}, sv = s - (v16){0};
+        for (int k = 0; k < pad; ++k) line[k] = line[pad + W + k] = outside;
+        for (int i = 0; i < H; ++i) {
+            const int r = i + (int)oy[b] - pad;
+            float *row = dst + i * W;
+            if (r < 0 || r >= H) {
+                for (int j = 0; j < W; ++j) row[j] = outside;
+                continue;
+            }
+            const float *in = src + r * W;
+            int j = 0;
+            for (; j + 16 <= W; j += 16) {
+                const v16 v = (ld(in + j) - mv) / sv;
+                memcpy(line + pad + j, &v, sizeof v);
+            }
+            for (; j < W; ++j) line[pad + j] = (in[j] - m) / s;
+            const float *from = line + ox[b];
+            if (flip && flip[b])
+                for (j = 0; j < W; ++j) row[j] = from[W - 1 - j];
+            else
+                memcpy(row, from, W * sizeof(float));
+        }
+    }
+}

@@ -15,6 +15,7 @@ pads a PIL image with fill 0 before ``ToTensor``/``Normalize``.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spmc import native
 from spmc.data.registry import DatasetInfo
 
 __all__ = [
@@ -153,10 +155,42 @@ class Preprocessor:
         callers that never write into the batch.
         """
         self._check(x01)
+        lib = native.load() if self._native_applies(x01) else None
+        if lib is not None:
+            return self._train_native(lib, x01, generator, grey_view)
         x = random_crop(x01, self.padding, generator)
         if self.info.hflip:
             x = random_hflip(x, self.flip_p, generator)
         return self._finish(x, grey_view)
+
+    def _native_applies(self, x01: torch.Tensor) -> bool:
+        uniform = len(set(self.mean)) == 1 and len(set(self.std)) == 1
+        return (
+            x01.device.type == "cpu"
+            and x01.dtype == torch.float32
+            and x01.shape[-1] <= 64
+            and self.padding <= 16
+            and 0.0 <= self.flip_p <= 1.0
+            and (x01.shape[1] == 3 or uniform)
+        )
+
+    def _train_native(
+        self, lib: ctypes.CDLL, x01: torch.Tensor, generator: torch.Generator, grey_view: bool
+    ) -> torch.Tensor:
+        """:meth:`train` in one pass of :func:`spmc.native.crop_flip_normalize`: the same random draws from
+        ``generator`` in the same order (all oy, all ox, then the flips' u), the same values bit for bit."""
+        b, c = x01.shape[:2]
+        span = 2 * self.padding + 1
+        draw = {"generator": generator, "device": generator.device}
+        zero = torch.zeros(b, dtype=torch.long)
+        oy = torch.randint(0, span, (b,), **draw) if self.padding else zero
+        ox = torch.randint(0, span, (b,), **draw) if self.padding else zero
+        flip = torch.rand(b, **draw) < self.flip_p if self.info.hflip else None
+        mean, std = (self.mean[:1], self.std[:1]) if c == 1 else (self.mean, self.std)
+        x = native.crop_flip_normalize(lib, x01, oy, ox, flip, self.padding, mean, std)
+        if c == 1:
+            return x.expand(-1, 3, -1, -1) if grey_view else to_three_channels(x)
+        return x
 
     def test(self, x01: torch.Tensor) -> torch.Tensor:
         """Normalise a test batch (3 channels, Normalize), no randomness."""
