@@ -247,3 +247,32 @@ def test_native_augmentation_is_bit_exact(
     assert torch.equal(fast, slow) and fast.shape == (64, 3, 32, 32)
     assert fast.stride() == slow.stride()
     assert torch.equal(torch.rand(3, generator=g_native), torch.rand(3, generator=g_torch))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_second_block_backward_equals_torch_autograd(lib: ctypes.CDLL, threads: int) -> None:
+    """∂L/∂a, ∂L/∂w, ∂L/∂b of L = Σ dh·relu(maxpool(conv(a, w)) + b) for 3 stacked clients, against float64 autograd
+    (with float64's own pooling indices, which match float32's here: no near-ties in random data)."""
+    groups, batch = 3, 4
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(batch, groups * 6, 14, 14, generator=gen).relu().contiguous(memory_format=torch.channels_last)
+    w = torch.randn(groups, 16, 6, 5, 5, generator=gen) * 0.2
+    b = torch.randn(groups, 16, generator=gen) * 0.3 - 0.5
+    dh = torch.randn(batch, groups * 16, 5, 5, generator=gen)
+    conv = F.conv2d(a, w.reshape(-1, 6, 5, 5), groups=groups)
+    pooled, idx = F.max_pool2d_with_indices(conv, 2)
+    h = (pooled + b.reshape(1, -1, 1, 1)).relu()
+    assert 0.1 < float((h > 0).float().mean()) < 0.9
+    a64, w64, b64 = (t.double().requires_grad_(True) for t in (a, w, b))
+    ref = F.relu(F.max_pool2d(F.conv2d(a64, w64.reshape(-1, 6, 5, 5), groups=groups), 2) + b64.reshape(1, -1, 1, 1))
+    (ref * dh.double()).sum().backward()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        da, dw, db = native.conv2_pool_backward(lib, a, w, dh, h, idx)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(da.double(), a64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(db.double(), b64.grad, atol=1e-4, rtol=1e-5)
+    assert da.is_contiguous(memory_format=torch.channels_last)

@@ -163,12 +163,34 @@ class NativeFirstBlock(torch.autograd.Function):
         return None, grad_w, grad_b.view(ctx.bias_shape), None, None
 
 
+class NativeSecondBlock(torch.autograd.Function):
+    """SimpleCNN's second block for all clients, h = relu(maxpool₂(conv(a, w)) + b), with the compiled backward
+    of :func:`spmc.native.conv2_pool_backward`: only the pooled maxima carry a gradient, so ∂L/∂a and ∂L/∂w are
+    scatters from them instead of two dense convolutions (oneDNN pads the 6 channels per client of ∂L/∂a to 16).
+    The forward pass is torch's (grouped convolution, channels_last)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        conv = F.conv2d(a, w.reshape(-1, *w.shape[2:]), groups=w.shape[0])
+        pooled, idx = F.max_pool2d_with_indices(conv, 2)
+        h = pooled.add_(b.reshape(1, -1, 1, 1)).relu_()
+        ctx.save_for_backward(a, w, h, idx)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        a, w, h, idx = ctx.saved_tensors
+        grad_a, grad_w, grad_b = native.conv2_pool_backward(native.load(), a, w, grad, h, idx)
+        return grad_a, grad_w, grad_b.view(h.shape[1] // 16, 16)
+
+
 class StackedSimpleCNN:
     """A functional SimpleCNN over C stacked parameter rows.
 
-    With ``native`` the first block runs the compiled kernel (:class:`NativeFirstBlock`) and the inputs are a
-    :class:`spmc.native.ImageBatch`; otherwise they are [B, C·3, 32, 32] (client k's images in channels
-    3k … 3k+2) and the first block is torch's grouped convolution.
+    With ``native`` the first block runs the compiled kernel (:class:`NativeFirstBlock`), so does the second
+    block's backward pass (:class:`NativeSecondBlock`), and the inputs are a :class:`spmc.native.ImageBatch`;
+    otherwise they are [B, C·3, 32, 32] (client k's images in channels 3k … 3k+2) and both blocks are torch's
+    grouped convolutions.
     """
 
     def __init__(self, layout: ParamLayout, native: bool = False) -> None:
@@ -222,6 +244,9 @@ class StackedSimpleCNN:
         for name in convs:
             w = params[f"{name}.weight"]
             b = params[f"{name}.bias"]
+            if self.native and name == "conv2" and torch.is_grad_enabled():
+                h = NativeSecondBlock.apply(h, w, b)
+                continue
             h = F.max_pool2d(GroupedConv.apply(h, w.reshape(-1, *w.shape[2:]), c), 2)
             # = max_pool(relu(conv + b)): the per-channel bias and relu commute with max-pooling, so both run on
             # the 4× smaller pooled tensor (and the bias gradient is a sum over it)

@@ -112,6 +112,8 @@ def load() -> ctypes.CDLL | None:
     lib.stack_images.restype = None
     lib.crop_flip_normalize.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I]
     lib.crop_flip_normalize.restype = None
+    lib.conv2_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
+    lib.conv2_pool_backward.restype = None
     problem = self_test(lib)
     if problem:
         log.warning(
@@ -123,8 +125,9 @@ def load() -> ctypes.CDLL | None:
 
 
 def self_test(lib: ctypes.CDLL) -> str | None:
-    """Check a freshly loaded kernel against torch on a few images (a grey and a colour client, both passes);
-    returns what disagrees, or None. Guards against a miscompiling C compiler."""
+    """Check a freshly loaded kernel against torch on a few images (a grey and a colour client, both passes of
+    the first block, the second block's backward); returns what disagrees, or None. Guards against a miscompiling
+    C compiler (one did: see ``FLAG_SETS``)."""
     gen = torch.Generator().manual_seed(0)
     grey = torch.rand(2, 1, 32, 32, generator=gen).expand(-1, 3, -1, -1)
     images = [grey, torch.rand(2, 3, 32, 32, generator=gen)]
@@ -145,6 +148,20 @@ def self_test(lib: ctypes.CDLL) -> str | None:
         return "weight gradient"
     if not torch.allclose(grad_b, (dp * (h > 0)).view(2, 14, 14, 2, 6).sum(dim=(0, 1, 2)), atol=1e-4):
         return "bias gradient"
+    a = torch.rand(2, 12, 14, 14, generator=gen).contiguous(memory_format=torch.channels_last)
+    w2 = torch.randn(2, 16, 6, 5, 5, generator=gen)
+    b2 = torch.randn(2, 16, generator=gen)
+    pooled2, idx = F.max_pool2d_with_indices(F.conv2d(a, w2.reshape(32, 6, 5, 5), groups=2), 2)
+    h2 = (pooled2 + b2.reshape(1, -1, 1, 1)).relu()
+    dh = torch.randn(2, 32, 5, 5, generator=gen)
+    a64, w64 = a.double().requires_grad_(True), w2.double().requires_grad_(True)
+    ref2 = F.max_pool2d(F.conv2d(a64, w64.reshape(32, 6, 5, 5), groups=2), 2)
+    (ref2 * (h2 > 0) * dh).sum().backward()
+    got = conv2_pool_backward(lib, a, w2, dh, h2, idx)
+    if not (
+        torch.allclose(got[0].double(), a64.grad, atol=1e-3) and torch.allclose(got[1].double(), w64.grad, atol=1e-3)
+    ):
+        return "second block's backward"
     return None
 
 
@@ -298,3 +315,26 @@ def crop_flip_normalize(
         torch.get_num_threads(),
     )
     return out
+
+
+def conv2_pool_backward(
+    lib: ctypes.CDLL, a: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """∂L/∂a [B, G·6, 14, 14] (channels_last), ∂L/∂w [G, 16, 6, 5, 5] and ∂L/∂b [G, 16] of SimpleCNN's second
+    block h = relu(maxpool₂(conv(a, w)) + b) for G clients, from ``grad`` = ∂L/∂h, ``h`` and max-pooling's flat
+    indices ``idx`` (all [B, G·16, 5, 5]). Only each window's maximum gets a gradient, so both are scatters of
+    δ = ∂L/∂h·[h > 0]: ∂L/∂a[c, y + i, x + j] += δ·w[o, c, i, j] and ∂L/∂w[o, c, i, j] += δ·a[c, y + i, x + j]
+    for the maximum (y, x) of each window of channel o."""
+    groups, batch = w.shape[0], a.shape[0]
+    cl = torch.channels_last
+    a, grad, h, idx = (t.contiguous(memory_format=cl) for t in (a, grad, h, idx))
+    wt = torch.zeros(groups, 16, 5, 32)
+    wt[..., :30] = w.permute(0, 1, 3, 4, 2).reshape(groups, 16, 5, 30)  # [g, o, kh, kw·6 + c]
+    da = torch.empty(batch, groups * 6, 14, 14, memory_format=cl)
+    threads = torch.get_num_threads()
+    partial = torch.zeros(threads, groups, 16 * 5 * 32 + 16)
+    ptrs = (a.data_ptr(), wt.data_ptr(), grad.data_ptr(), h.data_ptr(), idx.data_ptr(), da.data_ptr())
+    lib.conv2_pool_backward(*ptrs, partial.data_ptr(), groups, batch, threads)
+    total = partial.sum(dim=0) if threads > 1 else partial[0]
+    grad_w = total[:, : 16 * 5 * 32].view(groups, 16, 5, 32)[..., :30].reshape(groups, 16, 5, 5, 6)
+    return da, grad_w.permute(0, 1, 4, 2, 3).contiguous(), total[:, 16 * 5 * 32 :]

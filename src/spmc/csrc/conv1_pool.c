@@ -312,3 +312,64 @@ void crop_flip_normalize(const float *x, int B, int C, int H, int W, const long 
         }
     }
 }
+
+/* The backward pass of SimpleCNN's second block for C stacked clients, h2 = relu(maxpool(conv(a, w2)) + b2) with
+ * conv 6 -> 16 channels, 5x5, on 14x14 inputs (10x10 outputs, pooled to 5x5). Only the pooled maxima carry a
+ * gradient, so both gradients are scatters from the 25 maxima of each output channel:
+ *   delta = dL/dh2 * [h2 > 0];  for each maximum (h, w) = divmod(idx, 10) of channel o with value delta:
+ *   dL/da[c][h + kh][w + kw] += delta * w2[o][c][kh][kw],  dL/dw2[o][c][kh][kw] += delta * a[c][h + kh][w + kw],
+ *   dL/db2[o] += delta.
+ * A row of 5 pixels x 6 channels (channels last) is 30 contiguous floats, two 16-lane vectors; w2 comes as
+ * wt[g][o][kh][32] = w2[g][o][c][kh][kw] at lane kw * 6 + c and zeros in lanes 30-31, so the two extra lanes add
+ * nothing to the next pixel of da.
+ * Layouts: a, da [N][14][14][G*6]; dh, h2 [N][5][5][G*16]; idx the same, int64; wt [G][16][5][32];
+ * grad [threads][G][16 * 5 * 32 + 16]: dL/dw2 as [o][kh][kw * 6 + c] (lanes 30-31 unused), then dL/db2. */
+void conv2_pool_backward(const float *a, const float *wt, const float *dh, const float *h2, const long *idx,
+                         float *da, float *grad, int G, int N, int threads) {
+    const long ga = (long)G * 6, gh = (long)G * 16;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *gt = grad + (long)t * G * (16 * 5 * 32 + 16);
+        float ai[14 * 14 * 6 + 16] __attribute__((aligned(64)));
+        float di[14 * 14 * 6 + 16] __attribute__((aligned(64)));
+        memset(ai + 14 * 14 * 6, 0, 16 * sizeof(float));
+#pragma omp for schedule(static)
+        for (long it = 0; it < (long)G * N; ++it) {
+            const int n = (int)(it / G), g = (int)(it % G);
+            for (int p = 0; p < 196; ++p) memcpy(ai + p * 6, a + ((long)n * 196 + p) * ga + g * 6, 6 * sizeof(float));
+            memset(di, 0, sizeof di);
+            const float *wg = wt + (long)g * 16 * 5 * 32;
+            float *gw = gt + (long)g * (16 * 5 * 32 + 16);
+            for (int p = 0; p < 25; ++p) {
+                const long at = ((long)n * 25 + p) * gh + g * 16;
+                for (int o = 0; o < 16; ++o) {
+                    if (!(h2[at + o] > 0.0f)) continue;
+                    const float d = dh[at + o];
+                    if (d == 0.0f) continue;
+                    const long m = idx[at + o];
+                    const int base = (int)((m / 10) * 14 + m % 10) * 6;
+                    const v16 dv = d - (v16){0};
+                    gw[16 * 5 * 32 + o] += d;
+#pragma GCC unroll 5
+                    for (int kh = 0; kh < 5; ++kh) {
+                        float *drow = di + base + kh * 14 * 6;
+                        const float *arow = ai + base + kh * 14 * 6;
+                        const float *wrow = wg + (o * 5 + kh) * 32;
+                        float *grow = gw + (o * 5 + kh) * 32;
+                        for (int half = 0; half < 32; half += 16) {
+                            const v16 x = ld(drow + half) + dv * ld(wrow + half);
+                            memcpy(drow + half, &x, sizeof x);
+                            const v16 y = ld(grow + half) + dv * ld(arow + half);
+                            memcpy(grow + half, &y, sizeof y);
+                        }
+                    }
+                }
+            }
+            for (int p = 0; p < 196; ++p) memcpy(da + ((long)n * 196 + p) * ga + g * 6, di + p * 6, 6 * sizeof(float));
+        }
+    }
+}
