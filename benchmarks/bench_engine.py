@@ -3,15 +3,15 @@
 Prints one JSON object:
 - ``kernel``: the batched engine's first-block kernel here (``native`` where the C kernel builds, else ``torch``);
 - ``matmul_gflops``: the fp32 matmul ceiling of this machine (2048² × 2048², best of 5);
-- ``throughput_grey``, ``throughput_colour``: samples/s of both engines for the plain and the SPMC client on SimpleCNN with 10 clients of equal
-  size (batch 64), the speed-up, and the achieved GFLOP/s as a fraction of the ceiling (SimpleCNN: 1.364 MFLOP
-  forward, 2.022 MFLOP backward per sample, the backward without conv1's input gradient; an SPMC step is one
-  student forward, one teacher forward and two backward passes). Measured on grey images (Fashion-MNIST's
-  sizes: 28×28, one channel, copied to 3) and on colour ones (3 different channels, 32×32, as CIFAR-10): the
-  batched engine's native kernel convolves a grey client's single channel with the weights summed over the
-  channels and computes the second block's gradients from the pooled maxima only, so its GFLOP/s count the
-  model's nominal (dense) FLOPs, not the ones it executes. ``batched_torch_kernel`` is the batched engine with
-  torch's convolutions instead (``kernel = "torch"``);
+- ``throughput_grey``, ``throughput_colour``: samples/s of both engines for the plain and the SPMC client on
+  SimpleCNN with 10 clients of equal size (batch 64), the speed-up, and the achieved GFLOP/s as a fraction of the
+  ceiling (SimpleCNN: 1.364 MFLOP forward, 2.022 MFLOP backward per sample, the backward without conv1's input
+  gradient; an SPMC step is one student forward, one teacher forward and two backward passes). Measured on grey
+  images (Fashion-MNIST's sizes: 28×28, one channel, copied to 3) and on colour ones (3 different channels,
+  32×32, as CIFAR-10): the batched engine's native kernel convolves a grey client's single channel with the
+  weights summed over the channels and computes the second block's gradients from the pooled maxima only, so its
+  GFLOP/s count the model's nominal (dense) FLOPs, not the ones it executes. ``batched_torch_kernel`` is the
+  batched engine with torch's convolutions instead (``kernel = "torch"``);
 - ``round``: seconds per round of the paper-fmnist protocol (Dirichlet(0.5) over 54,000 images, SPMC client, 10
   local epochs) for 10 clients and for 100 clients with the same total data, measured on one local epoch and scaled
   by 10, with the projected time of a 50-round run. The images are synthetic (same sizes as Fashion-MNIST), so the
