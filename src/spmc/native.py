@@ -1,17 +1,24 @@
-"""A compiled kernel for SimpleCNN's first block in the batched engine: conv1 (3 → 6, 5×5) fused with max-pooling.
+"""Compiled CPU kernels for the batched engine's SimpleCNN and for the training augmentation (issue 4).
 
-oneDNN runs this layer at about a third of the CPU's speed (it pads the 3 input and 6 output channels of each
-client to blocks of 16) and writes the 28×28 convolution output only for max-pooling to read it back. The C
-kernel in ``csrc/conv1_pool.c`` vectorises along an output row instead and keeps each row pair in registers until
-it is pooled, so only the pooled values and a 2-bit argmax per window are stored; the weight gradient rebuilds the
-convolution's output gradient from those, one image at a time.
+``csrc/conv1_pool.c`` holds:
 
-It is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3 -march=native``) into
-``$SPMC_CACHE_DIR`` (default ``~/.cache/spmc``), keyed by the source, the flags and the CPU, and called through
-``ctypes``. With ``-fopenmp`` it links ``libgomp.so.1``, which the dynamic loader resolves to the copy torch has
-already loaded, so a call runs on torch's own ``torch.get_num_threads()`` worker threads (separate Python threads
-were slower: torch's idle workers spin and take their cores). Where no compiler works, :func:`load` returns None
-and the engine keeps its torch path (``kernel = "auto"``).
+- :func:`conv1_pool_forward` / :func:`conv1_pool_backward`: the first block, conv1 (3 → 6, 5×5) fused with
+  max-pooling, bias and relu. oneDNN runs conv1 at about a third of the CPU's speed (it pads the 3 input and 6
+  output channels of each client to blocks of 16) and writes the 28×28 convolution output only for max-pooling to
+  read it back. The kernel vectorises along an output row and keeps each row pair in registers until it is
+  pooled, so only the pooled values and a 2-bit argmax per window are stored; the backward pass rebuilds the
+  convolution's output gradient from those, one image at a time. Grey clients (3 equal channels) convolve one
+  channel with the channel-summed weights (:class:`ImageBatch`).
+- :func:`conv2_pool_backward`: the second block's gradients as scatters from the pooled maxima.
+- :func:`crop_flip_normalize`: random crop, flip and normalisation in one pass, bit-exact with the torch path.
+
+It is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``; ``FLAG_SETS``) into
+``$SPMC_CACHE_DIR`` (default ``~/.cache/spmc``), keyed by the source, the flags and the CPU, checked against torch
+(:func:`self_test`) and called through ``ctypes``. With ``-fopenmp`` it links ``libgomp.so.1``, which the dynamic
+loader resolves to the copy torch has already loaded, so a call runs on torch's own ``torch.get_num_threads()``
+worker threads (separate Python threads were slower: torch's idle workers spin and take their cores). Where no
+compiler works, or the self-test fails, or ``SPMC_NATIVE=0``, :func:`load` returns None and spmc uses torch's
+kernels (``kernel = "auto"``). Results agree with the torch path to float rounding (the augmentation bit for bit).
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("native kernel: no C compiler found ($CC, cc, gcc); the batched engine uses torch's conv1")
+        log.warning("native kernel: no C compiler found ($CC, cc, gcc); spmc uses torch's kernels instead (slower)")
         return None
     source = SOURCE.read_bytes()
     for flags in FLAG_SETS:
@@ -102,7 +109,7 @@ def load() -> ctypes.CDLL | None:
         except OSError as err:
             log.info("native kernel: cannot build or load %s: %s", target, err)
     else:
-        log.warning("native kernel: compiling %s failed; the batched engine uses torch's conv1", SOURCE.name)
+        log.warning("native kernel: compiling %s failed; spmc uses torch's kernels instead (slower)", SOURCE.name)
         return None
     lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.conv1_pool_forward.restype = None
@@ -117,7 +124,7 @@ def load() -> ctypes.CDLL | None:
     problem = self_test(lib)
     if problem:
         log.warning(
-            "native kernel: %s disagrees with torch (%s); the batched engine uses torch's conv1", target, problem
+            "native kernel: %s disagrees with torch (%s); spmc uses torch's kernels instead (slower)", target, problem
         )
         return None
     log.info("native kernel: %s", target)
