@@ -99,35 +99,35 @@ def load() -> ctypes.CDLL | None:
         log.warning("native kernel: no C compiler found ($CC, cc, gcc); spmc uses torch's kernels instead (slower)")
         return None
     source = SOURCE.read_bytes()
-    for flags in FLAG_SETS:
+    for flags in FLAG_SETS:  # the next, safer set where a build fails, will not load or fails its self-test
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_signature().encode()]))
         target = cache_dir() / f"conv1_pool-{key.hexdigest()[:16]}.so"
         try:
-            if target.exists() or _compile(compiler, flags, target):
-                lib = ctypes.CDLL(str(target))
-                break
+            if not (target.exists() or _compile(compiler, flags, target)):
+                continue
+            lib = _declare(ctypes.CDLL(str(target)))
         except OSError as err:
             log.info("native kernel: cannot build or load %s: %s", target, err)
-    else:
-        log.warning("native kernel: compiling %s failed; spmc uses torch's kernels instead (slower)", SOURCE.name)
-        return None
+            continue
+        problem = self_test(lib)
+        if problem is None:
+            log.info("native kernel: %s", target)
+            return lib
+        log.warning("native kernel: %s disagrees with torch (%s)", target, problem)
+    log.warning("native kernel: no working build of %s; spmc uses torch's kernels instead (slower)", SOURCE.name)
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Argument types of the library's functions."""
     lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
-    lib.conv1_pool_forward.restype = None
     lib.conv1_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
-    lib.conv1_pool_backward.restype = None
     lib.stack_images.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
-    lib.stack_images.restype = None
     lib.crop_flip_normalize.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I]
-    lib.crop_flip_normalize.restype = None
     lib.conv2_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
+    for name in ("conv1_pool_forward", "conv1_pool_backward", "stack_images", "crop_flip_normalize"):
+        getattr(lib, name).restype = None
     lib.conv2_pool_backward.restype = None
-    problem = self_test(lib)
-    if problem:
-        log.warning(
-            "native kernel: %s disagrees with torch (%s); spmc uses torch's kernels instead (slower)", target, problem
-        )
-        return None
-    log.info("native kernel: %s", target)
     return lib
 
 
@@ -169,6 +169,18 @@ def self_test(lib: ctypes.CDLL) -> str | None:
         torch.allclose(got[0].double(), a64.grad, atol=1e-3) and torch.allclose(got[1].double(), w64.grad, atol=1e-3)
     ):
         return "second block's backward"
+    if not torch.allclose(got[2], (dh * (h2 > 0)).sum(dim=(0, 2, 3)).view(2, 16), atol=1e-4):
+        return "second block's bias gradient"
+    images = torch.rand(3, 3, 32, 32, generator=gen)
+    oy, ox = torch.tensor([0, 4, 8]), torch.tensor([8, 0, 3])
+    flip = torch.tensor([True, False, True])
+    crop = crop_flip_normalize(lib, images, oy, ox, flip, 4, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    padded = F.pad(images, (4, 4, 4, 4))
+    want = torch.stack([padded[i, :, int(oy[i]) : int(oy[i]) + 32, int(ox[i]) : int(ox[i]) + 32] for i in range(3)])
+    want = torch.where(flip.view(3, 1, 1, 1), want.flip(-1), want)
+    want = (want - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
+    if not torch.equal(crop, want):
+        return "augmentation"
     return None
 
 
@@ -202,7 +214,7 @@ class ImageBatch:
         # a batch expanded from one channel (stride 0) is grey by construction: only that channel is read
         src = [(x[:, :1] if x.stride(1) == 0 else x).detach().to(torch.float32).contiguous() for x in images]
         src_channels = torch.tensor([x.shape[1] for x in src], dtype=torch.int32)
-        buf = torch.empty(groups * batch * 3 * 32 * 32 + PAD, device=images[0].device)
+        buf = torch.empty(groups * batch * 3 * 32 * 32 + PAD, dtype=torch.float32, device=images[0].device)
         offsets = torch.empty(groups, dtype=torch.long)
         channels = torch.empty(groups, dtype=torch.int32)
         pointers = (ctypes.c_void_p * groups)(*[x.data_ptr() for x in src])
@@ -250,9 +262,9 @@ def conv1_pool_forward(
     if bool(grey.any()):
         w = w.clone()
         w[grey, :, 0] = w[grey].sum(dim=2)
-    w = w.contiguous()
+    w = w.to(torch.float32).contiguous()
     nch = w.shape[1] // 6
-    out = torch.empty(nch, x.batch, 14, 14, x.groups * 6)
+    out = torch.empty(nch, x.batch, 14, 14, x.groups * 6, dtype=torch.float32)
     arg = torch.empty(x.groups, x.batch, 14, 14, 6, dtype=torch.uint8) if argmax else None
     ptrs = (x.buf.data_ptr(), x.offsets.data_ptr(), x.channels.data_ptr(), w.data_ptr(), out.data_ptr())
     lib.conv1_pool_forward(
@@ -270,10 +282,10 @@ def conv1_pool_backward(
     δ = ∂L/∂h·[h > 0]: ∂L/∂b = Σ δ over batch and space, and ∂L/∂w is the convolution's weight gradient of δ placed
     at each window's argmax (for a grey client the same for each of the 3 input channels).
     """
-    grad, h = grad.contiguous(), h.contiguous()
+    grad, h = grad.to(torch.float32).contiguous(), h.to(torch.float32).contiguous()
     threads = torch.get_num_threads()
-    partial = torch.zeros(threads, x.groups, 456)
-    delta = torch.empty(x.groups, x.batch, 14, 14, 6)
+    partial = torch.zeros(threads, x.groups, 456, dtype=torch.float32)
+    delta = torch.empty(x.groups, x.batch, 14, 14, 6, dtype=torch.float32)
     ptrs = (x.buf.data_ptr(), x.offsets.data_ptr(), x.channels.data_ptr(), grad.data_ptr(), h.data_ptr())
     lib.conv1_pool_backward(*ptrs, arg.data_ptr(), delta.data_ptr(), partial.data_ptr(), x.groups, x.batch, threads)
     total = partial.sum(dim=0) if threads > 1 else partial[0]
@@ -300,7 +312,7 @@ def crop_flip_normalize(
     b, c, h, w = x.shape
     if w > 64 or padding > 16 or len(mean) != c or len(std) != c:
         raise ValueError(f"crop_flip_normalize: needs W <= 64, padding <= 16, C means/stds; got {tuple(x.shape)}")
-    x = x.contiguous()
+    x = x.to(torch.float32).contiguous()
     oy, ox = oy.to(torch.long).contiguous(), ox.to(torch.long).contiguous()
     flags = flip.to(torch.uint8).contiguous() if flip is not None else None
     m = torch.tensor(mean, dtype=torch.float32)
@@ -334,12 +346,13 @@ def conv2_pool_backward(
     for the maximum (y, x) of each window of channel o."""
     groups, batch = w.shape[0], a.shape[0]
     cl = torch.channels_last
-    a, grad, h, idx = (t.contiguous(memory_format=cl) for t in (a, grad, h, idx))
-    wt = torch.zeros(groups, 16, 5, 32)
+    a, grad, h = (t.to(torch.float32).contiguous(memory_format=cl) for t in (a, grad, h))
+    idx = idx.contiguous(memory_format=cl)
+    wt = torch.zeros(groups, 16, 5, 32, dtype=torch.float32)
     wt[..., :30] = w.permute(0, 1, 3, 4, 2).reshape(groups, 16, 5, 30)  # [g, o, kh, kw·6 + c]
-    da = torch.empty(batch, groups * 6, 14, 14, memory_format=cl)
+    da = torch.empty(batch, groups * 6, 14, 14, dtype=torch.float32, memory_format=cl)
     threads = torch.get_num_threads()
-    partial = torch.zeros(threads, groups, 16 * 5 * 32 + 16)
+    partial = torch.zeros(threads, groups, 16 * 5 * 32 + 16, dtype=torch.float32)
     ptrs = (a.data_ptr(), wt.data_ptr(), grad.data_ptr(), h.data_ptr(), idx.data_ptr(), da.data_ptr())
     lib.conv2_pool_backward(*ptrs, partial.data_ptr(), groups, batch, threads)
     total = partial.sum(dim=0) if threads > 1 else partial[0]

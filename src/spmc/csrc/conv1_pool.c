@@ -21,7 +21,7 @@
  *   grad [threads][G][6*3*25 + 6]                     dL/dw and dL/dbias of block 0, a zeroed partial sum per thread
  *                                                     (channels c >= cin[g] are left at zero)
  *
- * Ties in a pooling window go to the first maximum in row-major order, as in torch's max_pool2d.
+ * Ties in a pooling window go to the first maximum in row-major order, and a NaN wins, as in torch's max_pool2d.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -76,9 +76,10 @@ INLINE void image_forward(const float *xi, const float *wg, float *og, uint8_t *
             const v16 b = __builtin_shuffle(acc[o][0][0], acc[o][0][1], odd);
             const v16 c = __builtin_shuffle(acc[o][1][0], acc[o][1][1], even);
             const v16 d = __builtin_shuffle(acc[o][1][0], acc[o][1][1], odd);
-            const v16i right_top = b > a, right_bottom = d > c;
+            /* as torch: a later value wins if greater or NaN (x != x) */
+            const v16i right_top = (b > a) | (b != b), right_bottom = (d > c) | (d != d);
             const v16 top = sel(right_top, b, a), bottom = sel(right_bottom, d, c);
-            const v16i low = bottom > top;
+            const v16i low = (bottom > top) | (bottom != bottom);
             float m[16];
             const v16 best = sel(low, bottom, top);
             memcpy(m, &best, sizeof m);
@@ -154,6 +155,7 @@ INLINE void image_weight_grad(const float *xi, const float (*dy)[28][32], float 
  * grad once per client. */
 static void backward_range(const float *x, const long *xoff, const int *cin, const float *delta, const uint8_t *arg,
                            float *grad, int N, long lo, long hi) {
+    if (lo >= hi) return; /* an empty share (more threads than work) */
     float dy[6][28][32] __attribute__((aligned(64)));
     float xs[5][32][32] __attribute__((aligned(64)));
     v16 sums[6][3][5][5];
@@ -219,7 +221,7 @@ void conv1_pool_backward(const float *x, const long *xoff, const int *cin, const
             long i = 0;
             for (; i + 16 <= gc; i += 16) {
                 const v16 hv = ld(hr + i), dv = ld(dr + i);
-                const v16 masked = sel(hv > 0.0f, dv, dv - dv);
+                const v16 masked = sel(hv > 0.0f, dv, (v16){0});
                 memcpy(row + i, &masked, sizeof masked);
             }
             for (; i < gc; ++i) row[i] = hr[i] > 0.0f ? dr[i] : 0.0f;

@@ -155,7 +155,7 @@ class Preprocessor:
         callers that never write into the batch.
         """
         self._check(x01)
-        lib = native.load() if self._native_applies(x01) else None
+        lib = native.load() if self._native_applies(x01, generator) else None
         if lib is not None:
             return self._train_native(lib, x01, generator, grey_view)
         x = random_crop(x01, self.padding, generator)
@@ -163,10 +163,11 @@ class Preprocessor:
             x = random_hflip(x, self.flip_p, generator)
         return self._finish(x, grey_view)
 
-    def _native_applies(self, x01: torch.Tensor) -> bool:
+    def _native_applies(self, x01: torch.Tensor, generator: torch.Generator) -> bool:
         uniform = len(set(self.mean)) == 1 and len(set(self.std)) == 1
         return (
             x01.device.type == "cpu"
+            and generator.device.type == "cpu"
             and x01.dtype == torch.float32
             and x01.shape[-1] <= 64
             and self.padding <= 16
