@@ -42,8 +42,8 @@ class Experiment(BaseModel):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="batched engine's first block (conv1 + max-pool): native = a C kernel compiled at first use "
-        "(CPU), torch = oneDNN; auto = native on the CPU where a C compiler works, else torch",
+        description="batched engine's convolutions (first block, second block's backward): native = C kernels "
+        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch",
     )
 
     dataset: str = "fmnist-sample"

@@ -125,9 +125,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.stack_images.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.crop_flip_normalize.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I]
     lib.conv2_pool_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I]
-    for name in ("conv1_pool_forward", "conv1_pool_backward", "stack_images", "crop_flip_normalize"):
+    for name in (
+        "conv1_pool_forward",
+        "conv1_pool_backward",
+        "stack_images",
+        "crop_flip_normalize",
+        "conv2_pool_backward",
+    ):
         getattr(lib, name).restype = None
-    lib.conv2_pool_backward.restype = None
     return lib
 
 

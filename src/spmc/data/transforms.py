@@ -96,9 +96,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     b, c, h, w = x.shape
     hp, wp = h + 2 * padding, w + 2 * padding
     padded = F.pad(x, (padding, padding, padding, padding)).reshape(b, c, hp * wp)
-    span = 2 * padding + 1
-    oy = torch.randint(0, span, (b,), generator=generator, device=generator.device).to(x.device)
-    ox = torch.randint(0, span, (b,), generator=generator, device=generator.device).to(x.device)
+    oy, ox = (o.to(x.device) for o in _crop_offsets(b, padding, generator))
     flat = (oy * wp + ox)[:, None] + _window(h, w, wp, x.device)  # [B, H·W]
     return padded.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w)).reshape(b, c, h, w)
 
@@ -109,12 +107,23 @@ def _window(h: int, w: int, wp: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(h, device=device)[:, None] * wp + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 
+def _crop_offsets(b: int, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomCrop's offsets oy, ox ~ U{0, …, 2·padding}, first all oy then all ox, on the generator's device."""
+    span = 2 * padding + 1
+    oy = torch.randint(0, span, (b,), generator=generator, device=generator.device)
+    return oy, torch.randint(0, span, (b,), generator=generator, device=generator.device)
+
+
+def _flip_draws(b: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which samples RandomHorizontalFlip flips: u_b < p, u_b ~ U[0, 1), on the generator's device."""
+    return torch.rand(b, generator=generator, device=generator.device) < p
+
+
 def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Flip each sample left-right independently with probability ``p``: flip_b = (u_b < p), u_b ~ U[0, 1)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    u = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device)
-    flip = (u < p).view(-1, 1, 1, 1)
+    flip = _flip_draws(x.shape[0], p, generator).to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -181,12 +190,9 @@ class Preprocessor:
         """:meth:`train` in one pass of :func:`spmc.native.crop_flip_normalize`: the same random draws from
         ``generator`` in the same order (all oy, all ox, then the flips' u), the same values bit for bit."""
         b, c = x01.shape[:2]
-        span = 2 * self.padding + 1
-        draw = {"generator": generator, "device": generator.device}
         zero = torch.zeros(b, dtype=torch.long)
-        oy = torch.randint(0, span, (b,), **draw) if self.padding else zero
-        ox = torch.randint(0, span, (b,), **draw) if self.padding else zero
-        flip = torch.rand(b, **draw) < self.flip_p if self.info.hflip else None
+        oy, ox = _crop_offsets(b, self.padding, generator) if self.padding else (zero, zero)
+        flip = _flip_draws(b, self.flip_p, generator) if self.info.hflip else None
         mean, std = (self.mean[:1], self.std[:1]) if c == 1 else (self.mean, self.std)
         x = native.crop_flip_normalize(lib, x01, oy, ox, flip, self.padding, mean, std)
         if c == 1:
