@@ -73,7 +73,20 @@ class Experiment(BaseModel):
         description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
     )
     on_invalid_update: Literal["drop", "stop"] = Field(
-        "drop", description="a client state with NaN/Inf or the wrong size: drop it for the round, or stop the run"
+        "drop",
+        description="a client state with NaN/Inf, the wrong size or refused by the update guard: drop it for the "
+        "round, or stop the run",
+    )
+    update_guard: bool = Field(
+        True,
+        description="refuse client states that break float arithmetic before any defense sees them (a safety net, "
+        "not a defense; docs/reliability.md)",
+    )
+    update_guard_max_abs: float = Field(
+        1e15, gt=0.0, description="update guard: refuse a state with any |value| >= this"
+    )
+    update_guard_norm_ratio: float = Field(
+        1e6, ge=1.0, description="update guard: refuse an update norm above this × the round's median update norm"
     )
     fedavg_weighting: Literal["uniform", "samples"] = "uniform"
     exclude_int_buffers: bool = True

@@ -5,7 +5,7 @@
 for t in 0..T-1:
     S_t ← participants (all clients at participation 1.0)
     θ_k ← LocalTrain_k(θ_g [, teacher_k])          client = plain | spmc (malicious clients: per threat model)
-    reject non-finite or mis-sized states
+    update guard: reject mis-sized, non-finite or absurd states (spmc.guard)
     θ_g, α ← defense.aggregate(...)                 defense = fedavg | spmc | ...
     teacher_k ← Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j       (spec §4.1; only when the spmc client is used)
     A_t, ASR_t ← evaluate θ_g
@@ -44,6 +44,7 @@ from spmc.data import (
 from spmc.data.strong_aug import strong_augment
 from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
 from spmc.defenses.server_data import ServerData
+from spmc.guard import InvalidUpdateError, UpdateGuard, finalise_global, guard_states
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
@@ -60,10 +61,6 @@ def derive_seed(*parts: int) -> int:
 
 # Purposes for derive_seed, so that streams never collide (public: the Flower apps derive the same streams).
 SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
-
-
-class InvalidUpdateError(RuntimeError):
-    """A client state was rejected and ``on_invalid_update = 'stop'``, or no valid state was left."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,6 +209,11 @@ def optim_config(cfg: Experiment) -> OptimConfig:
     )
 
 
+def update_guard(cfg: Experiment) -> UpdateGuard:
+    """The update guard's thresholds of ``cfg`` (:mod:`spmc.guard`)."""
+    return UpdateGuard(cfg.update_guard, cfg.update_guard_max_abs, cfg.update_guard_norm_ratio)
+
+
 def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
     """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38)."""
     return ServerData(
@@ -289,6 +291,7 @@ class Simulation:
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
         self.store = RunStore(out_dir) if out_dir is not None else None
+        self.guard = update_guard(cfg)
 
     def _build_engine(self) -> SequentialEngine | BatchedEngine:
         """The configured engine; ``auto`` takes the batched one wherever it applies (SimpleCNN)."""
@@ -332,22 +335,19 @@ class Simulation:
             for k in ids
         ]
 
-    def check_states(self, states: list[torch.Tensor], ids: list[int]) -> list[int]:
-        """Positions of the valid client states. A state with the wrong size or with NaN/Inf is logged and, per
-        ``on_invalid_update``, dropped for the round or the run is stopped; it never reaches a defense."""
-        keep = []
-        for i, (k, state) in enumerate(zip(ids, states)):
-            if state.shape != (self.layout.dim,):
-                problem = f"has shape {tuple(state.shape)}, expected ({self.layout.dim},)"
-            elif not bool(torch.isfinite(state).all()):
-                problem = "holds NaN or Inf"
-            else:
-                keep.append(i)
-                continue
+    def check_states(self, t: int, states: list[torch.Tensor], ids: list[int]) -> dict[int, str]:
+        """The update guard (:mod:`spmc.guard`): ``{client id: why}`` for every refused state. A refused state is
+        logged and, per ``on_invalid_update``, dropped for the round or the run is stopped; it never reaches a
+        defense."""
+        problems = guard_states(self.global_state, states, self.layout.stat_mask(self.device), self.guard)
+        refused = {k: p for k, p in zip(ids, problems) if p is not None}
+        for k, problem in refused.items():
             if self.cfg.on_invalid_update == "stop":
-                raise InvalidUpdateError(f"client {k}'s state {problem}; stopping (on_invalid_update = 'stop')")
-            log.warning("client %d's state %s; dropped for this round", k, problem)
-        return keep
+                raise InvalidUpdateError(
+                    f"round {t}: client {k}'s state {problem}; stopping (on_invalid_update = 'stop')"
+                )
+            log.warning("round %d: client %d's state %s; dropped for this round", t, k, problem)
+        return refused
 
     def update_teachers(self, agg: Aggregate, states: torch.Tensor, ids: list[int]) -> None:
         """teacher_k = α-weighted leave-one-out model (spec §4.1), see :func:`coalition_teachers`."""
@@ -363,7 +363,8 @@ class Simulation:
         started = time.perf_counter()
         ids = self.participants(t)
         results = self.engine.train_round(self.global_state, self.tasks(t, ids))
-        keep = self.check_states([r.state for r in results], ids)
+        refused = self.check_states(t, [r.state for r in results], ids)
+        keep = [i for i, k in enumerate(ids) if k not in refused]
         if not keep:
             raise InvalidUpdateError(f"round {t}: every client state was rejected; the global model is unchanged")
         states = torch.stack([results[i].state for i in keep])
@@ -372,23 +373,19 @@ class Simulation:
         server_data = self.server_data if self.defense.needs_server_data else None
         inputs = RoundInputs(self.global_state, states, tuple(kept_ids), counts, self.layout, t, server_data)
         agg = self.defense.aggregate(inputs)
-        new_global = agg.global_state.clone()
-        int_mask = self.layout.int_mask(new_global.device)
-        new_global[int_mask] = new_global[int_mask].round()
-        if not bool(torch.isfinite(new_global).all()):
-            raise RuntimeError(f"round {t}: defense {self.cfg.defense!r} produced a non-finite global state")
-        self.global_state = new_global
+        self.global_state = finalise_global(agg.global_state, self.layout, self.cfg.defense, t)
         if any(self.method_for(k) == "spmc" for k in kept_ids):
             self.update_teachers(agg, states, kept_ids)
         train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"round": t, **self.evaluate(agg.eval_state)}
-        losses = [r.mean_loss for r in results]
+        losses = [r.mean_loss for r in results if math.isfinite(r.mean_loss)]
         steps = sum(r.steps for r in results)
         record.update(
-            train_loss=float(np.nanmean(losses)) if steps else math.nan,
+            train_loss=float(np.mean(losses)) if losses else math.nan,
             client_loss={str(r.client_id): r.mean_loss for r in results},
             participants=ids,
             rejected=[k for k in ids if k not in kept_ids],
+            invalid={str(k): p for k, p in refused.items()},
             accepted=list(agg.accepted) if agg.accepted is not None else kept_ids,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
