@@ -132,7 +132,9 @@ def _poison(sim: Simulation, client: int, make: object) -> None:
 def test_a_client_at_1e38_is_dropped_and_the_honest_clients_survive() -> None:
     sim = Simulation(make_experiment(**SMOKE))
     _poison(sim, 3, lambda g, s: torch.full_like(s, 1e38))
-    records = sim.run().records
+    result = sim.run()
+    records = result.records
+    assert result.summary["rejected_updates"] == 2
     assert [list(r["invalid"]) for r in records] == [["3"], ["3"]]
     assert all(r["rejected"] == [3] for r in records)
     assert all(math.isfinite(r["accuracy"]) for r in records)

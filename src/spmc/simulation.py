@@ -405,6 +405,7 @@ class Simulation:
             **final.as_dict(),
             "R_" + ("all" if self.cfg.asr_exclude_target_class else "excl_target"): other.R,
             "rounds": len(records),
+            "rejected_updates": sum(len(r.get("rejected", [])) for r in records),
             "dataset": self.cfg.dataset,
             "defense": self.cfg.defense,
             "client": self.cfg.client,
