@@ -156,7 +156,8 @@ def run_sweep(
                 env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
                 code, stdout, stderr = children.run(cmd, env)
                 if code != 0:
-                    return done(SweepOutcome(run, "failed", error=child_error(stderr, stdout, code)))
+                    status = "stopped" if children.stopping else "failed"
+                    return done(SweepOutcome(run, status, error=child_error(stderr, stdout, code)))
             try:
                 summary = read_json_file(run_dir / "summary.json")
             except (OSError, DataError) as err:
@@ -208,6 +209,10 @@ class _Children:
         self._lock = threading.Lock()
         self._procs: set[subprocess.Popen[str]] = set()
         self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def run(self, cmd: list[str], env: dict[str, str]) -> tuple[int, str, str]:
         """Run ``cmd`` to completion; (exit status, stdout, stderr). Refused (-SIGTERM) once :meth:`stop` ran."""
