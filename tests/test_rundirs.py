@@ -10,12 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spmc.simulation
 import spmc.store
@@ -143,6 +146,20 @@ def test_read_metrics_drops_only_a_torn_last_line(tmp_path: Path) -> None:
     path.write_text('{"round": 0}\n{"rou\n{"round": 2}\n')
     with pytest.raises(DataError, match="line 2"):
         read_metrics_file(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=5), st.data())
+def test_a_log_cut_anywhere_reads_as_a_prefix(values: list[float], data: st.DataObject) -> None:
+    """A writer killed mid-write leaves a byte prefix of the log: it reads as a prefix of the records."""
+    records = [{"round": t, "accuracy": v} for t, v in enumerate(values)]
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    cut = data.draw(st.integers(0, len(text)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metrics.jsonl"
+        path.write_bytes(text[:cut])
+        got = read_metrics_file(path)
+    assert got == records[: len(got)] and len(got) >= text[:cut].count(b"\n")
 
 
 def test_resume_refuses_a_hole_before_the_checkpoint(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
