@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import time
@@ -48,7 +47,7 @@ from spmc.guard import InvalidUpdateError, UpdateGuard, finalise_global, guard_s
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.store import RunStore
+from spmc.store import RunDirError, RunStore, config_hash, read_json_file
 from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine, accuracy
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,22 @@ def derive_seed(*parts: int) -> int:
 
 # Purposes for derive_seed, so that streams never collide (public: the Flower apps derive the same streams).
 SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
+
+
+#: The metrics of a round record that the summary reads (a resumed log must hold them).
+RECORD_METRICS: tuple[str, ...] = ("accuracy", "asr", "asr_all", "asr_excl_target", "seconds")
+
+
+def _is_metric(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _rounds_text(rounds: Sequence[Any]) -> str:
+    """A short list of round numbers for a message: the first few and the count."""
+    if not rounds:
+        return "(none)"
+    head = ", ".join(map(str, rounds[:6]))
+    return f"[{head}{', ...' if len(rounds) > 6 else ''}] ({len(rounds)} records)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -279,6 +294,9 @@ class Simulation:
     def __init__(self, cfg: Experiment, out_dir: str | Path | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.store = RunStore(out_dir) if out_dir is not None else None
+        if self.store is not None:
+            self.store.lock()  # created, writable and ours before any data is loaded
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.data = build_federated_data(cfg, self.device)
@@ -290,7 +308,6 @@ class Simulation:
         self.engine = self._build_engine()
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
-        self.store = RunStore(out_dir) if out_dir is not None else None
         self.guard = update_guard(cfg)
 
     def _build_engine(self) -> SequentialEngine | BatchedEngine:
@@ -425,6 +442,7 @@ class Simulation:
         random stream is derived from (seed, round, client), so no generator state needs saving."""
         ids = sorted(self.teachers)
         payload: dict[str, Any] = {
+            "config_hash": self.config_hash,
             "next_round": next_round,
             "global_state": self.global_state.cpu(),
             "teacher_ids": torch.tensor(ids),
@@ -434,27 +452,88 @@ class Simulation:
             payload["defense_state"] = {str(k): v for k, v in self.defense.state_dict().items()}
         return payload
 
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the resolved configuration's canonical JSON (:func:`spmc.store.config_hash`)."""
+        return config_hash(self.cfg.model_dump(mode="json"))
+
     def restore(self, payload: dict[str, Any]) -> int:
-        """Load a :meth:`checkpoint`; returns the round to continue from."""
-        self.layout.check(payload["global_state"])
+        """Load a :meth:`checkpoint`; returns the round to continue from.
+
+        Raises:
+            RunDirError: the checkpoint was written under another configuration (its config hash differs), or its
+                entries do not fit this run (round, state size, client ids).
+        """
+        where = self.store.checkpoint_path if self.store is not None else "checkpoint"
+        stored = payload.get("config_hash")
+        if stored != self.config_hash:
+            raise RunDirError(
+                f"{where}: written under another configuration (config hash {str(stored)[:12]}, this run's "
+                f"{self.config_hash[:12]}); config.json was edited or the checkpoint comes from another run"
+            )
+        try:
+            next_round = payload["next_round"]
+            if not isinstance(next_round, int) or not 0 < next_round <= self.cfg.rounds:
+                raise ValueError(f"next_round {next_round!r} is not in 1..{self.cfg.rounds}")
+            self.layout.check(payload["global_state"])
+            ids = payload["teacher_ids"].tolist()
+            if ids != list(range(self.cfg.num_clients)):
+                raise ValueError(f"teacher ids {ids} are not 0..{self.cfg.num_clients - 1}")
+            teachers = payload["teachers"]
+            if tuple(teachers.shape) != (self.cfg.num_clients, self.layout.dim):
+                raise ValueError(f"teachers have shape {tuple(teachers.shape)}")
+            if "defense_state" in payload and hasattr(self.defense, "load_state_dict"):
+                self.defense.load_state_dict(payload["defense_state"])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+            raise RunDirError(f"{where}: does not fit this run ({type(err).__name__}: {err})") from None
         self.global_state = payload["global_state"].to(self.device)
-        self.teachers = {
-            int(k): t.to(self.device) for k, t in zip(payload["teacher_ids"].tolist(), payload["teachers"])
-        }
-        if "defense_state" in payload and hasattr(self.defense, "load_state_dict"):
-            self.defense.load_state_dict(payload["defense_state"])
-        return int(payload["next_round"])
+        self.teachers = {k: t.to(self.device) for k, t in zip(ids, teachers)}
+        return next_round
+
+    def resume_records(self, next_round: int) -> list[dict[str, Any]]:
+        """The records of rounds 0..next_round-1 from ``metrics.jsonl`` (a torn last line dropped, later rounds
+        discarded to be recomputed), rewritten atomically. A hole before the checkpoint is refused, never
+        summarised: the checkpoint cannot recompute rounds before it.
+
+        Raises:
+            RunDirError: the log does not hold exactly rounds 0..next_round-1 first, or a record lacks a metric.
+        """
+        assert self.store is not None
+        path = self.store.metrics_path
+        records = self.store.read_metrics()[:next_round]
+        rounds = [r.get("round") for r in records]
+        if rounds != list(range(next_round)):
+            raise RunDirError(
+                f"{path}: starts with rounds {_rounds_text(rounds)}, but the checkpoint is at round {next_round} "
+                f"and needs rounds 0..{next_round - 1}; remove checkpoint.pt to run afresh"
+            )
+        for r in records:
+            bad = [k for k in RECORD_METRICS if not _is_metric(r.get(k, "missing"))]
+            if bad:
+                raise RunDirError(f"{path}, round {r['round']}: {', '.join(bad)} missing or not a number")
+            r.update({k: math.nan for k in RECORD_METRICS if r[k] is None})
+        self.store.write_metrics(records)
+        return records
 
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> RunResult:
         """Run every round, writing each record to the run directory as soon as it exists and a checkpoint every
         ``checkpoint_every`` rounds. ``resume`` continues from the directory's checkpoint (records after it are
-        recomputed), giving the same metrics as an uninterrupted run."""
+        recomputed), giving the same metrics as an uninterrupted run. The run directory stays locked throughout."""
+        if self.store is not None:
+            self.store.lock()
+        try:
+            return self._run(on_round, resume)
+        finally:
+            if self.store is not None:
+                self.store.unlock()
+
+    def _run(self, on_round: Callable[[dict[str, Any]], None] | None, resume: bool) -> RunResult:
         records: list[dict[str, Any]] = []
         start = 0
         payload = self.store.load_checkpoint() if (resume and self.store is not None) else None
         if self.store is not None and payload is not None:
             start = self.restore(payload)
-            records = self.store.truncate_metrics(start)
+            records = self.resume_records(start)
             log.info("resuming %s at round %d", self.store.root, start)
         elif self.store is not None:
             self.store.write_config(self.cfg.to_json())
@@ -493,4 +572,7 @@ def load_run_config(run_dir: str | Path) -> Experiment:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"resume: {str(run_dir)!r} has no config.json; is it a run directory?")
-    return make_experiment(**json.loads(path.read_text()))
+    values = read_json_file(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of options, got {type(values).__name__}")
+    return make_experiment(**values)
