@@ -4,6 +4,7 @@ configurations in which most clients would take no step."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -160,3 +161,16 @@ def test_drop_last_refuses_a_mean_client_size_below_one_batch(values: dict, mean
 )
 def test_drop_last_accepts_a_mean_client_size_of_one_batch(values: dict) -> None:
     assert make_experiment(**values).drop_last
+
+
+def test_many_small_clients_train_with_drop_last_false() -> None:
+    """The issue's case in small: a mean client size below one batch is refused with drop_last = true; with
+    false every client trains (a client with no step would report a NaN loss)."""
+    values = {"dataset": "synthetic", "synthetic_train_size": 600, "synthetic_test_size": 20, "num_clients": 12}
+    with pytest.raises(ConfigError, match="mean size of 45.0 per client"):
+        make_experiment(**values, baseline_local_epochs=1, rounds=1)
+    sim = Simulation(make_experiment(**values, baseline_local_epochs=1, rounds=1, drop_last=False, device="cpu"))
+    assert min(sim.data.num_samples.values()) < 64
+    record = sim.run_round(0)
+    assert len(record["client_loss"]) == 12
+    assert all(math.isfinite(loss) for loss in record["client_loss"].values())
