@@ -8,6 +8,7 @@ epochs (D1) and whether integer counters enter vector statistics (D31). Values g
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,11 @@ class Experiment(BaseModel):
     min_client_size: int = Field(10, ge=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     batch_size: int = Field(64, gt=0)
+    drop_last: bool = Field(
+        True,
+        description="drop each client's last partial batch every epoch (the paper's; a client with fewer than "
+        "batch_size samples takes no step, spec D30); false trains it, with the loss averaged over its samples",
+    )
     eval_batch_size: int = Field(1000, gt=0)
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -212,6 +218,11 @@ class Experiment(BaseModel):
             raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self
 
+    @model_validator(mode="after")
+    def _drop_last_leaves_steps(self) -> Experiment:
+        check_drop_last(self)
+        return self
+
     @property
     def resolved_model(self) -> str:
         from spmc.data import DATASETS
@@ -233,6 +244,33 @@ class Experiment(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+#: Official training-set sizes (before the server's validation split); ``synthetic`` is ``synthetic_train_size``.
+TRAIN_SIZES: dict[str, int] = {"fmnist": 60_000, "mnist": 60_000, "cifar10": 50_000, "fmnist-sample": 6_000}
+
+
+def expected_train_size(dataset: str, synthetic_train_size: int) -> int | None:
+    """The number of training images ``dataset`` loads (fmnist-sample: the 6,000 of the embedded sample), or None
+    where it is not known."""
+    return synthetic_train_size if dataset == "synthetic" else TRAIN_SIZES.get(dataset)
+
+
+def check_drop_last(cfg: Experiment) -> None:
+    """Refuse ``drop_last = true`` where the mean client size n̄ = N_pool/K is below one batch, so that most
+    clients would take no step (spec D30); N_pool = ⌊(1 − val_fraction)·N_train⌋ is the client pool that the
+    Dirichlet partition divides among the K = ``num_clients`` clients."""
+    n_train = expected_train_size(cfg.dataset, cfg.synthetic_train_size)
+    if not cfg.drop_last or n_train is None:
+        return
+    pool = math.floor((1.0 - cfg.val_fraction) * n_train + 1e-9)
+    mean = pool / cfg.num_clients
+    if mean < cfg.batch_size:
+        raise ValueError(
+            f"drop_last = true with batch_size = {cfg.batch_size}: num_clients = {cfg.num_clients} clients share "
+            f"{pool} training samples, a mean size of {mean:.1f} per client, less than one batch, so most clients "
+            "would take no step; set drop_last = false or a smaller batch_size"
+        )
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -215,6 +215,7 @@ def optim_config(cfg: Experiment) -> OptimConfig:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         batch_size=cfg.batch_size,
+        drop_last=cfg.drop_last,
         spmc_lambda=cfg.spmc_lambda,
         spmc_kd_T=cfg.spmc_kd_T,
         spmc_proj_norm_power=cfg.spmc_proj_norm_power,
