@@ -174,3 +174,4 @@ def test_many_small_clients_train_with_drop_last_false() -> None:
     record = sim.run_round(0)
     assert len(record["client_loss"]) == 12
     assert all(math.isfinite(loss) for loss in record["client_loss"].values())
+    assert record["samples"] == sum(sim.data.num_samples.values())  # every sample once, partial batches included

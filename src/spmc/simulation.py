@@ -172,7 +172,7 @@ def build_federated_data(
             clients[k] = ClientData(x, y, transform=on_the_fly)
     num_samples = {k: len(d) for k, d in clients.items()}
     small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
-    if small:
+    if small and cfg.drop_last:
         log.warning("clients with fewer samples than one batch take no step (spec D30): %s", small)
     log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(malicious))
 
@@ -397,7 +397,7 @@ class Simulation:
         train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"round": t, **self.evaluate(agg.eval_state)}
         losses = [r.mean_loss for r in results if math.isfinite(r.mean_loss)]
-        steps = sum(r.steps for r in results)
+        epochs = self.cfg.local_epochs(self.cfg.client)
         record.update(
             train_loss=float(np.mean(losses)) if losses else math.nan,
             client_loss={str(r.client_id): r.mean_loss for r in results},
@@ -407,7 +407,9 @@ class Simulation:
             accepted=list(agg.accepted) if agg.accepted is not None else kept_ids,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
-            samples=steps * self.cfg.batch_size,
+            samples=sum(
+                min(r.steps * self.cfg.batch_size, epochs * self.data.num_samples[r.client_id]) for r in results
+            ),
             **agg.diagnostics,
         )
         if agg.accepted is not None and len(agg.accepted) < len(kept_ids):
