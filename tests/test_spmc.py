@@ -330,6 +330,26 @@ def test_projection_per_tensor_property(seed: int, lam: float) -> None:
             assert float((o * gk).sum()) == pytest.approx((1 - lam) * dot, abs=1e-5)
 
 
+@pytest.mark.parametrize(("scale_d", "scale_g"), [(1e-25, 1e-25), (1e20, 1e20), (1e-25, 1e20), (1e20, 1e-25)])
+def test_projection_float32_at_extreme_scales_matches_float64(scale_d: float, scale_g: float) -> None:
+    # Issue 11: float32 dots and norms underflowed below |g| ≈ 1e-20 and overflowed above ≈ 1e18, and the
+    # projection was then silently skipped.
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, generator=g, dtype=torch.float64)
+    gd = [base * scale_d, torch.randn(3, 4, generator=g, dtype=torch.float64)]
+    gg = [(torch.randn(40, generator=g, dtype=torch.float64) - base) * scale_g, torch.ones(3, 4)]
+    gd32, gg32 = [t.float() for t in gd], [t.float() for t in gg]
+    out = project_conflicting(gd32, gg32)
+    ref = project_conflicting([t.double() for t in gd32], [t.double() for t in gg32])
+    assert float((gd32[0].double() * gg32[0].double()).sum()) < 0  # the pair conflicts
+    assert out[0].dtype == torch.float32
+    assert torch.allclose(out[0].double(), ref[0], rtol=1e-5, atol=1e-5 * float(ref[0].abs().max()))
+    assert not torch.allclose(out[0], gd32[0], rtol=1e-3, atol=0)  # it was projected
+    assert float((out[0].double() * gg32[0].double()).sum()) == pytest.approx(
+        0.0, abs=1e-5 * float(out[0].double().norm() * gg32[0].double().norm())
+    )
+
+
 def test_projection_model_granularity_uses_the_concatenation() -> None:
     gd = [torch.tensor([1.0]), torch.tensor([1.0])]
     gg = [torch.tensor([-1.0]), torch.tensor([3.0])]  # per tensor: conflict then no conflict; overall dot = 2 > 0
