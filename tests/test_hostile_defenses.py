@@ -100,3 +100,12 @@ def test_defense_gives_finite_global_or_value_error(name: str, case: tuple[torch
 def test_round_inputs_reject_states_that_are_not_a_matrix(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="client_states"):
         RoundInputs(torch.zeros(5), torch.zeros(shape), (0,), torch.ones(1), BN, 0)
+
+
+@pytest.mark.parametrize(("states", "glob"), [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_round_inputs_reject_mixed_dtypes(states: torch.dtype, glob: torch.dtype) -> None:
+    # RSA raised a raw "Index put requires the source and destination dtypes match" on such inputs.
+    with pytest.raises(ValueError, match="dtype"):
+        RoundInputs(torch.zeros(BN.dim, dtype=glob), torch.zeros(2, BN.dim, dtype=states), (0, 1), torch.ones(2), BN, 0)
+    with pytest.raises(ValueError, match="floating-point"):
+        RoundInputs(torch.zeros(BN.dim), torch.zeros(2, BN.dim, dtype=torch.long), (0, 1), torch.ones(2), BN, 0)

@@ -41,6 +41,11 @@ class RoundInputs:
                 f"client_states must be [n, d] (one flat state per client); got shape {tuple(self.client_states.shape)}"
             )
         n, d = self.client_states.shape
+        if not self.client_states.is_floating_point() or self.global_state.dtype != self.client_states.dtype:
+            raise ValueError(
+                f"client_states have dtype {self.client_states.dtype} and global_state {self.global_state.dtype}; "
+                "both must be the same floating-point dtype"
+            )
         if len(self.client_ids) != n:
             raise ValueError(f"client_ids has {len(self.client_ids)} ids for {n} client states")
         if self.num_samples.shape != (n,):
