@@ -60,8 +60,15 @@ class RoundInputs:
 
     @property
     def updates(self) -> torch.Tensor:
-        """Δ_k = θ_k − θ_g for every client, ``[n, d]`` (spec §0)."""
-        return self.client_states - self.global_state
+        """Δ_k = θ_k − θ_g for every client, ``[n, d]`` (spec §0); ``ValueError`` when one overflows the dtype."""
+        updates = self.client_states - self.global_state
+        bad = (~torch.isfinite(updates).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"client_states: the updates θ_k − θ_g of clients {[self.client_ids[i] for i in bad]} overflow "
+                f"{self.client_states.dtype}; every update must be finite"
+            )
+        return updates
 
 
 @dataclass
@@ -117,6 +124,16 @@ def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         else:
             out[start : start + _BLOCK] = w @ block
     return out
+
+
+def finite_global(state: torch.Tensor, defense: str) -> torch.Tensor:
+    """``state`` unchanged when every entry is finite, else ``ValueError``: the new global state overflowed its dtype
+    (the clients' states, though finite, are too far from each other or from the global state)."""
+    if not bool(torch.isfinite(state).all()):
+        raise ValueError(
+            f"{defense}: the new global state overflows {state.dtype}; the client states are finite but too large"
+        )
+    return state
 
 
 def stable_mean(values: torch.Tensor) -> torch.Tensor:

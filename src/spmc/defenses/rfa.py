@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
 from spmc.params import EntryKind
 
@@ -178,7 +178,7 @@ class RFA:
         if weights is not None:
             diagnostics["weights"] = as_weight_list(weights, inputs.client_ids)
         return Aggregate(
-            global_state=new.to(inputs.global_state.dtype),
+            global_state=finite_global(new.to(inputs.global_state.dtype), self.name),
             weights=weights,
             accepted=inputs.client_ids,
             diagnostics=diagnostics,
