@@ -33,6 +33,48 @@ def distillation_loss(
     return -(target * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean() * temperature**2
 
 
+def _segment_sums(
+    grads_ce: torch.Tensor, grads_kd: torch.Tensor, segments: torch.Tensor, num_segments: int
+) -> torch.Tensor:
+    """[3, C, S]: ⟨G_d, G_g⟩, ‖G_g‖² and ‖G_d‖² per (client, tensor), in the gradients' dtype."""
+    c = grads_ce.shape[0]
+    sums = torch.zeros(3, c, num_segments, dtype=grads_ce.dtype, device=grads_ce.device)
+    sums[0].index_add_(1, segments, grads_ce * grads_kd)
+    sums[1].index_add_(1, segments, grads_kd * grads_kd)
+    sums[2].index_add_(1, segments, grads_ce * grads_ce)
+    return sums
+
+
+def _in_range(sums: torch.Tensor) -> bool:
+    """Whether sums formed in a narrow dtype are trustworthy: all finite, and every squared norm far enough above
+    the dtype's smallest normal number (1e8 × tiny) that the squares of its dominant entries did not underflow."""
+    floor = torch.finfo(sums.dtype).tiny * 1e8
+    return bool(torch.isfinite(sums).all() & (sums[1:] >= floor).all())
+
+
+def _project_with(
+    grads_ce: torch.Tensor, grads_kd: torch.Tensor, sums: torch.Tensor, segments: torch.Tensor, lam: float, p: float
+) -> torch.Tensor:
+    """G_d − coef·G_g with coef = λ·⟨G_d, G_g⟩/‖G_g‖^p on conflicting (client, tensor) pairs, 0 elsewhere.
+
+    ``sums`` may be wider than the gradients (float64 for float32 gradients): coef is then applied as
+    (c_lo · G_g) · c_hi, with c_hi a power of two near √|coef| and c_lo = coef / c_hi, so a coefficient outside the
+    gradients' range (G_d and G_g of very different sizes) still gives the wide result.
+    """
+    dot, g_norm_sq, d_norm_sq = sums
+    conflict = (dot < 0) & (g_norm_sq > 0) & (d_norm_sq > 0)
+    denom = torch.where(conflict, g_norm_sq.pow(p / 2), torch.ones_like(g_norm_sq))
+    coef = torch.where(conflict, lam * dot / denom, torch.zeros_like(dot))
+    if coef.dtype == grads_ce.dtype:
+        return grads_ce - coef[:, segments] * grads_kd
+    _, exponent = torch.frexp(coef)
+    half = torch.ldexp(torch.ones_like(coef), torch.div(exponent, 2, rounding_mode="floor").clamp(-126, 127))
+    big = torch.finfo(grads_ce.dtype).max
+    c_hi = half.to(grads_ce.dtype)
+    c_lo = (coef / half).clamp(-big, big).to(grads_ce.dtype)
+    return grads_ce - (c_lo[:, segments] * grads_kd) * c_hi[:, segments]
+
+
 def project_rows(
     grads_ce: torch.Tensor,
     grads_kd: torch.Tensor,
@@ -41,34 +83,21 @@ def project_rows(
     lam: float = 1.0,
     norm_power: float = 2.0,
 ) -> torch.Tensor:
-    """The rule of spec §4.3 for many clients and tensors at once, without host synchronisation.
+    """The rule of spec §4.3 for many clients and tensors at once.
 
     ``grads_ce`` and ``grads_kd`` are [C, d] (one row per client, all tensors concatenated); ``segments`` [d] gives
     the tensor index (0 … num_segments − 1) of every entry. Dots and norms are summed per (client, tensor); a
     conflicting pair gets G_d − λ·⟨G_d, G_g⟩/‖G_g‖^p · G_g, every other pair keeps G_d.
 
-    Products and sums are formed in float64, so float32 gradients are projected exactly when the float64 formula
-    says so: their squares neither underflow (|g| ≲ 1e-20) nor overflow (|g| ≳ 1e18) there. The update is applied
-    in the gradients' dtype as (c_lo · G_g) · c_hi with c_hi a power of two near √|coef| and c_lo = coef / c_hi, so a
-    coefficient outside the float32 range (G_d and G_g of very different sizes) still gives the float64 result,
-    while in range the result is bit-identical to coef · G_g in that dtype.
+    The sums are formed in the gradients' dtype (the fast path, every ordinary step) and checked (one host
+    synchronisation): when any is non-finite or a squared norm is near the dtype's underflow (float32 gradients
+    below |g| ≈ 1e-15 or above ≈ 1e18), they are formed again in float64, so the gradient is projected exactly when
+    the float64 formula says so.
     """
-    c = grads_ce.shape[0]
-    ce, kd = grads_ce.to(torch.float64), grads_kd.to(torch.float64)
-    sums = torch.zeros(3, c, num_segments, dtype=torch.float64, device=grads_ce.device)
-    sums[0].index_add_(1, segments, ce * kd)
-    sums[1].index_add_(1, segments, kd * kd)
-    sums[2].index_add_(1, segments, ce * ce)
-    dot, g_norm_sq, d_norm_sq = sums
-    conflict = (dot < 0) & (g_norm_sq > 0) & (d_norm_sq > 0)
-    denom = torch.where(conflict, g_norm_sq.pow(norm_power / 2), torch.ones_like(g_norm_sq))
-    coef = torch.where(conflict, lam * dot / denom, torch.zeros_like(dot))
-    _, exponent = torch.frexp(coef)
-    half = torch.ldexp(torch.ones_like(coef), torch.div(exponent, 2, rounding_mode="floor").clamp(-126, 127))
-    big = torch.finfo(grads_ce.dtype).max
-    c_hi = half.to(grads_ce.dtype)
-    c_lo = (coef / half).clamp(-big, big).to(grads_ce.dtype)
-    return grads_ce - (c_lo[:, segments] * grads_kd) * c_hi[:, segments]
+    sums = _segment_sums(grads_ce, grads_kd, segments, num_segments)
+    if grads_ce.dtype != torch.float64 and not _in_range(sums):
+        sums = _segment_sums(grads_ce.to(torch.float64), grads_kd.to(torch.float64), segments, num_segments)
+    return _project_with(grads_ce, grads_kd, sums, segments, lam, norm_power)
 
 
 def segment_ids(numels: Sequence[int], granularity: Granularity, device: torch.device | str = "cpu") -> torch.Tensor:
