@@ -367,8 +367,8 @@ def _runtime_problems(cfg: Experiment) -> list[str]:
             problems.append("device: got 'cuda' but no CUDA device is available here; allowed: 'cpu' or 'auto'")
     if cfg.engine == "batched" and cfg.resolved_model != "simplecnn":
         problems.append(
-            f"engine: got 'batched' with model {cfg.resolved_model!r} (dataset {cfg.dataset!r}, model = "
-            f"{cfg.model!r}); the batched engine supports simplecnn only; allowed: engine = 'sequential' or 'auto'"
+            f"engine: 'batched' supports SimpleCNN only; model {cfg.resolved_model!r} (dataset {cfg.dataset!r}, "
+            f"model = {cfg.model!r}) needs engine = 'sequential' or 'auto'"
         )
     return problems
 
