@@ -91,6 +91,7 @@ def test_presets_files_and_overrides(tmp_path: Path) -> None:
         ({"seed": 2**32}, ["seed", "4294967296", "4294967295"]),
         ({"threads": 10**20}, ["threads", "1024"]),
         ({"threads": 1e20}, ["threads", "integer"]),
+        ({"synthetic_train_size": 10**12}, ["synthetic_train_size", "1000000"]),
         ({"dataset": "cifar10", "engine": "batched"}, ["'batched' supports SimpleCNN", "resnet10", "sequential"]),
         ({"model": "resnet10", "engine": "batched"}, ["engine", "resnet10"]),
     ],

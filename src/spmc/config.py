@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: Seeds reach ``np.random.RandomState`` (partition, synthetic data), which takes integers below 2**32.
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
+#: The synthetic set is generated in memory (784 bytes an image, plus float copies): a sane upper bound.
+MAX_SYNTHETIC = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -67,8 +69,8 @@ class Experiment(BaseModel):
     dataset: str = "fmnist-sample"
     data_dir: str | None = None
     model: str = Field("auto", description="backbone; auto = the dataset's (SimpleCNN or ResNet10)")
-    synthetic_train_size: int = Field(2000, ge=20)
-    synthetic_test_size: int = Field(500, ge=10)
+    synthetic_train_size: int = Field(2000, ge=20, le=MAX_SYNTHETIC, description=f"20 … {MAX_SYNTHETIC} images")
+    synthetic_test_size: int = Field(500, ge=10, le=MAX_SYNTHETIC, description=f"10 … {MAX_SYNTHETIC} images")
 
     num_clients: int = Field(10, ge=1)
     participation: float = Field(1.0, gt=0.0, le=1.0)
