@@ -239,5 +239,6 @@ def test_cli_refuses_before_creating_the_run_directory(
 ) -> None:
     out = tmp_path / "run"
     assert main(["run", "-q", "--preset", "smoke", "--out", str(out), *args]) == 2
-    assert field in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert field in printed.out + printed.err
     assert not out.exists()

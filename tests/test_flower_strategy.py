@@ -27,7 +27,7 @@ from spmc.flower import (  # noqa: E402
     parse_run_config,
     state_to_arrays,
 )
-from spmc.flower.strategy import finalise_global  # noqa: E402
+from spmc.guard import finalise_global  # noqa: E402
 from spmc.params import ParamLayout  # noqa: E402
 from spmc.simulation import InvalidUpdateError, Simulation  # noqa: E402
 from spmc.training import ClientResult  # noqa: E402
@@ -196,7 +196,7 @@ def test_failed_malformed_nonfinite_and_duplicate_replies_are_never_aggregated(
     expected = DEFENSES["spmc"]().aggregate(
         RoundInputs(initial, kept, (0, 1, 18), torch.full((3,), 10.0, dtype=torch.float64), BN, 0)
     )
-    assert torch.equal(arrays_to_state(BN, arrays), finalise_global(expected.global_state, BN))
+    assert torch.equal(arrays_to_state(BN, arrays), finalise_global(expected.global_state, BN, "spmc", 0))
     assert "NaN or Inf" in caplog.text and "node 12 failed" in caplog.text and "second update" in caplog.text
 
 
@@ -242,3 +242,16 @@ def test_only_the_flower_package_imports_flwr() -> None:
         and re.search(r"^\s*(import flwr|from flwr)", path.read_text(), re.MULTILINE)
     ]
     assert offenders == []
+
+
+def test_the_update_guard_refuses_an_absurd_update_before_the_defense() -> None:
+    initial = random_states(BN, 1, seed=4)[0]
+    states = random_states(BN, 3, seed=5)
+    states[2, 0] = 1e38
+    strategy = DefenseStrategy(DEFENSES["fedavg"](), BN, initial_state=initial.clone())
+    arrays, metrics = strategy.aggregate_train(1, [reply(BN, states[k], node=10 + k, pid=k) for k in range(3)])
+    assert metrics is not None and metrics["num_rejected"] == 1 and metrics["num_aggregated"] == 2
+    assert arrays is not None and float(arrays_to_state(BN, arrays).abs().max()) < 1e3
+    stop = DefenseStrategy(DEFENSES["fedavg"](), BN, on_invalid_update="stop", initial_state=initial.clone())
+    with pytest.raises(InvalidUpdateError, match=r"\[2\]"):
+        stop.aggregate_train(1, [reply(BN, states[k], node=10 + k, pid=k) for k in range(3)])

@@ -62,9 +62,14 @@ def test_resume_in_process_restores_defense_state(tmp_path: Path) -> None:
         rounds=3, baseline_local_epochs=1, defense="foolsgold", device="cpu",
     )  # fmt: skip
     reference = Simulation(cfg, tmp_path / "a").run()
-    partial = Simulation(cfg.model_copy(update={"rounds": 2}), tmp_path / "b").run()
-    assert len(partial.records) == 2
-    (tmp_path / "b" / "config.json").write_text(cfg.to_json())
+
+    def stop_after_round_1(record: dict) -> None:
+        if record["round"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(cfg, tmp_path / "b").run(stop_after_round_1)
+    assert len(_metrics(tmp_path / "b")) == 2
     resumed = Simulation(cfg, tmp_path / "b").run(resume=True)
     assert [r["accuracy"] for r in resumed.records] == [r["accuracy"] for r in reference.records]
     assert resumed.global_state.equal(reference.global_state)

@@ -13,6 +13,7 @@ from spmc.defenses import SPMC, RoundInputs, loo_cosine_scores, marginal_teacher
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.purify import distillation_loss, project_conflicting
+from tests.defenses._helpers import make_inputs
 
 
 def naive_scores(a: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -71,6 +72,94 @@ def test_edge_cases_n1_n2_and_zero_vectors() -> None:
     z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
     s = loo_cosine_scores(z)
     assert s[0] == 0.0 and torch.isfinite(s).all()
+
+
+def _hostile_rows(draw_seed: int, n: int, d: int, scales: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """Random rows, each multiplied by its own scale; some rows equal, one zero when the seed says so."""
+    g = torch.Generator().manual_seed(draw_seed)
+    a = (torch.randn(n, d, generator=g, dtype=torch.float64) + 0.5) * torch.tensor(scales, dtype=torch.float64)[:, None]
+    if draw_seed % 3 == 0:
+        a[-1] = a[0]
+    if draw_seed % 5 == 0:
+        a[1] = 0.0
+    return a.to(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(2, 7),
+    d=st.integers(1, 30),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_loo_scores_equal_naive_construction_at_any_scale(
+    data: st.DataObject, n: int, d: int, seed: int, dtype: torch.dtype
+) -> None:
+    # Issue 11: one client ×1e8 gave a score error of 2e-2, ×1e9 a "cosine" of 2.8e16. Every row gets its own scale
+    # in 1e-30..1e30 (float64) or 1e-18..1e18 (float32); the explicit construction cannot overflow there.
+    top = 30 if dtype == torch.float64 else 18
+    exps = data.draw(st.lists(st.integers(-top, top), min_size=n, max_size=n))
+    a = _hostile_rows(seed, n, d, [10.0**e for e in exps], dtype)
+    s = loo_cosine_scores(a)
+    assert bool((s.abs() <= 1.0).all())
+    assert torch.allclose(s, naive_scores(a), atol=1e-9, rtol=1e-9)
+
+
+def rescaled_naive_scores(a: torch.Tensor) -> torch.Tensor:
+    """The explicit construction with ε = 0, each of a_k and b_k divided by its max |entry| before the cosine."""
+    a = a.to(torch.float64)
+    out = []
+    for k in range(a.shape[0]):
+        b = sum(a[j] for j in range(a.shape[0]) if j != k) / (a.shape[0] - 1)
+        x, y = a[k] / a[k].abs().max(), b / b.abs().max()
+        out.append(float(x @ y / (x.norm() * y.norm())))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300, 1e-320])
+def test_loo_scores_extreme_float64_scales(scale: float) -> None:
+    # Beyond the range where the explicit construction can square its numbers. At 1e300 ε is negligible; at 1e-300
+    # the huge-ε limit gives the small client s = 0 while the others keep their ordinary scores.
+    big = _hostile_rows(1, 5, 12, [1.0] * 5, torch.float64)
+    big[2] *= scale
+    s = loo_cosine_scores(big)
+    if scale > 1:
+        assert torch.allclose(s, rescaled_naive_scores(big), atol=1e-9, rtol=0)
+    else:
+        assert s[2] == pytest.approx(0.0, abs=1e-9) and bool(torch.isfinite(s).all())
+        assert torch.allclose(s[[0, 1, 3, 4]], naive_scores(big)[[0, 1, 3, 4]], atol=1e-9, rtol=0)
+
+
+def test_loo_scores_eps_is_absolute_in_the_input_units() -> None:
+    # ε = 1e-5 against ‖a‖·‖b‖ = 1e-6·1 must still count, whatever the rescaling does internally.
+    a = torch.tensor([[1e-6, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert float(loo_cosine_scores(a)[0]) == pytest.approx(1e-6 / (1e-6 + 1e-5), rel=1e-12)
+    assert float(loo_cosine_scores(a, eps=0.0)[0]) == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [1e8, 1e9, 1e18])
+def test_one_huge_client_does_not_take_over_spmc(dtype: torch.dtype, factor: float) -> None:
+    # Issue 11: a client scaled ×1e9 scored 2.8e16 and got α = 1, i.e. it became the global model.
+    g = torch.Generator().manual_seed(3)
+    states = (1.0 + 0.05 * torch.randn(6, 3, generator=g, dtype=torch.float64)).to(dtype)
+    states[2] = states[2] * factor
+    agg = SPMC().aggregate(make_inputs(states))
+    assert torch.allclose(agg.weights, torch.softmax(naive_scores(states), 0), atol=1e-9, rtol=0)
+    assert float(agg.weights.max()) < 0.5
+    assert all(-1.0 <= v <= 1.0 for v in agg.diagnostics["scores"].values())
+
+
+def test_loo_scores_reject_non_finite_rows_and_bad_priors() -> None:
+    a = torch.ones(3, 2)
+    a[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        loo_cosine_scores(a)
+    with pytest.raises(ValueError, match="prior"):
+        loo_cosine_scores(torch.ones(3, 2), torch.tensor([1.0, float("nan"), 1.0]))
+    with pytest.raises(ValueError, match="coalition"):
+        loo_cosine_scores(torch.ones(2, 2), torch.tensor([1.0, 0.0]))
 
 
 def test_softmax_weights_and_temperature() -> None:
@@ -150,6 +239,46 @@ def test_teacher_single_client_and_weight_one() -> None:
     assert torch.equal(t[0], states[0]) and torch.equal(t[1], states[0])
 
 
+def explicit_teachers(states: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j built for every k in float64 (spec §4.1)."""
+    s, w = states.to(torch.float64), w.to(torch.float64)
+    rows = []
+    for k in range(s.shape[0]):
+        others = [j for j in range(s.shape[0]) if j != k]
+        rows.append(sum(w[j] * s[j] for j in others) / sum(w[j] for j in others))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [1e-3, 1e-6, 1e-9, 1e-12, 1e-15, 1e-30, 1e-300])
+def test_teachers_accurate_when_one_weight_nears_one(dtype: torch.dtype, gap: float) -> None:
+    # Issue 11: (θ_g − α_k θ_k)/(1 − α_k) had 47-370 % error for 1 − α_k ≈ 1e-3…1e-13 and gave the client's own
+    # model at α_k = 1.0 (the others' weights still positive).
+    g = torch.Generator().manual_seed(7)
+    states = torch.randn(4, 50, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.tensor([1.0 - gap, gap / 2, gap / 4, gap / 4], dtype=torch.float64)
+    teachers = marginal_teachers(w.to(dtype) @ states, states, w)
+    expected = explicit_teachers(states, w)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(teachers.to(torch.float64), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    assert teachers.dtype == dtype
+
+
+def test_teachers_when_other_weights_are_zero_and_at_extreme_scales() -> None:
+    # The others' weights all exactly 0 (Krum-like selection, α underflow): the teacher is the given global model.
+    states = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    glob = torch.tensor([9.0, 9.0], dtype=torch.float64)
+    t = marginal_teachers(glob, states, torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(t[0], glob)
+    assert t[1].tolist() == [1.0, 2.0] and t[2].tolist() == [1.0, 2.0]
+    huge = torch.tensor([[1e308, -1e308], [1.5e308, 1e-300], [1e308, 1.0]], dtype=torch.float64)
+    t = marginal_teachers(torch.zeros(2, dtype=torch.float64), huge, torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert bool(torch.isfinite(t).all())
+    assert torch.allclose(t, explicit_teachers(huge / 1e300, torch.ones(3)) * 1e300, rtol=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        marginal_teachers(glob, states, torch.tensor([0.5, float("nan"), 0.5]))
+
+
 # ---- client side: projection and distillation loss (spec §4.2-§4.3) ----
 
 
@@ -199,6 +328,26 @@ def test_projection_per_tensor_property(seed: int, lam: float) -> None:
         else:
             # the conflicting component shrinks by exactly (1 − λ)
             assert float((o * gk).sum()) == pytest.approx((1 - lam) * dot, abs=1e-5)
+
+
+@pytest.mark.parametrize(("scale_d", "scale_g"), [(1e-25, 1e-25), (1e20, 1e20), (1e-25, 1e20), (1e20, 1e-25)])
+def test_projection_float32_at_extreme_scales_matches_float64(scale_d: float, scale_g: float) -> None:
+    # Issue 11: float32 dots and norms underflowed below |g| ≈ 1e-20 and overflowed above ≈ 1e18, and the
+    # projection was then silently skipped.
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, generator=g, dtype=torch.float64)
+    gd = [base * scale_d, torch.randn(3, 4, generator=g, dtype=torch.float64)]
+    gg = [(torch.randn(40, generator=g, dtype=torch.float64) - base) * scale_g, torch.ones(3, 4)]
+    gd32, gg32 = [t.float() for t in gd], [t.float() for t in gg]
+    out = project_conflicting(gd32, gg32)
+    ref = project_conflicting([t.double() for t in gd32], [t.double() for t in gg32])
+    assert float((gd32[0].double() * gg32[0].double()).sum()) < 0  # the pair conflicts
+    assert out[0].dtype == torch.float32
+    assert torch.allclose(out[0].double(), ref[0], rtol=1e-5, atol=1e-5 * float(ref[0].abs().max()))
+    assert not torch.allclose(out[0], gd32[0], rtol=1e-3, atol=0)  # it was projected
+    assert float((out[0].double() * gg32[0].double()).sum()) == pytest.approx(
+        0.0, abs=1e-5 * float(out[0].double().norm() * gg32[0].double().norm())
+    )
 
 
 def test_projection_model_granularity_uses_the_concatenation() -> None:

@@ -176,5 +176,6 @@ def test_cli_sweep_refuses_bad_jobs(tmp_path: Path, capsys: pytest.CaptureFixtur
     grid = tmp_path / "grid.toml"
     grid.write_text('[base]\npreset = "smoke"\n[grid]\nseed = [0]\n')
     assert main(["sweep", str(grid), "--out", str(tmp_path / "runs"), "--jobs", "-3"]) == 2
-    assert "--jobs" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "--jobs" in printed.out + printed.err
     assert not (tmp_path / "runs").exists()

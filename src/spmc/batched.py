@@ -10,7 +10,10 @@ momentum and weight decay is applied to their rows:
     buf_k ← μ·buf_k + g_k + λ_wd·P_k ,  P_k ← P_k − η·buf_k        for active clients; unchanged otherwise.
 
 Each client draws its mini-batches from the same per-client generator and in the same order as the sequential
-engine, so both engines give the same states to floating-point tolerance. SPMC clients (spec §4) project their CE
+engine, so both engines give the same states to floating-point tolerance. With ``drop_last = false`` a step may
+mix full batches with clients' last partial ones: every batch is padded to the step's largest size b with
+zero images, and a client's loss is the mean over its n real samples only, L_k = (1/n) Σ_{i<n} ℓ_i, so the padding
+gets a zero gradient; SimpleCNN has no batch norm, so this is exact. SPMC clients (spec §4) project their CE
 gradient with :func:`spmc.purify.project_rows`, all clients and tensors at once.
 
 Exact rewrites that make it faster on a CPU (each measured by ``benchmarks/bench_engine.py``): every parameter
@@ -290,6 +293,31 @@ def _next_or_none(it: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     return next(it, None)
 
 
+def pad_batches(
+    step: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Pad every client's batch (x [n_k, ...], y [n_k]) to b = max_k n_k with zero images and label 0.
+
+    Returns the padded batches and the mask [C, b] of real samples (1 for i < n_k, else 0), or the batches
+    unchanged and None where all have the same size. A grey batch expanded from one channel (stride 0) stays
+    one: its single channel is padded, then expanded again.
+    """
+    sizes = [int(y.shape[0]) for _, y in step]
+    b = max(sizes)
+    if min(sizes) == b:
+        return step, None
+    padded = []
+    for (x, y), n in zip(step, sizes):
+        if n < b:
+            src = x[:, :1] if x.dim() == 4 and x.shape[1] == 3 and x.stride(1) == 0 else x
+            zeros = src.new_zeros(b - n, *src.shape[1:])
+            x = torch.cat([src, zeros]).expand(b, *x.shape[1:])
+            y = torch.cat([y, y.new_zeros(b - n)])
+        padded.append((x, y))
+    mask = torch.arange(b).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    return padded, mask.to(device=step[0][1].device, dtype=torch.float32)
+
+
 class BatchedEngine:
     """Train every client of a round together; same interface and same results as the sequential engine."""
 
@@ -313,12 +341,12 @@ class BatchedEngine:
     def _gather(
         self, step: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
     ) -> tuple[torch.Tensor | native.ImageBatch, torch.Tensor]:
-        """Stack one batch per client into the first block's input and labels [C, B].
+        """Stack one batch per client into the first block's input and labels [C, b], b the largest batch.
 
-        The input is [B, C·3, 32, 32] (channels_last) for torch's kernel, a :class:`spmc.native.ImageBatch` for
-        the native one.
+        The input is [b, C·3, 32, 32] (channels_last) for torch's kernel, a :class:`spmc.native.ImageBatch` for
+        the native one. Smaller batches must have been padded to b (:func:`pad_batches`).
         """
-        bs = self.cfg.batch_size
+        bs = step[0][0].shape[0]
         if self.net.native:
             return native.ImageBatch.stack([x for x, _ in step]), torch.stack([y for _, y in step])
         buf = torch.empty(bs, 32, 32, len(step) * 3, device=device)
@@ -344,7 +372,7 @@ class BatchedEngine:
         rows = start.unsqueeze(0).repeat(c, 1)
         momentum = torch.zeros_like(rows)
         gens = [torch.Generator().manual_seed(t.seed) for t in tasks]
-        iters = [batches(t.data, t.epochs, cfg.batch_size, g) for t, g in zip(tasks, gens)]
+        iters = [batches(t.data, t.epochs, cfg.batch_size, g, cfg.drop_last) for t, g in zip(tasks, gens)]
         loss_sum = torch.zeros(c, device=device)
         steps = torch.zeros(c, dtype=torch.long)
         while True:
@@ -360,7 +388,9 @@ class BatchedEngine:
             # One leaf per tensor: the gradient of a slice of one [C, d] leaf would cost a zero-filled [C, d] each.
             params = {name: t.requires_grad_(True) for name, t in self.net.tensors(sub).items()}
             leaves = list(params.values())
-            x, y = self._gather([step[k] for k in active], device)
+            # drop_last = false: clients' last partial batches are padded, and their losses masked (mean over real)
+            padded, mask = pad_batches([step[k] for k in active])
+            x, y = self._gather(padded, device)
             if teachers is None:
                 logits = self.net.forward(params, x)
             else:
@@ -368,12 +398,14 @@ class BatchedEngine:
                     params, self.net.tensors(teachers if everyone else teachers[idx]), x
                 )
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-            ce = ce.view(len(active), -1).mean(dim=1)
+            ce = ce.view(len(active), -1)
+            ce = ce.mean(dim=1) if mask is None else (ce * mask).sum(dim=1) / mask.sum(dim=1)
             if teachers is None:
                 grad = _flat(torch.autograd.grad(ce.sum(), leaves))
             else:
                 target = torch.softmax(teacher_logits / cfg.spmc_kd_T, dim=-1)
-                kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean(dim=1) * cfg.spmc_kd_T**2
+                kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+                kd = (kd.mean(dim=1) if mask is None else (kd * mask).sum(dim=1) / mask.sum(dim=1)) * cfg.spmc_kd_T**2
                 g_kd = _flat(torch.autograd.grad(kd.sum(), leaves, retain_graph=True))
                 g_ce = _flat(torch.autograd.grad(ce.sum(), leaves))
                 projected = project_rows(g_ce, g_kd, segments, num_segments, cfg.spmc_lambda, cfg.spmc_proj_norm_power)

@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,7 +22,7 @@ from spmc.attacks import ATTACKS
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
-from spmc.simulation import RunResult, load_run_config, run_experiment
+from spmc.simulation import InvalidUpdateError, RunResult, load_run_config, run_experiment
 from spmc.sweep import SweepOutcome, load_grid, run_sweep
 
 CLIENTS = {
@@ -29,6 +31,17 @@ CLIENTS = {
 }
 
 console = Console(stderr=False)
+#: Errors and the interruption notice go to standard error, one line each (no wrapping).
+err_console = Console(stderr=True, soft_wrap=True)
+#: Expected failures and their exit status: bad input (configuration, data, run directory) 2; the environment
+#: (I/O) or the run itself (every update rejected) 1. Each is one line; ``--verbose`` adds the traceback.
+EXPECTED_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
+    (OSError, 1),
+    (InvalidUpdateError, 1),
+    (ConfigError, 2),
+    (DataError, 2),  # also RunDirError and RunLockedError (spmc.store)
+    (ValueError, 2),  # validation outside the configuration
+)
 
 
 def _parse_value(text: str) -> Any:
@@ -141,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     label = f"{cfg.defense}/{cfg.client} on {cfg.dataset}, γ={cfg.gamma}"
     res = _run_with_progress(cfg, out, label, args.quiet, resume=bool(args.resume))
     console.print(_summary_table({label: res}, f"last {res.final.last_k} rounds of {cfg.rounds}"))
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {escape(str(out))}", highlight=False)
     return 0
 
 
@@ -166,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         per_round.add_row(*cells)
     console.print(per_round)
     console.print(_summary_table(results, f"FedAvg vs SPMC under the backdoor (last {first.final.last_k} rounds)"))
-    console.print(f"run directories: {out_root}/fedavg, {out_root}/spmc")
+    console.print(f"run directories: {escape(str(out_root))}/fedavg, {escape(str(out_root))}/spmc", highlight=False)
     return 0
 
 
@@ -177,18 +190,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("run", "status") else "right")
 
     def report(o: SweepOutcome) -> None:
-        console.print(f"{o.status:>8}  {o.run.name}", highlight=False)
+        console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
 
     outcomes = run_sweep(spec, args.out, args.jobs, report)
     for o in outcomes:
-        s = o.summary
-        cells = [f"{s[k]:.2f}" for k in ("A", "R", "V")] if s else ["", "", ""]
-        table.add_row(o.run.name, o.status, *cells)
+        table.add_row(escape(o.run.name), o.status, *(_metric_text(o.summary.get(k)) for k in ("A", "R", "V")))
     console.print(table)
-    failed = [o for o in outcomes if o.status == "failed"]
-    for o in failed:
-        console.print(f"[red]{o.run.name} failed:[/red] {o.error}", highlight=False)
-    return 1 if failed else 0
+    unfinished = [o for o in outcomes if o.status in ("failed", "busy")]
+    for o in unfinished:
+        console.print(f"[red]{escape(o.run.name)} {o.status}:[/red] {escape(o.error)}", highlight=False, soft_wrap=True)
+    return 1 if unfinished else 0
+
+
+def _metric_text(value: Any) -> str:
+    """A summary metric with 2 decimals; blank where the run stored none (null) or it is not a number."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -223,7 +239,7 @@ def _emit(text: str, out: str | None) -> None:
         return
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")
-    console.print(f"wrote {out}")
+    console.print(f"wrote {escape(out)}", highlight=False)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -240,7 +256,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     panels = parse_panels(args.metric)
     paths = save_figure(plot_curves(load_runs(args.runs, need_summary=False), panels), args.out)
-    console.print("wrote " + ", ".join(map(str, paths)))
+    console.print("wrote " + escape(", ".join(map(str, paths))), highlight=False)
     return 0
 
 
@@ -252,7 +268,7 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
         raise ConfigError(f"--images: got {args.images}; must be at least 1")
     comparison = compare_runs([args.run_a, args.run_b], args.images, args.data_dir)
     paths = save_figure(plot_gradcam(comparison), args.out, formats=("png",))
-    console.print("wrote " + ", ".join(map(str, paths)))
+    console.print("wrote " + escape(", ".join(map(str, paths))), highlight=False)
     return 0
 
 
@@ -313,12 +329,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(argv or [])])
     try:
         return int(args.func(args))
-    except (ConfigError, DataError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
-        return 2
+    except tuple(cls for cls, _ in EXPECTED_ERRORS) as err:
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        err_console.print(f"[red]error:[/red] {escape(error_line(err))}", highlight=False)
+        return next(code for cls, code in EXPECTED_ERRORS if isinstance(err, cls))
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: rounds finished so far are in the run directory")
+        err_console.print("[yellow]interrupted[/yellow]: rounds finished so far are in the run directory")
         return 130
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an expected error: ``<path>: <cause>`` for an OSError that names a file, else its message
+    with any line breaks joined by ``; ``."""
+    if isinstance(err, OSError) and err.filename is not None:
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
+        return f"{target}: {err.strerror or err}"
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -79,6 +79,11 @@ class Experiment(BaseModel):
     min_client_size: int = Field(10, ge=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     batch_size: int = Field(64, gt=0)
+    drop_last: bool = Field(
+        True,
+        description="drop each client's last partial batch every epoch (the paper's; a client with fewer than "
+        "batch_size samples takes no step, spec D30); false trains it, with the loss averaged over its samples",
+    )
     eval_batch_size: int = Field(1000, gt=0)
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -93,7 +98,20 @@ class Experiment(BaseModel):
         description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
     )
     on_invalid_update: Literal["drop", "stop"] = Field(
-        "drop", description="a client state with NaN/Inf or the wrong size: drop it for the round, or stop the run"
+        "drop",
+        description="a client state with NaN/Inf, the wrong size or refused by the update guard: drop it for the "
+        "round, or stop the run",
+    )
+    update_guard: bool = Field(
+        True,
+        description="refuse client states that break float arithmetic before any defense sees them (a safety net, "
+        "not a defense; docs/reliability.md)",
+    )
+    update_guard_max_abs: float = Field(
+        1e15, gt=0.0, description="update guard: refuse a state with any |value| >= this"
+    )
+    update_guard_norm_ratio: float = Field(
+        1e6, ge=1.0, description="update guard: refuse an update norm above this × the round's median update norm"
     )
     fedavg_weighting: Literal["uniform", "samples"] = "uniform"
     exclude_int_buffers: bool = True
@@ -224,6 +242,11 @@ class Experiment(BaseModel):
             raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self
 
+    @model_validator(mode="after")
+    def _drop_last_leaves_steps(self) -> Experiment:
+        check_drop_last(self)
+        return self
+
     @property
     def resolved_model(self) -> str:
         from spmc.data import DATASETS
@@ -245,6 +268,35 @@ class Experiment(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def expected_train_size(dataset: str, synthetic_train_size: int) -> int | None:
+    """The number of training images ``dataset`` loads, before the server's validation split (``DatasetInfo.
+    train_size``; fmnist-sample: the 6,000 of the embedded sample; synthetic: ``synthetic_train_size``), or None
+    where it is not known."""
+    from spmc.data import DATASETS
+
+    info = DATASETS.get(dataset)
+    if info is None:
+        return None
+    return synthetic_train_size if info.train_size is None else info.train_size
+
+
+def check_drop_last(cfg: Experiment) -> None:
+    """Refuse ``drop_last = true`` where the mean client size n̄ = N_pool/K is below one batch, so that most
+    clients would take no step (spec D30); N_pool = ⌊(1 − val_fraction)·N_train⌋ is the client pool that the
+    Dirichlet partition divides among the K = ``num_clients`` clients."""
+    n_train = expected_train_size(cfg.dataset, cfg.synthetic_train_size)
+    if not cfg.drop_last or n_train is None:
+        return
+    pool = math.floor((1.0 - cfg.val_fraction) * n_train + 1e-9)
+    mean = pool / cfg.num_clients
+    if mean < cfg.batch_size:
+        raise ValueError(
+            f"drop_last = true with batch_size = {cfg.batch_size}: num_clients = {cfg.num_clients} clients share "
+            f"{pool} training samples, a mean size of {mean:.1f} per client, less than one batch, so most clients "
+            "would take no step; set drop_last = false or a smaller batch_size"
+        )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -305,10 +357,9 @@ def clients_per_round(cfg: Experiment) -> int:
 
 def data_split_sizes(cfg: Experiment) -> tuple[int, int, int]:
     """(N training samples, client pool N_tr = ⌊(1 − val_fraction)·N⌋, server validation N − N_tr) (spec §1.2)."""
-    from spmc.data import DATASETS, server_split
+    from spmc.data import server_split
 
-    size = DATASETS[cfg.dataset].train_size
-    total = cfg.synthetic_train_size if size is None else size
+    total = expected_train_size(cfg.dataset, cfg.synthetic_train_size) or 0
     pool, val = server_split(total, cfg.val_fraction)
     return total, len(pool), len(val)
 

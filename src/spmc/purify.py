@@ -46,17 +46,29 @@ def project_rows(
     ``grads_ce`` and ``grads_kd`` are [C, d] (one row per client, all tensors concatenated); ``segments`` [d] gives
     the tensor index (0 … num_segments − 1) of every entry. Dots and norms are summed per (client, tensor); a
     conflicting pair gets G_d − λ·⟨G_d, G_g⟩/‖G_g‖^p · G_g, every other pair keeps G_d.
+
+    Products and sums are formed in float64, so float32 gradients are projected exactly when the float64 formula
+    says so: their squares neither underflow (|g| ≲ 1e-20) nor overflow (|g| ≳ 1e18) there. The update is applied
+    in the gradients' dtype as (c_lo · G_g) · c_hi with c_hi a power of two near √|coef| and c_lo = coef / c_hi, so a
+    coefficient outside the float32 range (G_d and G_g of very different sizes) still gives the float64 result,
+    while in range the result is bit-identical to coef · G_g in that dtype.
     """
     c = grads_ce.shape[0]
-    sums = torch.zeros(3, c, num_segments, dtype=grads_ce.dtype, device=grads_ce.device)
-    sums[0].index_add_(1, segments, grads_ce * grads_kd)
-    sums[1].index_add_(1, segments, grads_kd * grads_kd)
-    sums[2].index_add_(1, segments, grads_ce * grads_ce)
+    ce, kd = grads_ce.to(torch.float64), grads_kd.to(torch.float64)
+    sums = torch.zeros(3, c, num_segments, dtype=torch.float64, device=grads_ce.device)
+    sums[0].index_add_(1, segments, ce * kd)
+    sums[1].index_add_(1, segments, kd * kd)
+    sums[2].index_add_(1, segments, ce * ce)
     dot, g_norm_sq, d_norm_sq = sums
     conflict = (dot < 0) & (g_norm_sq > 0) & (d_norm_sq > 0)
     denom = torch.where(conflict, g_norm_sq.pow(norm_power / 2), torch.ones_like(g_norm_sq))
     coef = torch.where(conflict, lam * dot / denom, torch.zeros_like(dot))
-    return grads_ce - coef[:, segments] * grads_kd
+    _, exponent = torch.frexp(coef)
+    half = torch.ldexp(torch.ones_like(coef), torch.div(exponent, 2, rounding_mode="floor").clamp(-126, 127))
+    big = torch.finfo(grads_ce.dtype).max
+    c_hi = half.to(grads_ce.dtype)
+    c_lo = (coef / half).clamp(-big, big).to(grads_ce.dtype)
+    return grads_ce - (c_lo[:, segments] * grads_kd) * c_hi[:, segments]
 
 
 def segment_ids(numels: Sequence[int], granularity: Granularity, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -5,7 +5,7 @@
 for t in 0..T-1:
     S_t ← participants (all clients at participation 1.0)
     θ_k ← LocalTrain_k(θ_g [, teacher_k])          client = plain | spmc (malicious clients: per threat model)
-    reject non-finite or mis-sized states
+    update guard: reject mis-sized, non-finite or absurd states (spmc.guard)
     θ_g, α ← defense.aggregate(...)                 defense = fedavg | spmc | ...
     teacher_k ← Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j       (spec §4.1; only when the spmc client is used)
     A_t, ASR_t ← evaluate θ_g
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import time
@@ -44,10 +43,11 @@ from spmc.data import (
 from spmc.data.strong_aug import strong_augment
 from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
 from spmc.defenses.server_data import ServerData
+from spmc.guard import InvalidUpdateError, UpdateGuard, finalise_global, guard_states
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.store import RunStore
+from spmc.store import RunDirError, RunStore, config_hash, read_json_file
 from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine, accuracy
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,20 @@ def derive_seed(*parts: int) -> int:
 SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
 
 
-class InvalidUpdateError(RuntimeError):
-    """A client state was rejected and ``on_invalid_update = 'stop'``, or no valid state was left."""
+#: The metrics of a round record that the summary reads (a resumed log must hold them).
+RECORD_METRICS: tuple[str, ...] = ("accuracy", "asr", "asr_all", "asr_excl_target", "seconds")
+
+
+def _is_metric(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _rounds_text(rounds: Sequence[Any]) -> str:
+    """A short list of round numbers for a message: the first few and the count."""
+    if not rounds:
+        return "(none)"
+    head = ", ".join(map(str, rounds[:6]))
+    return f"[{head}{', ...' if len(rounds) > 6 else ''}] ({len(rounds)} records)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,7 +172,7 @@ def build_federated_data(
             clients[k] = ClientData(x, y, transform=on_the_fly)
     num_samples = {k: len(d) for k, d in clients.items()}
     small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
-    if small:
+    if small and cfg.drop_last:
         log.warning("clients with fewer samples than one batch take no step (spec D30): %s", small)
     log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(malicious))
 
@@ -203,6 +215,7 @@ def optim_config(cfg: Experiment) -> OptimConfig:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         batch_size=cfg.batch_size,
+        drop_last=cfg.drop_last,
         spmc_lambda=cfg.spmc_lambda,
         spmc_kd_T=cfg.spmc_kd_T,
         spmc_proj_norm_power=cfg.spmc_proj_norm_power,
@@ -210,6 +223,11 @@ def optim_config(cfg: Experiment) -> OptimConfig:
         spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
         spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
     )
+
+
+def update_guard(cfg: Experiment) -> UpdateGuard:
+    """The update guard's thresholds of ``cfg`` (:mod:`spmc.guard`)."""
+    return UpdateGuard(cfg.update_guard, cfg.update_guard_max_abs, cfg.update_guard_norm_ratio)
 
 
 def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
@@ -277,6 +295,9 @@ class Simulation:
     def __init__(self, cfg: Experiment, out_dir: str | Path | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.store = RunStore(out_dir) if out_dir is not None else None
+        if self.store is not None:
+            self.store.lock()  # created, writable and ours before any data is loaded
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.data = build_federated_data(cfg, self.device)
@@ -288,7 +309,7 @@ class Simulation:
         self.engine = self._build_engine()
         self.global_state = self.layout.flatten(self.model)
         self.teachers: dict[int, torch.Tensor] = dict.fromkeys(range(cfg.num_clients), self.global_state)
-        self.store = RunStore(out_dir) if out_dir is not None else None
+        self.guard = update_guard(cfg)
 
     def _build_engine(self) -> SequentialEngine | BatchedEngine:
         """The configured engine; ``auto`` takes the batched one wherever it applies (SimpleCNN)."""
@@ -332,22 +353,19 @@ class Simulation:
             for k in ids
         ]
 
-    def check_states(self, states: list[torch.Tensor], ids: list[int]) -> list[int]:
-        """Positions of the valid client states. A state with the wrong size or with NaN/Inf is logged and, per
-        ``on_invalid_update``, dropped for the round or the run is stopped; it never reaches a defense."""
-        keep = []
-        for i, (k, state) in enumerate(zip(ids, states)):
-            if state.shape != (self.layout.dim,):
-                problem = f"has shape {tuple(state.shape)}, expected ({self.layout.dim},)"
-            elif not bool(torch.isfinite(state).all()):
-                problem = "holds NaN or Inf"
-            else:
-                keep.append(i)
-                continue
+    def check_states(self, t: int, states: list[torch.Tensor], ids: list[int]) -> dict[int, str]:
+        """The update guard (:mod:`spmc.guard`): ``{client id: why}`` for every refused state. A refused state is
+        logged and, per ``on_invalid_update``, dropped for the round or the run is stopped; it never reaches a
+        defense."""
+        problems = guard_states(self.global_state, states, self.layout.stat_mask(self.device), self.guard)
+        refused = {k: p for k, p in zip(ids, problems) if p is not None}
+        for k, problem in refused.items():
             if self.cfg.on_invalid_update == "stop":
-                raise InvalidUpdateError(f"client {k}'s state {problem}; stopping (on_invalid_update = 'stop')")
-            log.warning("client %d's state %s; dropped for this round", k, problem)
-        return keep
+                raise InvalidUpdateError(
+                    f"round {t}: client {k}'s state {problem}; stopping (on_invalid_update = 'stop')"
+                )
+            log.warning("round %d: client %d's state %s; dropped for this round", t, k, problem)
+        return refused
 
     def update_teachers(self, agg: Aggregate, states: torch.Tensor, ids: list[int]) -> None:
         """teacher_k = α-weighted leave-one-out model (spec §4.1), see :func:`coalition_teachers`."""
@@ -363,7 +381,8 @@ class Simulation:
         started = time.perf_counter()
         ids = self.participants(t)
         results = self.engine.train_round(self.global_state, self.tasks(t, ids))
-        keep = self.check_states([r.state for r in results], ids)
+        refused = self.check_states(t, [r.state for r in results], ids)
+        keep = [i for i, k in enumerate(ids) if k not in refused]
         if not keep:
             raise InvalidUpdateError(f"round {t}: every client state was rejected; the global model is unchanged")
         states = torch.stack([results[i].state for i in keep])
@@ -372,27 +391,25 @@ class Simulation:
         server_data = self.server_data if self.defense.needs_server_data else None
         inputs = RoundInputs(self.global_state, states, tuple(kept_ids), counts, self.layout, t, server_data)
         agg = self.defense.aggregate(inputs)
-        new_global = agg.global_state.clone()
-        int_mask = self.layout.int_mask(new_global.device)
-        new_global[int_mask] = new_global[int_mask].round()
-        if not bool(torch.isfinite(new_global).all()):
-            raise RuntimeError(f"round {t}: defense {self.cfg.defense!r} produced a non-finite global state")
-        self.global_state = new_global
+        self.global_state = finalise_global(agg.global_state, self.layout, self.cfg.defense, t)
         if any(self.method_for(k) == "spmc" for k in kept_ids):
             self.update_teachers(agg, states, kept_ids)
         train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"round": t, **self.evaluate(agg.eval_state)}
-        losses = [r.mean_loss for r in results]
-        steps = sum(r.steps for r in results)
+        losses = [r.mean_loss for r in results if math.isfinite(r.mean_loss)]
+        epochs = self.cfg.local_epochs(self.cfg.client)
         record.update(
-            train_loss=float(np.nanmean(losses)) if steps else math.nan,
+            train_loss=float(np.mean(losses)) if losses else math.nan,
             client_loss={str(r.client_id): r.mean_loss for r in results},
             participants=ids,
             rejected=[k for k in ids if k not in kept_ids],
+            invalid={str(k): p for k, p in refused.items()},
             accepted=list(agg.accepted) if agg.accepted is not None else kept_ids,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
-            samples=steps * self.cfg.batch_size,
+            samples=sum(
+                min(r.steps * self.cfg.batch_size, epochs * self.data.num_samples[r.client_id]) for r in results
+            ),
             **agg.diagnostics,
         )
         if agg.accepted is not None and len(agg.accepted) < len(kept_ids):
@@ -408,6 +425,7 @@ class Simulation:
             **final.as_dict(),
             "R_" + ("all" if self.cfg.asr_exclude_target_class else "excl_target"): other.R,
             "rounds": len(records),
+            "rejected_updates": sum(len(r.get("rejected", [])) for r in records),
             "dataset": self.cfg.dataset,
             "defense": self.cfg.defense,
             "client": self.cfg.client,
@@ -427,6 +445,7 @@ class Simulation:
         random stream is derived from (seed, round, client), so no generator state needs saving."""
         ids = sorted(self.teachers)
         payload: dict[str, Any] = {
+            "config_hash": self.config_hash,
             "next_round": next_round,
             "global_state": self.global_state.cpu(),
             "teacher_ids": torch.tensor(ids),
@@ -436,27 +455,88 @@ class Simulation:
             payload["defense_state"] = {str(k): v for k, v in self.defense.state_dict().items()}
         return payload
 
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the resolved configuration's canonical JSON (:func:`spmc.store.config_hash`)."""
+        return config_hash(self.cfg.model_dump(mode="json"))
+
     def restore(self, payload: dict[str, Any]) -> int:
-        """Load a :meth:`checkpoint`; returns the round to continue from."""
-        self.layout.check(payload["global_state"])
+        """Load a :meth:`checkpoint`; returns the round to continue from.
+
+        Raises:
+            RunDirError: the checkpoint was written under another configuration (its config hash differs), or its
+                entries do not fit this run (round, state size, client ids).
+        """
+        where = self.store.checkpoint_path if self.store is not None else "checkpoint"
+        stored = payload.get("config_hash")
+        if stored != self.config_hash:
+            raise RunDirError(
+                f"{where}: written under another configuration (config hash {str(stored)[:12]}, this run's "
+                f"{self.config_hash[:12]}); config.json was edited or the checkpoint comes from another run"
+            )
+        try:
+            next_round = payload["next_round"]
+            if not isinstance(next_round, int) or not 0 < next_round <= self.cfg.rounds:
+                raise ValueError(f"next_round {next_round!r} is not in 1..{self.cfg.rounds}")
+            self.layout.check(payload["global_state"])
+            ids = payload["teacher_ids"].tolist()
+            if ids != list(range(self.cfg.num_clients)):
+                raise ValueError(f"teacher ids {ids} are not 0..{self.cfg.num_clients - 1}")
+            teachers = payload["teachers"]
+            if tuple(teachers.shape) != (self.cfg.num_clients, self.layout.dim):
+                raise ValueError(f"teachers have shape {tuple(teachers.shape)}")
+            if "defense_state" in payload and hasattr(self.defense, "load_state_dict"):
+                self.defense.load_state_dict(payload["defense_state"])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+            raise RunDirError(f"{where}: does not fit this run ({type(err).__name__}: {err})") from None
         self.global_state = payload["global_state"].to(self.device)
-        self.teachers = {
-            int(k): t.to(self.device) for k, t in zip(payload["teacher_ids"].tolist(), payload["teachers"])
-        }
-        if "defense_state" in payload and hasattr(self.defense, "load_state_dict"):
-            self.defense.load_state_dict(payload["defense_state"])
-        return int(payload["next_round"])
+        self.teachers = {k: t.to(self.device) for k, t in zip(ids, teachers)}
+        return next_round
+
+    def resume_records(self, next_round: int) -> list[dict[str, Any]]:
+        """The records of rounds 0..next_round-1 from ``metrics.jsonl`` (a torn last line dropped, later rounds
+        discarded to be recomputed), rewritten atomically. A hole before the checkpoint is refused, never
+        summarised: the checkpoint cannot recompute rounds before it.
+
+        Raises:
+            RunDirError: the log does not hold exactly rounds 0..next_round-1 first, or a record lacks a metric.
+        """
+        assert self.store is not None
+        path = self.store.metrics_path
+        records = self.store.read_metrics()[:next_round]
+        rounds = [r.get("round") for r in records]
+        if rounds != list(range(next_round)):
+            raise RunDirError(
+                f"{path}: starts with rounds {_rounds_text(rounds)}, but the checkpoint is at round {next_round} "
+                f"and needs rounds 0..{next_round - 1}; remove checkpoint.pt to run afresh"
+            )
+        for r in records:
+            bad = [k for k in RECORD_METRICS if not _is_metric(r.get(k, "missing"))]
+            if bad:
+                raise RunDirError(f"{path}, round {r['round']}: {', '.join(bad)} missing or not a number")
+            r.update({k: math.nan for k in RECORD_METRICS if r[k] is None})
+        self.store.write_metrics(records)
+        return records
 
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> RunResult:
         """Run every round, writing each record to the run directory as soon as it exists and a checkpoint every
         ``checkpoint_every`` rounds. ``resume`` continues from the directory's checkpoint (records after it are
-        recomputed), giving the same metrics as an uninterrupted run."""
+        recomputed), giving the same metrics as an uninterrupted run. The run directory stays locked throughout."""
+        if self.store is not None:
+            self.store.lock()
+        try:
+            return self._run(on_round, resume)
+        finally:
+            if self.store is not None:
+                self.store.unlock()
+
+    def _run(self, on_round: Callable[[dict[str, Any]], None] | None, resume: bool) -> RunResult:
         records: list[dict[str, Any]] = []
         start = 0
         payload = self.store.load_checkpoint() if (resume and self.store is not None) else None
         if self.store is not None and payload is not None:
             start = self.restore(payload)
-            records = self.store.truncate_metrics(start)
+            records = self.resume_records(start)
             log.info("resuming %s at round %d", self.store.root, start)
         elif self.store is not None:
             self.store.write_config(self.cfg.to_json())
@@ -495,4 +575,7 @@ def load_run_config(run_dir: str | Path) -> Experiment:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"resume: {str(run_dir)!r} has no config.json; is it a run directory?")
-    return make_experiment(**json.loads(path.read_text()))
+    values = read_json_file(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of options, got {type(values).__name__}")
+    return make_experiment(**values)

@@ -21,25 +21,37 @@ dropped, so a name never leaves the sweep folder). A directory
 with ``summary.json`` is skipped; one with ``checkpoint.pt`` but no summary is resumed (``spmc run --resume``);
 anything else starts afresh. Runs are independent processes, so a crash or a kill loses at most the rounds since
 each run's last checkpoint.
+
+Processes and locks: each ``spmc run`` child dies with the sweep (Linux ``PR_SET_PDEATHSIG``, so even a SIGKILL of
+the sweep takes its children along; a SIGTERM or Ctrl-C of the sweep terminates them first). While a grid point
+runs, the sweep holds ``.sweep.lock`` in its directory (the child takes the run's own ``.lock``), so a second
+sweep on the same grid reports that point as ``busy`` instead of running it twice.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from spmc.config import ConfigError, load_toml_file, resolve
+from spmc.data import DataError
+from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -178,26 +190,138 @@ def run_sweep(
     run_dirs = {run.name: run_dir_in(root, run.name) for run in runs}
     root.mkdir(parents=True, exist_ok=True)
 
-    def one(run: SweepRun) -> SweepOutcome:
-        run_dir = run_dirs[run.name]
-        cmd, action = command_for(run, run_dir, threads)
-        if action != "skip":
-            log.info("%s %s", action, run_dir)
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                outcome = SweepOutcome(run, "failed", error=(done.stderr or done.stdout).strip()[-2000:])
-                if on_done is not None:
-                    on_done(outcome)
-                return outcome
-        summary = json.loads((run_dir / "summary.json").read_text())
-        outcome = SweepOutcome(run, {"skip": "skipped", "resume": "resumed", "start": "done"}[action], summary)
+    children = _Children()
+
+    def done(outcome: SweepOutcome) -> SweepOutcome:
         if on_done is not None:
             on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, runs))
+    def one(run: SweepRun) -> SweepOutcome:
+        run_dir = run_dirs[run.name]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            point = RunLock(run_dir, SWEEP_LOCK).acquire()
+        except RunLockedError as err:
+            return done(SweepOutcome(run, "busy", error=str(err)))
+        except OSError as err:
+            return done(SweepOutcome(run, "failed", error=f"{err.filename or run_dir}: {err.strerror or err}"))
+        with point:
+            cmd, action = command_for(run, run_dir, threads)
+            if action != "skip":
+                log.info("%s %s", action, run_dir)
+                env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+                code, stdout, stderr = children.run(cmd, env)
+                if code != 0:
+                    status = "stopped" if children.stopping else "failed"
+                    return done(SweepOutcome(run, status, error=child_error(stderr, stdout, code)))
+            try:
+                summary = read_json_file(run_dir / "summary.json")
+            except (OSError, DataError) as err:
+                return done(SweepOutcome(run, "failed", error=f"{run_dir / 'summary.json'}: {err}"))
+        return done(SweepOutcome(run, {"skip": "skipped", "resume": "resumed", "start": "done"}[action], summary))
+
+    with _terminate_on_signal(children), ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            return list(pool.map(one, runs))
+        except BaseException:
+            children.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def child_error(stderr: str, stdout: str, code: int) -> str:
+    """What a failed ``spmc run`` said: its one-line ``error:`` message if it printed one, else the tail of its
+    output, else its exit status."""
+    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1].removeprefix("error:").strip()
+    if code < 0:
+        return f"killed by signal {-code}"
+    return "\n".join(lines)[-2000:] or f"exit status {code}"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the kernel SIGKILLs the child when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``;
+    elsewhere a no-op); a parent that died before the call is caught by the parent-PID check."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return preexec
+
+
+class _Children:
+    """The sweep's live ``spmc run`` processes: each dies with the sweep; :meth:`stop` ends them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen[str]] = set()
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        """Run ``cmd`` to completion; (exit status, stdout, stderr). Refused (-SIGTERM) once :meth:`stop` ran."""
+        with self._lock:
+            if self._stopping:
+                return -int(signal.SIGTERM), "", "stopped"
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=_die_with_parent(os.getpid()),  # only a prctl and a getppid: safe after fork
+            )
+            self._procs.add(proc)
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        return proc.returncode, stdout, stderr
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every live child (and refuse new ones); SIGKILL those still alive after ``grace`` seconds."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def _terminate_on_signal(children: _Children) -> Iterator[None]:
+    """While the sweep runs (main thread only), SIGTERM stops the children and exits with status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        children.stop()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:

@@ -8,8 +8,10 @@ Two client procedures:
   projected CE gradient (plus ``kd_grad_weight``·G_g, 0 by default; spec §4.4, D7).
 
 Every client gets a fresh SGD optimiser (zero momentum) each round, lr 0.01, momentum 0.9, weight decay 1e-5,
-and draws its mini-batches (reshuffled every epoch, last partial batch dropped) from its own generator, so the
-result never depends on the order in which clients are visited.
+and draws its mini-batches (reshuffled every epoch) from its own generator, so the result never depends on the
+order in which clients are visited. With ``drop_last`` (the paper's setting, spec D30) the last partial batch of
+an epoch is dropped, ⌊n_k/B⌋ steps; without it, it is trained too, ⌈n_k/B⌉ steps, its loss the mean over its own
+n_k mod B samples (as PyTorch's ``DataLoader(drop_last=False)``).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class ClientData:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return len(self) // batch_size
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
+        """⌊n_k/B⌋ with ``drop_last``, else ⌈n_k/B⌉."""
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     batch_size: int = 64
+    drop_last: bool = True
     spmc_lambda: float = 1.0
     spmc_kd_T: float = 1.0
     spmc_proj_norm_power: float = 2.0
@@ -91,11 +95,13 @@ class ClientResult:
 
 
 def batches(
-    data: ClientData, epochs: int, batch_size: int, generator: torch.Generator
+    data: ClientData, epochs: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of ``batch_size``, reshuffled every epoch with ``generator``, last partial batch dropped."""
+    """Mini-batches of ``batch_size``, reshuffled every epoch with ``generator``; the last partial batch of an
+    epoch (n_k mod B samples) is dropped with ``drop_last``, else yielded after the full ones. The generator's
+    draws for the full batches are the same either way."""
     n = len(data)
-    steps = n // batch_size
+    steps = data.steps_per_epoch(batch_size, drop_last)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator).to(data.x.device)
         for b in range(steps):
@@ -171,7 +177,7 @@ class SequentialEngine:
         gen = torch.Generator().manual_seed(task.seed)
         total = torch.zeros((), device=start.device)
         steps = 0
-        for x, y in batches(task.data, task.epochs, self.cfg.batch_size, gen):
+        for x, y in batches(task.data, task.epochs, self.cfg.batch_size, gen, self.cfg.drop_last):
             if task.method == "spmc":
                 loss = spmc_step(self.model, self.teacher, opt, x, y, self.cfg)
             else:

@@ -20,10 +20,11 @@ def make_inputs(
     layout: ParamLayout = LINEAR,
     round_index: int = 0,
 ) -> RoundInputs:
-    """RoundInputs for ``states`` [n, d]: ids 0..n-1 unless given, global state zeros unless given, unit counts."""
+    """RoundInputs for ``states`` [n, d]: ids 0..n-1 unless given, global state zeros (states' dtype) unless given,
+    unit counts."""
     n, d = states.shape
     return RoundInputs(
-        global_state=torch.zeros(d) if global_state is None else global_state,
+        global_state=torch.zeros(d, dtype=states.dtype) if global_state is None else global_state,
         client_states=states,
         client_ids=tuple(range(n)) if ids is None else ids,
         num_samples=torch.ones(n, dtype=torch.float64),

@@ -132,7 +132,7 @@ def load_dataset(
         ValueError: unknown ``name`` (the message names the field ``dataset``, the value and the allowed
             names).
         DataError: the files are missing or malformed (the message says where it looked and what to
-            provide).
+            provide), or the test set is empty.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not a known dataset; allowed: {', '.join(sorted(DATASETS))}")
@@ -148,6 +148,9 @@ def load_dataset(
         arrays = load_idx_folder(resolve_data_dir(name, data_dir))
     ds = RawDataset(name, *arrays)
     _check_labels(ds, DATASETS[name].num_classes)
+    if ds.test_images.shape[0] == 0:
+        where = f" in {data_dir}" if data_dir is not None and name not in ("fmnist-sample", "synthetic") else ""
+        raise DataError(f"{name}: the test set{where} has no images; accuracy and ASR cannot be measured without one")
     logger.info(
         "loaded %s: %d train + %d test images of shape %s in %.2f s",
         name,

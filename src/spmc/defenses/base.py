@@ -36,7 +36,16 @@ class RoundInputs:
     server_data: Any = None
 
     def __post_init__(self) -> None:
+        if self.client_states.dim() != 2:
+            raise ValueError(
+                f"client_states must be [n, d] (one flat state per client); got shape {tuple(self.client_states.shape)}"
+            )
         n, d = self.client_states.shape
+        if not self.client_states.is_floating_point() or self.global_state.dtype != self.client_states.dtype:
+            raise ValueError(
+                f"client_states have dtype {self.client_states.dtype} and global_state {self.global_state.dtype}; "
+                "both must be the same floating-point dtype"
+            )
         if len(self.client_ids) != n:
             raise ValueError(f"client_ids has {len(self.client_ids)} ids for {n} client states")
         if self.num_samples.shape != (n,):
@@ -51,8 +60,15 @@ class RoundInputs:
 
     @property
     def updates(self) -> torch.Tensor:
-        """Δ_k = θ_k − θ_g for every client, ``[n, d]`` (spec §0)."""
-        return self.client_states - self.global_state
+        """Δ_k = θ_k − θ_g for every client, ``[n, d]`` (spec §0); ``ValueError`` when one overflows the dtype."""
+        updates = self.client_states - self.global_state
+        bad = (~torch.isfinite(updates).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"client_states: the updates θ_k − θ_g of clients {[self.client_ids[i] for i in bad]} overflow "
+                f"{self.client_states.dtype}; every update must be finite"
+            )
+        return updates
 
 
 @dataclass
@@ -83,16 +99,49 @@ class Defense(Protocol):
 _BLOCK = 1 << 15
 
 
+def column_scales(values: torch.Tensor) -> torch.Tensor:
+    """2^(e−1) per column of ``values`` [n, b], where 2^e > max |value| ≥ 2^(e−1), float64 [b] (never 0 or inf).
+
+    Dividing by a power of two is exact, so a mean taken on the scaled columns and scaled back equals the plain
+    float64 mean wherever that one does not overflow, and stays finite where it would."""
+    _, exponent = torch.frexp(values.abs().amax(dim=0).to(torch.float64))
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 1)
+
+
 def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k θ_k over the whole state, accumulated in float64 over column blocks (no [n, d] float64 copy) and
-    returned in the states' dtype."""
+    returned in the states' dtype. Float64 states are summed on columns divided by :func:`column_scales`, so no
+    finite input overflows (weights summing to at most 1)."""
     if weights.shape != (states.shape[0],):
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
     w = weights.to(device=states.device, dtype=torch.float64)
     out = torch.empty(states.shape[1], dtype=states.dtype, device=states.device)
     for start in range(0, states.shape[1], _BLOCK):
-        out[start : start + _BLOCK] = w @ states[:, start : start + _BLOCK].to(torch.float64)
+        block = states[:, start : start + _BLOCK].to(torch.float64)
+        if states.dtype == torch.float64:
+            scale = column_scales(block)
+            out[start : start + _BLOCK] = (w @ (block / scale)) * scale
+        else:
+            out[start : start + _BLOCK] = w @ block
     return out
+
+
+def finite_global(state: torch.Tensor, defense: str) -> torch.Tensor:
+    """``state`` unchanged when every entry is finite, else ``ValueError``: the new global state overflowed its dtype
+    (the clients' states, though finite, are too far from each other or from the global state)."""
+    if not bool(torch.isfinite(state).all()):
+        raise ValueError(
+            f"{defense}: the new global state overflows {state.dtype}; the client states are finite but too large"
+        )
+    return state
+
+
+def stable_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows of ``values`` [n, b], float64 [b], finite for any finite input (see
+    :func:`column_scales`); equal to ``values.double().mean(0)`` wherever that is finite."""
+    v = values.to(torch.float64)
+    scale = column_scales(v)
+    return (v / scale).mean(dim=0) * scale
 
 
 def as_weight_list(weights: torch.Tensor, client_ids: Sequence[int]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, stat_mask
+from spmc.defenses.base import Aggregate, RoundInputs, finite_global, stat_mask
 from spmc.defenses.krum import lowest_scores, nearest_sums, pairwise_sq_distances
 from spmc.defenses.median import coordinatewise
 from spmc.defenses.trimmed_mean import closest_to_median_mean
@@ -93,7 +93,7 @@ class Bulyan:
         new_global = (inputs.global_state.to(torch.float64) + agg.to(torch.float64)).to(inputs.global_state.dtype)
         kept = set(chosen)
         return Aggregate(
-            global_state=new_global,
+            global_state=finite_global(new_global, self.name),
             weights=None,
             accepted=tuple(k for i, k in enumerate(ids) if i in kept),
             diagnostics={

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, round_generator, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class CRFL:
             params = (params.to(torch.float64) + noise.to(params.device)).to(params.dtype)
         new[mask] = params
         return Aggregate(
-            global_state=new,
+            global_state=finite_global(new, self.name),
             weights=p,
             accepted=inputs.client_ids,
             diagnostics={

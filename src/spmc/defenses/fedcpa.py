@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.params import ParamLayout
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class FedCPA:
         weights = v / v.sum()
         accepted = tuple(cid for cid, x in zip(ids, v.tolist()) if x != 0)
         return Aggregate(
-            global_state=new,
+            global_state=finite_global(new, self.name),
             weights=weights,
             accepted=accepted,
             diagnostics={

@@ -15,12 +15,13 @@ TS_k is 0 the global model is unchanged, no weights are reported and no client i
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -117,6 +118,11 @@ class FLTrust:
         delta0 = self.server_update(inputs)
         mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
         cos, norms, ref_norm = cosines_and_norms(inputs.client_states, inputs.global_state, delta0, mask)
+        if not (bool(torch.isfinite(norms).all()) and math.isfinite(ref_norm)):
+            raise ValueError(
+                f"fltrust: the update norms overflow float64 (clients {list(inputs.client_ids)}, server "
+                f"{ref_norm}); every update norm must be finite"
+            )
         trust = fltrust_trust_scores(cos, norms, ref_norm)
         ids = inputs.client_ids
         total = float(trust.sum())
@@ -133,7 +139,7 @@ class FLTrust:
         if weights is not None:
             diagnostics["weights"] = as_weight_list(weights, ids)
         return Aggregate(
-            global_state=fltrust_apply(inputs.global_state, inputs.client_states, trust),
+            global_state=finite_global(fltrust_apply(inputs.global_state, inputs.client_states, trust), self.name),
             weights=weights,
             accepted=accepted,
             diagnostics=diagnostics,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -149,7 +149,7 @@ class FoolsGold:
             new[mask] = (g.to(torch.float64) + step).to(new.dtype)
         accepted = tuple(cid for cid, a in zip(inputs.client_ids, alpha.tolist()) if a > 0)
         return Aggregate(
-            global_state=new,
+            global_state=finite_global(new, self.name),
             weights=alpha,
             accepted=accepted,
             diagnostics={

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, stat_mask
+from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -40,7 +40,7 @@ def coordinate_median(values: torch.Tensor) -> torch.Tensor:
     s = values.sort(dim=0).values
     if n % 2 == 1:
         return s[n // 2].clone()
-    mid = (s[n // 2 - 1].to(torch.float64) + s[n // 2].to(torch.float64)) / 2
+    mid = s[n // 2 - 1].to(torch.float64) / 2 + s[n // 2].to(torch.float64) / 2  # no overflow at ±max
     return mid.to(values.dtype)
 
 
@@ -52,7 +52,7 @@ def coordinatewise(states: torch.Tensor, robust: torch.Tensor, rule: ColumnRule)
     out = torch.empty(states.shape[1], dtype=states.dtype, device=states.device)
     plain = ~robust
     if bool(plain.any()):
-        out[plain] = states[:, plain].to(torch.float64).mean(dim=0).to(states.dtype)
+        out[plain] = stable_mean(states[:, plain]).to(states.dtype)
     cols = robust.nonzero().squeeze(1)
     for start in range(0, cols.numel(), _BLOCK):
         idx = cols[start : start + _BLOCK]

@@ -16,12 +16,13 @@ median: they get the plain p-weighted mean of the clients' values (spec §6.5 "s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
 from spmc.params import EntryKind
 
@@ -29,22 +30,23 @@ if TYPE_CHECKING:
     from spmc.config import Experiment
 
 _BLOCK = 1 << 16
+_TINY = float(torch.finfo(torch.float64).tiny)
 
 
-def _weighted_sum(points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k P_k in float64, streamed over column blocks (no [n, m] float64 copy)."""
+def _weighted_sum(points: torch.Tensor, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Σ_k w_k P_k / scale in float64, streamed over column blocks (no [n, m] float64 copy)."""
     w = weights.to(torch.float64).to(points.device)
     out = torch.empty(points.shape[1], dtype=torch.float64, device=points.device)
     for start in range(0, points.shape[1], _BLOCK):
-        out[start : start + _BLOCK] = w @ points[:, start : start + _BLOCK].to(torch.float64)
+        out[start : start + _BLOCK] = w @ (points[:, start : start + _BLOCK].to(torch.float64) / scale)
     return out
 
 
-def _distances(points: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """‖z − P_k‖ for every row k, float64 [n] on the CPU."""
+def _distances(points: torch.Tensor, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """‖z − P_k / scale‖ for every row k, float64 [n] on the CPU."""
     sq = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
     for start in range(0, points.shape[1], _BLOCK):
-        diff = points[:, start : start + _BLOCK].to(torch.float64) - z[start : start + _BLOCK]
+        diff = points[:, start : start + _BLOCK].to(torch.float64) / scale - z[start : start + _BLOCK]
         sq += (diff * diff).sum(dim=1)
     return sq.sqrt().cpu()
 
@@ -59,7 +61,9 @@ def weiszfeld(
     """Smoothed Weiszfeld geometric median of the rows of ``points`` [n, m] with prior ``weights`` [n].
 
     Returns (z float64 [m], β float64 [n] with z = Σ β_k P_k, number of Weiszfeld steps taken). β is the prior
-    itself when no step was taken.
+    itself when no step was taken. The iteration runs on P / s and ε / s for a power of two s near max |P| (the same
+    iterates, rescaled), so distances never overflow or underflow; when ε / s overflows every distance is below ε
+    and β = p.
     """
     if points.dim() != 2 or weights.shape != (points.shape[0],):
         raise ValueError(f"points must be [n, m] and weights [n]; got {tuple(points.shape)}, {tuple(weights.shape)}")
@@ -67,20 +71,23 @@ def weiszfeld(
     if bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum; got {p.tolist()}")
     p = p / p.sum()
+    _, exponent = math.frexp(float(points.abs().amax())) if points.numel() else (0.0, 1)
+    scale = math.ldexp(1.0, exponent - 1)  # a power of two near max |P|: the iteration runs on P / scale
+    eps_scaled = max(eps / scale, _TINY)
     beta = p
-    z = _weighted_sum(points, beta)
-    obj = float(p @ _distances(points, z))
+    z = _weighted_sum(points, beta, scale)
+    obj = float(p @ _distances(points, z, scale))
     steps = 0
     for _ in range(maxiter):
         prev_obj = obj
-        beta = p / _distances(points, z).clamp_min(eps)
+        beta = p / _distances(points, z, scale).clamp_min(eps_scaled) if math.isfinite(eps_scaled) else p
         beta = beta / beta.sum()
-        z = _weighted_sum(points, beta)
+        z = _weighted_sum(points, beta, scale)
         steps += 1
-        obj = float(p @ _distances(points, z))
+        obj = float(p @ _distances(points, z, scale))
         if abs(prev_obj - obj) < ftol * obj:
             break
-    return z, beta, steps
+    return z * scale, beta, steps
 
 
 def rfa_update(
@@ -171,7 +178,7 @@ class RFA:
         if weights is not None:
             diagnostics["weights"] = as_weight_list(weights, inputs.client_ids)
         return Aggregate(
-            global_state=new.to(inputs.global_state.dtype),
+            global_state=finite_global(new.to(inputs.global_state.dtype), self.name),
             weights=weights,
             accepted=inputs.client_ids,
             diagnostics=diagnostics,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
 
 if TYPE_CHECKING:
@@ -47,9 +47,9 @@ def rlr_aggregate(
     """New global state (parameters by the robust learning rate, buffers by the weighted mean) and the lr vector."""
     new = weighted_average(client_states, weights.to(client_states.device))
     g = global_state[param_mask]
-    updates = client_states[:, param_mask] - g
+    updates = client_states[:, param_mask].to(torch.float64) - g.to(torch.float64)
     lr = robust_learning_rates(updates, threshold, server_lr)
-    step = weights.to(torch.float64).to(updates.device) @ updates.to(torch.float64)
+    step = weights.to(torch.float64).to(updates.device) @ updates
     new[param_mask] = (g.to(torch.float64) + lr * step).to(new.dtype)
     return new, lr
 
@@ -78,7 +78,7 @@ class RLR:
         mask = inputs.layout.param_mask(inputs.client_states.device)
         new, lr = rlr_aggregate(inputs.global_state, inputs.client_states, p, mask, self.threshold, self.server_lr)
         return Aggregate(
-            global_state=new,
+            global_state=finite_global(new, self.name),
             weights=p,
             accepted=inputs.client_ids,
             diagnostics={

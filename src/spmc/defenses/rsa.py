@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, weighted_average
+from spmc.defenses.base import Aggregate, RoundInputs, finite_global, weighted_average
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -99,7 +99,7 @@ class RSA:
             new = inputs.global_state.clone()
         new[mask] = rsa_step(x_g, acc, self.alpha, self.lam, self.wd)
         return Aggregate(
-            global_state=new,
+            global_state=finite_global(new, self.name),
             weights=None,
             accepted=inputs.client_ids,
             diagnostics={

@@ -1,7 +1,7 @@
 """SPMC server: aggregation weighted by margin contribution (spec §3, §4.1, D3, D4, D8, D9, D29).
 
-For client k with score vector a_k and leave-one-out coalition b_k = (S − w_k a_k)/(W − w_k), where
-S = Σ_j w_j a_j and W = Σ_j w_j (prior weights w, uniform by default):
+For client k with score vector a_k and leave-one-out coalition b_k = Σ_{j≠k} w_j a_j / Σ_{j≠k} w_j (prior
+weights w, uniform by default):
 
     s_k = ⟨a_k, b_k⟩ / (‖a_k‖·‖b_k‖ + ε)                                   (spec §3.2 step 2)
     α   = softmax(s / τ)                  (``spmc_weight_fn = softmax``, spec §3.2 step 3)
@@ -9,8 +9,10 @@ S = Σ_j w_j a_j and W = Σ_j w_j (prior weights w, uniform by default):
     θ_g ← Σ_k α_k θ_k over the whole state                                  (spec §3.2 step 4)
     teacher_k = (θ_g − α_k θ_k)/(1 − α_k) = Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j    (spec §4.1)
 
-All scores are computed in O(n·d) from G_k = ⟨a_k, S⟩, q_k = ‖a_k‖², Q = ‖S‖² (spec §3.3), accumulated in
-float64 while streaming over column blocks, so no [n, d] float64 copy is ever made.
+Scores and teachers are computed in O(n·d), streamed over column blocks in float64 (no [n, d] float64 copy), from
+prefix and suffix sums over the clients rather than the closed form (S − w_k a_k)/(W − w_k) of spec §3.3, which
+cancels catastrophically when one client dwarfs the others (issue 11); every sum is rescaled so no finite input
+overflows.
 """
 
 from __future__ import annotations
@@ -32,39 +34,87 @@ LooPrior = Literal["uniform", "samples"]
 _BLOCK = 1 << 16
 
 
+def _row_scales(vectors: torch.Tensor) -> torch.Tensor:
+    """c_k = max_i |a_ki| of every row, streamed over column blocks (exact in any dtype); float64 [n] on the CPU.
+
+    Raises ``ValueError`` when a row holds inf or NaN.
+    """
+    c = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
+    for start in range(0, vectors.shape[1], _BLOCK):
+        c = torch.maximum(c, vectors[:, start : start + _BLOCK].abs().amax(dim=1).to(torch.float64))
+    c = c.cpu()
+    bad = (~torch.isfinite(c)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"vectors: rows {bad} hold inf or NaN; every entry must be finite")
+    return c
+
+
+def _others_sum(x: torch.Tensor) -> torch.Tensor:
+    """o_k = Σ_{j≠k} x_j for every row of ``x`` [n, ...], from prefix and suffix sums: x_k is never subtracted."""
+    out = torch.zeros_like(x)
+    out[1:] = x[:-1].cumsum(dim=0)
+    out[:-1] += x[1:].flip(0).cumsum(dim=0).flip(0)
+    return out
+
+
 def loo_cosine_scores(
     vectors: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
-    """s_k = cos(a_k, b_k) with b_k the prior-weighted mean of all rows but k (spec §3.2-§3.3), float64 [n].
+    """s_k = ⟨a_k, b_k⟩ / (‖a_k‖·‖b_k‖ + ε), b_k = Σ_{j≠k} w_j a_j / Σ_{j≠k} w_j (spec §3.2-§3.3), float64 [n].
 
-    ``vectors`` is [n, d]; ``prior`` defaults to uniform weights. n = 1 has no coalition and returns [0.0].
-    A zero vector gives s = 0 through ε (spec §3.4).
+    ``vectors`` is [n, d] of any float dtype; ``prior`` w defaults to uniform weights. n = 1 has no coalition and
+    returns [0.0]; a zero vector a_k or b_k gives s_k = 0 through ε (spec §3.4). The result is clamped to [−1, 1].
+
+    Computed in O(n·d) time, streamed over column blocks in float64, without the cancelling closed form of §3.3:
+    every row is divided by its own scale c_k = max |a_k| (u_k = a_k / c_k), the coalition sums
+    o_k = Σ_{j≠k} (w_j c_j / M_k) u_j with M_k = max_{j≠k} w_j c_j come from prefix and suffix sums over the rows
+    (a_k is never subtracted), and the cosine is rescaled exactly:
+
+        s_k = ⟨u_k, o_k⟩ / (‖u_k‖·‖o_k‖ + ε · (Σ_{j≠k} w_j) / (c_k · M_k)).
+
+    ε therefore keeps its absolute meaning in the units of the input; the factor is formed in logarithms, so it may
+    be 0 or inf (then s_k → 0) but never NaN. No square overflows or underflows for any finite input.
     """
     if vectors.dim() != 2:
         raise ValueError(f"vectors must be [n, d]; got shape {tuple(vectors.shape)}")
     n = vectors.shape[0]
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if prior is None else prior.to(torch.float64).cpu()
-    if w.shape != (n,) or bool((w < 0).any()):
-        raise ValueError(f"prior must be {n} non-negative weights; got {w.tolist()}")
+    w = torch.ones(n, dtype=torch.float64) if prior is None else prior.detach().to(torch.float64).cpu()
+    if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"prior must be {n} finite non-negative weights; got {w.tolist()}")
     if n == 1:
         return torch.zeros(1, dtype=torch.float64)
-    w_dev = w.to(vectors.device)
-    g = torch.zeros(n, dtype=torch.float64, device=vectors.device)
-    q = torch.zeros(n, dtype=torch.float64, device=vectors.device)
-    big_q = torch.zeros((), dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        s_block = w_dev @ block
-        g += block @ s_block
-        q += (block * block).sum(dim=1)
-        big_q += s_block @ s_block
-    g, q, big_q = g.cpu(), q.cpu(), big_q.cpu()
-    rest = w.sum() - w
+    w = w / w.max() if float(w.max()) > 0 else w
+    rest = _others_sum(w)
     if bool((rest <= 0).any()):
         raise ValueError("prior: every leave-one-out coalition needs positive total weight")
-    dot = (g - w * q) / rest
-    norm_b = ((big_q - 2 * w * g + w * w * q).clamp_min(0.0)).sqrt() / rest
-    return dot / (q.sqrt() * norm_b + eps)
+    c = _row_scales(vectors)
+    log_v = w.log() + c.log()  # log(w_j c_j), −inf for a zero row or a zero weight
+    top = int(log_v.argmax())
+    log_m = torch.full((n,), float(log_v[top]), dtype=torch.float64)
+    log_m[top] = float(torch.cat([log_v[:top], log_v[top + 1 :]]).max())
+    if not bool(torch.isfinite(log_m[0 if top else 1])):
+        return torch.zeros(n, dtype=torch.float64)  # all rows with weight are zero
+    coef = (log_v - log_m[0 if top else 1]).exp()  # w_j c_j / max_j w_j c_j, for every k but the top one
+    coef_top = (log_v - log_m[top]).exp() if bool(torch.isfinite(log_m[top])) else torch.zeros(n, dtype=torch.float64)
+    coef_top[top] = 0.0
+    dev = vectors.device
+    c_safe = torch.where(c > 0, c, torch.ones_like(c)).to(dev)
+    coef, coef_top = coef.to(dev), coef_top.to(dev)
+    dot = torch.zeros(n, dtype=torch.float64, device=dev)
+    q = torch.zeros(n, dtype=torch.float64, device=dev)
+    nb = torch.zeros(n, dtype=torch.float64, device=dev)
+    for start in range(0, vectors.shape[1], _BLOCK):
+        u = vectors[:, start : start + _BLOCK].to(torch.float64) / c_safe[:, None]
+        o = _others_sum(u * coef[:, None])
+        o[top] = coef_top @ u
+        dot += (u * o).sum(dim=1)
+        q += (u * u).sum(dim=1)
+        nb += (o * o).sum(dim=1)
+    dot, q, nb = dot.cpu(), q.cpu(), nb.cpu()
+    eps_k = eps * (rest.log() - c.log() - log_m).exp() if eps > 0 else torch.zeros(n, dtype=torch.float64)
+    denom = q.sqrt() * nb.sqrt() + eps_k
+    s = torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(dot))
+    return s.clamp(-1.0, 1.0)
 
 
 def reference_cosine_scores(vectors: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -90,21 +140,42 @@ def spmc_weights(scores: torch.Tensor, temperature: float = 1.0, fn: WeightFn = 
 def marginal_teachers(
     global_state: torch.Tensor, client_states: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """teacher_k = (θ_g − α_k θ_k)/(1 − α_k), the α-weighted leave-one-out model of every client (spec §4.1).
+    """teacher_k = Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j, the α-weighted leave-one-out model of every client (spec §4.1).
 
-    ``global_state`` must be Σ α_k θ_k. With one client there is no coalition and the teacher is the global
-    model (spec §3.4); the same holds for any client whose weight is 1 (its coalition has weight 0), which a
-    client-selecting defense can produce. The coefficients 1/(1 − α_k) and α_k/(1 − α_k) are formed in float64,
-    the [n, d] result in the states' dtype.
+    Equal to (θ_g − α_k θ_k)/(1 − α_k) for θ_g = Σ α_j θ_j, but formed directly: the coalition sums come from prefix
+    and suffix sums over the rows and its weight Σ_{j≠k} α_j is a sum of the others' weights, so nothing is
+    subtracted and the result stays accurate however close α_k is to 1. Each column block is divided by its largest
+    |θ| while it is summed in float64, so no finite input overflows; the [n, d] result is in the states' dtype.
+
+    A client whose coalition has weight exactly 0 gets ``global_state`` as its teacher: with n = 1 (no coalition,
+    spec §3.4) and whenever every other client's weight is exactly 0 (a client-selecting defense such as Krum, or
+    α_k = 1 after underflow), where θ_g = θ_k. ``global_state`` is only read in that case.
     """
-    if weights.shape != (client_states.shape[0],):
-        raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({client_states.shape[0]},)")
-    w = weights.to(torch.float64).to(client_states.device)
-    alone = (1.0 - w) <= 1e-12
-    scale = torch.where(alone, torch.zeros_like(w), 1.0 / (1.0 - w).clamp_min(1e-12))
-    a = (w * scale).to(client_states.dtype).unsqueeze(1)
-    teachers = global_state.unsqueeze(0) * scale.to(client_states.dtype).unsqueeze(1) - a * client_states
-    teachers[alone] = global_state
+    n = client_states.shape[0]
+    if client_states.dim() != 2 or weights.shape != (n,):
+        raise ValueError(
+            f"weights has shape {tuple(weights.shape)} for client states of shape {tuple(client_states.shape)}; "
+            f"expected [n] weights for [n, d] states"
+        )
+    w = weights.detach().to(torch.float64).cpu()
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights must be finite and non-negative; got {w.tolist()}")
+    w = w / w.max() if float(w.max()) > 0 else w
+    rest = _others_sum(w)
+    alone = rest <= 0
+    dev = client_states.device
+    coef = w.to(dev)[:, None]
+    inv_rest = torch.where(alone, torch.zeros_like(rest), 1.0 / torch.where(alone, torch.ones_like(rest), rest))
+    inv_rest = inv_rest.to(dev)[:, None]
+    teachers = torch.empty_like(client_states)
+    for start in range(0, client_states.shape[1], _BLOCK):
+        block = client_states[:, start : start + _BLOCK].to(torch.float64)
+        scale = block.abs().amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        mean = _others_sum(block / scale * coef) * inv_rest * scale
+        teachers[:, start : start + _BLOCK] = mean.to(client_states.dtype)
+    alone_idx = alone.nonzero().flatten().tolist()
+    if alone_idx:
+        teachers[alone_idx] = global_state.to(client_states.dtype)
     return teachers
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from spmc.defenses.base import Aggregate, RoundInputs, stat_mask
+from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
 from spmc.defenses.median import coordinate_median, coordinatewise
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def trimmed_mean(values: torch.Tensor, k: int) -> torch.Tensor:
     if k < 0 or n <= 2 * k:
         raise ValueError(f"trimmed_mean_k: trimming k = {k} from each side needs n > 2k clients; got n = {n}")
     s = values.sort(dim=0).values[k : n - k]
-    return s.to(torch.float64).mean(dim=0).to(values.dtype)
+    return stable_mean(s).to(values.dtype)
 
 
 def closest_to_median_mean(values: torch.Tensor, keep: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def closest_to_median_mean(values: torch.Tensor, keep: int) -> torch.Tensor:
     med = coordinate_median(s.to(torch.float64))
     dist = (s.to(torch.float64) - med).abs()
     nearest = dist.argsort(dim=0, stable=True)[:keep]
-    return s.gather(0, nearest).to(torch.float64).mean(dim=0).to(values.dtype)
+    return stable_mean(s.gather(0, nearest)).to(values.dtype)
 
 
 def trimmed_rule(values: torch.Tensor, k: int, mode: TrimMode = "trim_extremes") -> torch.Tensor:

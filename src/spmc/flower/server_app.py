@@ -23,7 +23,14 @@ from spmc.flower.strategy import DefenseStrategy
 from spmc.metrics import final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import FederatedData, build_federated_data, evaluate_state, make_server_data, resolve_device
+from spmc.simulation import (
+    FederatedData,
+    build_federated_data,
+    evaluate_state,
+    make_server_data,
+    resolve_device,
+    update_guard,
+)
 from spmc.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,7 @@ def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | No
         participation=cfg.participation,
         seed=cfg.seed,
         on_invalid_update=cfg.on_invalid_update,
+        guard=update_guard(cfg),
         server_data=setup.server_data,
         store=store,
         resume=opts.resume,

@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from spmc.config import ConfigError
 from spmc.defenses import Aggregate, Defense, RoundInputs
 from spmc.flower.convert import MalformedUpdate, arrays_to_state, finite_number, metric_record, state_to_arrays
+from spmc.guard import UpdateGuard, finalise_global, guard_states
 from spmc.metrics import detection_scores
 from spmc.params import ParamLayout
 from spmc.simulation import SEED_PARTICIPATION, InvalidUpdateError, coalition_teachers, derive_seed
@@ -69,16 +70,6 @@ class ClientUpdate:
     malicious: bool | None
     train_seconds: float = math.nan
     reply_seconds: float = math.nan
-
-
-def finalise_global(state: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
-    """A defense's global state with integer counters rounded; raises on NaN or Inf (a defense bug)."""
-    out = state.detach().clone().cpu()
-    int_mask = layout.int_mask(out.device)
-    out[int_mask] = out[int_mask].round()
-    if not bool(torch.isfinite(out).all()):
-        raise RuntimeError("the defense produced a non-finite global state")
-    return out
 
 
 def _single(records: dict[str, Any], key: str, kind: str) -> Any:
@@ -111,6 +102,7 @@ class DefenseStrategy(Strategy):
         participation: float = 1.0,
         seed: int = 0,
         on_invalid_update: str = "drop",
+        guard: UpdateGuard | None = None,
         server_data: Any = None,
         store: RunStore | None = None,
         resume: bool = True,
@@ -129,6 +121,7 @@ class DefenseStrategy(Strategy):
         self.participation = participation
         self.seed = seed
         self.on_invalid_update = on_invalid_update
+        self.guard = UpdateGuard() if guard is None else guard
         self.server_data = server_data
         self.store = store
         self.resume = resume
@@ -190,6 +183,8 @@ class DefenseStrategy(Strategy):
         """Check the replies, run the defense on the valid states and update the teachers."""
         t = server_round - 1
         updates, rejected, failed = self._collect(t, replies)
+        updates, refused = self._guard(t, updates)
+        rejected += refused
         failed += self._unanswered
         self._unanswered = []
         if rejected and self.on_invalid_update == "stop":
@@ -214,7 +209,7 @@ class DefenseStrategy(Strategy):
         counts = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
         server_data = self.server_data if self.defense.needs_server_data else None
         agg = self.defense.aggregate(RoundInputs(self.global_state, states, ids, counts, self.layout, t, server_data))
-        new_global = finalise_global(agg.global_state, self.layout)
+        new_global = finalise_global(agg.global_state, self.layout, self.defense.name, t).cpu()
         if self.send_teachers:
             self.teachers.update(coalition_teachers(agg, states, ids))
         self.global_state = new_global
@@ -401,6 +396,19 @@ class DefenseStrategy(Strategy):
             update.reply_seconds = seconds
             updates.append(update)
         return updates, rejected, failed
+
+    def _guard(self, t: int, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], list[int]]:
+        """The update guard (:mod:`spmc.guard`) over the round's parsed updates: those it passes, the refused ids."""
+        if self.global_state is None or not updates:
+            return updates, []
+        mask = self.layout.stat_mask(self.global_state.device)
+        problems = guard_states(self.global_state, [u.state for u in updates], mask, self.guard)
+        for u, problem in zip(updates, problems):
+            if problem is not None:
+                log.warning("round %d: update from client %d (node %d) refused: %s", t, u.client_id, u.node_id, problem)
+        return [u for u, p in zip(updates, problems) if p is None], [
+            u.client_id for u, p in zip(updates, problems) if p is not None
+        ]
 
     def _parse(self, node: int, content: RecordDict) -> ClientUpdate:
         """A reply's update, or :class:`MalformedUpdate` naming what is wrong with it."""

@@ -15,7 +15,6 @@ pixel trigger of spec §2.2 written in (``apply_trigger`` with the run's ``trigg
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from spmc.data import DATASETS, DataError, Preprocessor, load_dataset, to_unit_f
 from spmc.models import ResNet10, SimpleCNN, build_model
 from spmc.params import ParamLayout
 from spmc.report.runs import dataset_label, method_label
+from spmc.store import RunStore, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def load_report_config(run_dir: str | Path, data_dir: str | None = None) -> Expe
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise DataError(f"{run_dir}: no config.json; is it a run directory?")
-    values = json.loads(path.read_text())
+    values = read_json_file(path)
+    if not isinstance(values, dict):
+        raise DataError(f"{path}: expected a JSON object of options")
     if data_dir is not None:
         values["data_dir"] = data_dir
     elif values.get("data_dir") and not Path(values["data_dir"]).expanduser().is_dir():
@@ -130,8 +132,8 @@ def load_final_model(run_dir: str | Path, cfg: Experiment) -> nn.Module:
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
         raise DataError(f"{run_dir}: no checkpoint.pt (was the run made with checkpoint_every = 0?)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if "global_state" not in payload:
+    payload = RunStore(run_dir).load_checkpoint()
+    if payload is None or "global_state" not in payload:
         raise DataError(f"{path}: no 'global_state' entry")
     done = int(payload.get("next_round", cfg.rounds))
     if done < cfg.rounds:
@@ -159,7 +161,13 @@ def load_test_images(
     )
     labels = raw.test_labels
     if indices is None:
-        idx = torch.nonzero(labels != cfg.target_label).flatten()[:count]
+        candidates = torch.nonzero(labels != cfg.target_label).flatten()
+        if count > candidates.numel():
+            raise ConfigError(
+                f"images: got {count}; the {cfg.dataset} test set has {candidates.numel()} images outside the "
+                f"target class, so at most {candidates.numel()}"
+            )
+        idx = candidates[:count]
     else:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         if idx.numel() and (idx.min() < 0 or idx.max() >= labels.shape[0]):

@@ -29,6 +29,7 @@ from typing import Any
 
 from spmc.config import ConfigError, Experiment
 from spmc.data import DataError
+from spmc.store import read_json_file, read_metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,9 @@ class RunDir:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+        return read_json_file(path)
     except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err})") from None
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
 def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> list[Path]:
@@ -199,21 +198,15 @@ def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> 
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (a half-written last line, from a running job, is skipped)."""
+    """The records of ``run_dir/metrics.jsonl`` (:func:`spmc.store.read_metrics_file`: a half-written last line,
+    from a running job, is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl; is it a run directory?")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                log.warning("%s: last line is incomplete, skipped", path)
-                break
-            raise DataError(f"{path}, line {i + 1}: not valid JSON ({err})") from None
-    return records
+    try:
+        return read_metrics_file(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
 def load_run_dir(path: str | Path, need_summary: bool = True) -> RunDir:
@@ -238,6 +231,8 @@ def load_run_dir(path: str | Path, need_summary: bool = True) -> RunDir:
     summary_path = path / "summary.json"
     if summary_path.is_file():
         summary = _read_json(summary_path)
+        if not isinstance(summary, dict):
+            raise DataError(f"{summary_path}: expected a JSON object")
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise DataError(f"{summary_path}: missing {', '.join(missing)}")

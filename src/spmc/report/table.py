@@ -67,18 +67,23 @@ def load_paper_table(path: str | Path | None = None) -> dict[tuple[str, str, flo
 
 @dataclass(frozen=True)
 class Stat:
-    """Mean and sample standard deviation (None for a single value) of one metric over runs."""
+    """Mean and sample standard deviation (None for a single value) of one metric over the runs that have it;
+    ``n`` counts those runs. A missing value (None or NaN: a run that stored null) is left out; with no value at
+    all the mean is None (a blank cell)."""
 
-    mean: float
+    mean: float | None
     std: float | None
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
+    def of(cls, values: Sequence[float | None]) -> Stat:
         if not values:
             raise ValueError("no values to summarise")
-        std = statistics.stdev(values) if len(values) > 1 else None
-        return cls(statistics.fmean(values), std, len(values))
+        present = [float(v) for v in values if v is not None and not math.isnan(v)]
+        if not present:
+            return cls(None, None, 0)
+        std = statistics.stdev(present) if len(present) > 1 else None
+        return cls(statistics.fmean(present), std, len(present))
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,8 @@ class Cell:
 
     def diff(self, metric: str) -> float | None:
         """Ours − paper for ``metric``, None where the paper gives no value."""
-        p = self.paper_value(metric)
-        return None if p is None else self.stats[metric].mean - p
+        p, ours = self.paper_value(metric), self.stats[metric].mean
+        return None if p is None or ours is None else ours - p
 
 
 @dataclass
@@ -195,6 +200,9 @@ def build_table(runs: Sequence[RunDir], paper: PaperTable | None = None) -> Resu
             if len({(m.summary or {}).get("rounds") for m in members}) > 1:
                 log.warning("%s on %s, γ = %g: runs of different lengths averaged", row.label, dataset, gamma)
             stats = {m: Stat.of([run.metric(m) for run in members]) for m in METRICS}
+            lacking = [str(run.path) for run in members if any(math.isnan(run.metric(m)) for m in METRICS)]
+            if lacking:
+                log.warning("%s on %s, γ = %g: no value (null) in %s", row.label, dataset, gamma, ", ".join(lacking))
             paper_values = None
             if paper is not None and row.paper_method is not None:
                 paper_values = paper.get((row.paper_method, dataset, gamma))
@@ -219,6 +227,8 @@ def _num(x: float | None, sign: bool = False) -> str:
 
 
 def _stat_text(s: Stat, pm: str = " ± ") -> str:
+    if s.mean is None:
+        return ""
     return _num(s.mean) + (f"{pm}{_num(s.std)}" if s.std is not None else "")
 
 
