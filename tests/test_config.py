@@ -85,7 +85,10 @@ def test_presets_files_and_overrides(tmp_path: Path) -> None:
         ({"defense": "dnc", "dnc_filter_frac": 5}, ["dnc_filter_frac", "r = ⌊c·⌊γ·n⌋⌋ = 5", "n = 4", "r < n"]),
         ({"defense": "dnc", "dnc_filter_frac": -1}, ["dnc_filter_frac", "-1"]),
         ({"min_client_size": 600}, ["min_client_size", "600", "1800", "min_client_size <= 450"]),
-        ({"val_fraction": 0.999, "min_client_size": 0}, ["num_clients", "val_fraction = 0.999", "num_clients <= 2"]),
+        (
+            {"val_fraction": 0.999, "min_client_size": 0, "drop_last": False},
+            ["num_clients", "val_fraction = 0.999", "num_clients <= 2"],
+        ),
         ({"defense": "fltrust", "val_fraction": 0.0}, ["val_fraction", "0 samples", "batch_size = 64", "fltrust"]),
         ({"defense": "sageflow", "synthetic_train_size": 300}, ["val_fraction", "30 samples", "sageflow"]),
         ({"seed": 2**32}, ["seed", "4294967296", "4294967295"]),
@@ -116,7 +119,8 @@ def test_defense_rules_count_the_sampled_clients() -> None:
 @settings(max_examples=40, deadline=None)
 @given(k=st.integers(1, 30), f=st.integers(0, 15))
 def test_krum_is_accepted_exactly_when_n_exceeds_2f_plus_2(k: int, f: int) -> None:
-    values = {"defense": "krum", "num_clients": k, "krum_f": f, "dataset": "synthetic", "min_client_size": 1}
+    values = {"defense": "krum", "num_clients": k, "krum_f": f, "dataset": "synthetic", "min_client_size": 1,
+              "drop_last": False}  # fmt: skip
     if k > 2 * f + 2:
         assert make_experiment(**values).krum_f == f
     else:
