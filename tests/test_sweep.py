@@ -10,7 +10,7 @@ import pytest
 
 from spmc.cli import main
 from spmc.config import ConfigError
-from spmc.sweep import expand_grid, load_grid, run_sweep
+from spmc.sweep import command_for, expand_grid, load_grid, run_dir_in, run_sweep
 
 GRID = """
 jobs = 2
@@ -89,3 +89,93 @@ def test_example_grids_are_valid(path: Path) -> None:
     spec = load_grid(path)
     runs = expand_grid(spec)
     assert runs and spec.get("out")
+
+
+# ------------------------------------------------------------------------------ issue 11 §3: hostile grids
+
+SMOKE_BASE = {"preset": "smoke", "device": "cpu"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"base": 3}, "base must be a table"),
+        ({"grid": [1, 2]}, "grid must be a table"),
+        ({"base": SMOKE_BASE, "grid": {"defense": ["fedavg", "krum"]}}, "(?s)run 'defensekrum'.*krum_f"),
+        ({"base": {"rounds": True}}, "rounds: got True"),
+    ],
+)
+def test_hostile_grids_are_refused(spec: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        expand_grid(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "jobs", "out", "fragment"),
+    [
+        ({"jobs": "two"}, None, "x", "jobs: got 'two'"),
+        ({"jobs": 0}, None, "x", "jobs: got 0"),
+        ({"jobs": True}, None, "x", "jobs: got True"),
+        ({}, -3, "x", "--jobs: got -3; must be an integer >= 1"),
+        ({}, 0, "x", "--jobs: got 0"),
+        ({"out": 5}, None, None, "out must be a folder path .* got 5"),
+        ({"out": ""}, None, None, "out must be a folder path"),
+    ],
+)
+def test_jobs_and_out_are_checked_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: dict, jobs: int | None, out: str | None, fragment: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = {"base": SMOKE_BASE, "grid": {"seed": [0]}, **spec}
+    with pytest.raises(ConfigError, match=fragment):
+        run_sweep(spec, out, jobs)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["..", ".", "", "../../etc", "/abs/path", ".hidden", "a/../../b", "\\..\\x"])
+def test_run_names_never_leave_the_sweep_folder(tmp_path: Path, value: str) -> None:
+    runs = expand_grid({"base": SMOKE_BASE, "grid": {"point": [{"name": value}]}})
+    root = tmp_path / "sweep"
+    (name,) = [r.name for r in runs]
+    assert name not in ("", ".", "..") and not name.startswith(".") and "/" not in name
+    assert (root / name).resolve().parent == root.resolve()
+    assert run_dir_in(root, name).parent == root
+
+
+def test_run_dir_in_refuses_traversal_and_links_out(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    root.mkdir()
+    for bad in ("..", ".", "", "../x", "/etc"):
+        with pytest.raises(ConfigError, match="not a folder name inside"):
+            run_dir_in(root, bad)
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(ConfigError, match="'link'"):
+        run_dir_in(root, "link")
+
+
+def test_long_run_names_are_shortened_and_stay_distinct() -> None:
+    a, b = "x" * 300, "x" * 299 + "y"
+    runs = expand_grid({"base": SMOKE_BASE, "grid": {"point": [{"name": a}, {"name": b}]}})
+    assert len({r.name for r in runs}) == 2
+    assert all(len(r.name) <= 200 for r in runs)
+
+
+def test_preset_as_a_grid_axis(tmp_path: Path) -> None:
+    runs = expand_grid({"base": {"rounds": 1}, "grid": {"preset": ["smoke", "demo"]}})
+    assert [(r.name, r.options) for r in runs] == [
+        ("presetsmoke", {"preset": "smoke", "rounds": 1}),
+        ("presetdemo", {"preset": "demo", "rounds": 1}),
+    ]
+    cmd, action = command_for(runs[0], tmp_path / "presetsmoke", 0)
+    assert action == "start" and cmd[cmd.index("--preset") + 1] == "smoke" and "preset=" not in " ".join(cmd)
+    with pytest.raises(ConfigError, match="preset: unknown value 'nope'"):
+        expand_grid({"grid": {"preset": ["nope"]}})
+
+
+def test_cli_sweep_refuses_bad_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\npreset = "smoke"\n[grid]\nseed = [0]\n')
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "runs"), "--jobs", "-3"]) == 2
+    printed = capsys.readouterr()
+    assert "--jobs" in printed.out + printed.err
+    assert not (tmp_path / "runs").exists()

@@ -96,6 +96,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.local_epochs is not None:
         values["baseline_local_epochs"] = args.local_epochs
         values["spmc_local_epochs"] = args.local_epochs
+    values = {k: v for k, v in values.items() if v is not None}  # flags not given; a --set null is kept
     values.update(_parse_sets(args.set))
     return values
 

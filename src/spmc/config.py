@@ -7,7 +7,9 @@ epochs (D1) and whether integer counters enter vector statistics (D31). Values g
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -21,6 +23,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+log = logging.getLogger(__name__)
+
+#: Seeds reach ``np.random.RandomState`` (partition, synthetic data), which takes integers below 2**32.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+#: The synthetic set is generated in memory (784 bytes an image, plus float copies): a sane upper bound.
+MAX_SYNTHETIC = 1_000_000
+
+
 class ConfigError(ValueError):
     """A configuration value that is not allowed; the message names the field, the value and what is allowed."""
 
@@ -29,18 +40,26 @@ REPO_PROFILE_DEFAULTS: dict[str, Any] = {"baseline_local_epochs": 1, "exclude_in
 
 
 class Experiment(BaseModel):
-    """One federated backdoor experiment. Defaults are the paper profile (spec Appendix A)."""
+    """One federated backdoor experiment. Defaults are the paper profile (spec Appendix A).
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    Validation is strict: no bool for a number, no string for a number, no null unless the option allows None,
+    finite floats only (an int is accepted for a float). Lists are accepted for ``trigger_channels`` (TOML, JSON).
+    Checks that need several options together (a defense's client count, the data split, the device) are made by
+    :func:`make_experiment`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     profile: Literal["paper", "repo"] = "paper"
     name: str = ""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["auto", "sequential", "batched"] = Field(
         "auto", description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN)"
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    threads: int = Field(
+        0, ge=0, le=MAX_THREADS, description=f"torch intra-op threads, at most {MAX_THREADS}; 0 keeps torch's default"
+    )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
         description="batched engine's convolutions (first block, second block's backward): native = C kernels "
@@ -50,8 +69,8 @@ class Experiment(BaseModel):
     dataset: str = "fmnist-sample"
     data_dir: str | None = None
     model: str = Field("auto", description="backbone; auto = the dataset's (SimpleCNN or ResNet10)")
-    synthetic_train_size: int = Field(2000, ge=20)
-    synthetic_test_size: int = Field(500, ge=10)
+    synthetic_train_size: int = Field(2000, ge=20, le=MAX_SYNTHETIC, description=f"20 … {MAX_SYNTHETIC} images")
+    synthetic_test_size: int = Field(500, ge=10, le=MAX_SYNTHETIC, description=f"10 … {MAX_SYNTHETIC} images")
 
     num_clients: int = Field(10, ge=1)
     participation: float = Field(1.0, gt=0.0, le=1.0)
@@ -195,6 +214,11 @@ class Experiment(BaseModel):
             raise ValueError(f"unknown defense; allowed: {', '.join(sorted(DEFENSES))}")
         return v
 
+    @field_validator("trigger_channels", mode="before")
+    @classmethod
+    def _channels_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
     @field_validator("trigger_channels")
     @classmethod
     def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -246,14 +270,16 @@ class Experiment(BaseModel):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
 
-#: Official training-set sizes (before the server's validation split); ``synthetic`` is ``synthetic_train_size``.
-TRAIN_SIZES: dict[str, int] = {"fmnist": 60_000, "mnist": 60_000, "cifar10": 50_000, "fmnist-sample": 6_000}
-
-
 def expected_train_size(dataset: str, synthetic_train_size: int) -> int | None:
-    """The number of training images ``dataset`` loads (fmnist-sample: the 6,000 of the embedded sample), or None
+    """The number of training images ``dataset`` loads, before the server's validation split (``DatasetInfo.
+    train_size``; fmnist-sample: the 6,000 of the embedded sample; synthetic: ``synthetic_train_size``), or None
     where it is not known."""
-    return synthetic_train_size if dataset == "synthetic" else TRAIN_SIZES.get(dataset)
+    from spmc.data import DATASETS
+
+    info = DATASETS.get(dataset)
+    if info is None:
+        return None
+    return synthetic_train_size if info.train_size is None else info.train_size
 
 
 def check_drop_last(cfg: Experiment) -> None:
@@ -313,7 +339,9 @@ def _format_errors(err: ValidationError) -> str:
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown option (value {value!r}); run `spmc run --help` for the options")
+            close = difflib.get_close_matches(field, list(Experiment.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{field}: unknown option (value {value!r}){hint} (see `spmc list --options`)")
         elif e["loc"]:
             lines.append(f"{field}: got {value!r}; {msg}")
         else:
@@ -321,12 +349,111 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def make_experiment(**values: Any) -> Experiment:
-    """Validate ``values`` into an :class:`Experiment`, raising :class:`ConfigError` with readable messages."""
+def clients_per_round(cfg: Experiment) -> int:
+    """n, the clients a round hands the defense: all K at participation 1, else ⌈p·K⌉ sampled (spec D34)."""
+    k = cfg.num_clients
+    return k if cfg.participation >= 1.0 else max(1, math.ceil(cfg.participation * k - 1e-9))
+
+
+def data_split_sizes(cfg: Experiment) -> tuple[int, int, int]:
+    """(N training samples, client pool N_tr = ⌊(1 − val_fraction)·N⌋, server validation N − N_tr) (spec §1.2)."""
+    from spmc.data import server_split
+
+    total = expected_train_size(cfg.dataset, cfg.synthetic_train_size) or 0
+    pool, val = server_split(total, cfg.val_fraction)
+    return total, len(pool), len(val)
+
+
+def _defense_problems(cfg: Experiment) -> list[str]:
+    """The defense's own option checks, its rule for n clients per round and its need of server data."""
+    from spmc.defenses import DEFENSES
+
+    n = clients_per_round(cfg)
+    total, _, val = data_split_sizes(cfg)
+    rounds = (
+        f"n = {n} clients per round from num_clients = {cfg.num_clients}, participation = {cfg.participation}; "
+        f"m = ⌊gamma·num_clients⌋ = {cfg.num_malicious} with gamma = {cfg.gamma}"
+    )
+    split = f"{total} training samples in {cfg.dataset!r}, val_fraction = {cfg.val_fraction} leaves {val}"
     try:
-        return Experiment(**values)
+        defense = DEFENSES[cfg.defense].from_config(cfg)
+    except ValueError as err:
+        return [f"defense = {cfg.defense!r}: {err}"]
+    problems = []
+    for check, args, context in (
+        ("check_clients", (n,), rounds),
+        ("check_server_data", (val, cfg.batch_size), split),
+    ):
+        method = getattr(defense, check, None)
+        if method is None:
+            continue
+        try:
+            method(*args)
+        except ValueError as err:
+            problems.append(f"defense = {cfg.defense!r}: {err} ({context})")
+    return problems
+
+
+def _data_problems(cfg: Experiment) -> list[str]:
+    """Every client must be able to get min_client_size samples (at least one) from the client pool."""
+    total, pool, _ = data_split_sizes(cfg)
+    per_client = max(cfg.min_client_size, 1)
+    if per_client * cfg.num_clients <= pool:
+        return []
+    allowed = (
+        f"min_client_size <= {pool // cfg.num_clients}" if pool >= cfg.num_clients else f"num_clients <= {pool}"
+    )
+    return [
+        f"min_client_size, num_clients, val_fraction: {cfg.num_clients} clients of at least {per_client} samples "
+        f"need {per_client * cfg.num_clients}, but the client pool has {pool} ({total} training samples in "
+        f"{cfg.dataset!r}, val_fraction = {cfg.val_fraction}); allowed: {allowed}, or a smaller val_fraction"
+    ]
+
+
+def _runtime_problems(cfg: Experiment) -> list[str]:
+    """What this machine and the engines can do: a CUDA device, the batched engine's model."""
+    problems = []
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("device: got 'cuda' but no CUDA device is available here; allowed: 'cpu' or 'auto'")
+    if cfg.engine == "batched" and cfg.resolved_model != "simplecnn":
+        problems.append(
+            f"engine: 'batched' supports SimpleCNN only; model {cfg.resolved_model!r} (dataset {cfg.dataset!r}, "
+            f"model = {cfg.model!r}) needs engine = 'sequential' or 'auto'"
+        )
+    return problems
+
+
+def cross_field_problems(cfg: Experiment) -> list[str]:
+    """One line per contradiction between options (or with this machine) that would stop a run after loading."""
+    return [*_defense_problems(cfg), *_data_problems(cfg), *_runtime_problems(cfg)]
+
+
+def _warn_no_attackers(cfg: Experiment) -> None:
+    if cfg.attack != "none" and cfg.gamma > 0 and cfg.num_malicious == 0:
+        log.warning(
+            "gamma = %s with num_clients = %d gives m = ⌊gamma·num_clients⌋ = 0 malicious clients: attack %r "
+            "is not run",
+            cfg.gamma,
+            cfg.num_clients,
+            cfg.attack,
+        )
+
+
+def make_experiment(**values: Any) -> Experiment:
+    """Validate ``values`` into an :class:`Experiment`, then the options together (:func:`cross_field_problems`),
+    raising :class:`ConfigError` with one line per problem naming the fields, the values and what is allowed."""
+    try:
+        cfg = Experiment(**values)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+    problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    _warn_no_attackers(cfg)
+    return cfg
 
 
 def load_toml_file(path: str | Path) -> dict[str, Any]:
@@ -341,19 +468,30 @@ def load_toml_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML configuration file; a ``[experiment]`` table is accepted as well as top-level keys."""
+    """Read a TOML configuration file: top-level keys and an ``[experiment]`` table, merged; a key in both is
+    refused."""
     data = load_toml_file(path)
-    return dict(data.get("experiment", data))
+    if "experiment" not in data:
+        return dict(data)
+    table = data["experiment"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"config: experiment in {path} must be a table ([experiment]); got {table!r}")
+    top = {k: v for k, v in data.items() if k != "experiment"}
+    both = sorted(set(top) & set(table))
+    if both:
+        raise ConfigError(f"config: {path} sets {', '.join(both)} both at top level and under [experiment]; keep one")
+    return {**top, **table}
 
 
-def resolve(preset: str | None = None, file: str | Path | None = None, **overrides: Any) -> Experiment:
-    """Preset, then file, then explicit overrides (later wins), validated."""
-    values: dict[str, Any] = {}
+def resolve(preset: str | None = None, file: str | Path | None = None, /, **overrides: Any) -> Experiment:
+    """Preset, then file, then explicit overrides (later wins), validated. ``preset`` may also be given in the
+    file or among the overrides (later wins); an override of None is kept (allowed only where an option is)."""
+    values: dict[str, Any] = load_toml(file) if file is not None else {}
+    for given in (values.pop("preset", None), overrides.pop("preset", None)):
+        preset = given if given is not None else preset
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"preset: unknown value {preset!r}; allowed: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-    if file is not None:
-        values.update(load_toml(file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {**PRESETS[preset], **values}
+    values.update(overrides)
     return make_experiment(**values)

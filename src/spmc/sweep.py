@@ -15,7 +15,9 @@ A grid file (TOML)::
     seed = [0, 1, 2]
 
 An axis value is either a plain value (it sets the option named by the axis) or a table merged into the options
-(so one axis can set several options together). Each run's directory is named after its axis values. A directory
+(so one axis can set several options together); ``preset`` may be an axis too. Each run's directory is named after
+its axis values (characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``; leading dots are
+dropped, so a name never leaves the sweep folder). A directory
 with ``summary.json`` is skipped; one with ``checkpoint.pt`` but no summary is resumed (``spmc run --resume``);
 anything else starts afresh. Runs are independent processes, so a crash or a kill loses at most the rounds since
 each run's last checkpoint.
@@ -29,6 +31,7 @@ sweep on the same grid reports that point as ``busy`` instead of running it twic
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import json
 import logging
@@ -69,22 +72,42 @@ class SweepOutcome:
     error: str = ""
 
 
+MAX_NAME = 200
+
+
 def _label(axis: str, value: Any) -> str:
     text = "-".join(str(v) for v in value.values()) if isinstance(value, dict) else f"{axis}{value}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def run_name(labels: list[str]) -> str:
+    """A directory name from the axis labels: only ``[A-Za-z0-9._-]``, no leading dot (so never ``.``, ``..`` or
+    hidden), at most ``MAX_NAME`` characters (longer names keep a prefix and a hash of the whole), ``run`` if empty."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(labels)).lstrip(".") or "run"
+    if len(name) > MAX_NAME:
+        name = f"{name[: MAX_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
+def _table(spec: dict[str, Any], key: str) -> dict[str, Any]:
+    value = spec.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep: {key} must be a table ([{key}]); got {value!r}")
+    return dict(value)
+
+
 def expand_grid(spec: dict[str, Any]) -> list[SweepRun]:
     """All runs of a grid spec (``base`` and ``grid`` tables), each validated as an Experiment."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep: the grid spec must be a table; got {spec!r}")
     unknown = set(spec) - {"base", "grid", "out", "jobs"}
     if unknown:
         raise ConfigError(f"sweep: unknown top-level keys {sorted(unknown)}; allowed: base, grid, out, jobs")
-    base = dict(spec.get("base", {}))
-    grid = dict(spec.get("grid", {}))
+    base = _table(spec, "base")
+    grid = _table(spec, "grid")
     for axis, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep: grid.{axis} must be a non-empty list; got {values!r}")
-    preset = base.pop("preset", None)
     runs: list[SweepRun] = []
     for combo in itertools.product(*(grid[axis] for axis in grid)):
         options = dict(base)
@@ -92,14 +115,47 @@ def expand_grid(spec: dict[str, Any]) -> list[SweepRun]:
         for axis, value in zip(grid, combo):
             options.update(value if isinstance(value, dict) else {axis: value})
             labels.append(_label(axis, value))
-        resolve(preset, None, **options)  # fail early, naming the field, before any run starts
+        preset = options.pop("preset", None)
+        name = run_name(labels)
+        try:
+            resolve(preset, None, **options)  # fail early, naming the field, before any run starts
+        except ConfigError as err:
+            raise ConfigError(f"sweep: run {name!r}: {err}") from None
         if preset is not None:
             options = {"preset": preset, **options}
-        runs.append(SweepRun("_".join(labels) or "run", options))
+        runs.append(SweepRun(name, options))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError("sweep: two grid points map to the same run directory name; make the axis values distinct")
     return runs
+
+
+def sweep_root(spec: dict[str, Any], out: str | Path | None = None) -> Path:
+    """The folder of the run directories: ``out`` (``--out``), else the spec's ``out``, else ``runs/sweep``."""
+    if out is not None:
+        if not isinstance(out, (str, Path)) or not str(out):
+            raise ConfigError(f"--out: got {out!r}; must be a folder path")
+        return Path(out)
+    value = spec.get("out", "runs/sweep")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"sweep: out must be a folder path (a non-empty string); got {value!r}")
+    return Path(value)
+
+
+def sweep_jobs(spec: dict[str, Any], jobs: int | None = None) -> int:
+    """Runs at once: ``jobs`` (``--jobs``), else the spec's ``jobs``, else 1; an integer >= 1."""
+    where, value = ("--jobs", jobs) if jobs is not None else ("sweep: jobs", spec.get("jobs", 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: got {value!r}; must be an integer >= 1")
+    return value
+
+
+def run_dir_in(root: Path, name: str) -> Path:
+    """``root / name``, refused unless it is a direct child of ``root`` (a run never writes outside the sweep)."""
+    path = root / name
+    if name in ("", ".", "..") or path.resolve().parent != root.resolve():
+        raise ConfigError(f"sweep: run name {name!r} is not a folder name inside {str(root)!r}")
+    return path
 
 
 def command_for(run: SweepRun, run_dir: Path, threads: int) -> tuple[list[str], str]:
@@ -128,9 +184,10 @@ def run_sweep(
 ) -> list[SweepOutcome]:
     """Run every grid point not finished yet, ``jobs`` at a time, each in its own process."""
     runs = expand_grid(spec)
-    root = Path(out or spec.get("out", "runs/sweep"))
-    jobs = max(1, int(jobs or spec.get("jobs", 1)))
+    root = sweep_root(spec, out)
+    jobs = sweep_jobs(spec, jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    run_dirs = {run.name: run_dir_in(root, run.name) for run in runs}
     root.mkdir(parents=True, exist_ok=True)
 
     children = _Children()
@@ -141,7 +198,7 @@ def run_sweep(
         return outcome
 
     def one(run: SweepRun) -> SweepOutcome:
-        run_dir = root / run.name
+        run_dir = run_dirs[run.name]
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             point = RunLock(run_dir, SWEEP_LOCK).acquire()

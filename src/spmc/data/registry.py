@@ -20,6 +20,7 @@ class DatasetInfo:
 
     ``mean``/``std`` are the per-channel Normalize statistics of the 3-channel input; ``hflip`` says whether
     client training uses RandomHorizontalFlip(0.5); ``model`` is the default backbone (spec §1.1, §1.2).
+    ``train_size`` is the number of official training images (None: set by the configuration, ``synthetic``).
     """
 
     name: str
@@ -29,19 +30,22 @@ class DatasetInfo:
     hflip: bool
     model: str
     num_classes: int = 10
+    train_size: int | None = None
 
 
-def _mnist_like(name: str, description: str) -> DatasetInfo:
+def _mnist_like(name: str, description: str, train_size: int | None) -> DatasetInfo:
     """MNIST statistics on 3 channels, no flip, SimpleCNN (spec §1.1, §1.2, D16)."""
-    return DatasetInfo(name, description, MNIST_MEAN, MNIST_STD, hflip=False, model="simplecnn")
+    return DatasetInfo(name, description, MNIST_MEAN, MNIST_STD, hflip=False, model="simplecnn", train_size=train_size)
 
 
 _CIFAR10_DESCRIPTION = "CIFAR-10 (50k/10k), from the python pickle batches"
 
 DATASETS: dict[str, DatasetInfo] = {
-    "fmnist": _mnist_like("fmnist", "Fashion-MNIST, full (60k/10k), from IDX files"),
-    "mnist": _mnist_like("mnist", "MNIST, full (60k/10k), from IDX files"),
-    "cifar10": DatasetInfo("cifar10", _CIFAR10_DESCRIPTION, CIFAR10_MEAN, CIFAR10_STD, True, "resnet10"),
-    "fmnist-sample": _mnist_like("fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default"),
-    "synthetic": _mnist_like("synthetic", "Synthetic 10-class 28x28 images from a seed (for tests)"),
+    "fmnist": _mnist_like("fmnist", "Fashion-MNIST, full (60k/10k), from IDX files", 60_000),
+    "mnist": _mnist_like("mnist", "MNIST, full (60k/10k), from IDX files", 60_000),
+    "cifar10": DatasetInfo(
+        "cifar10", _CIFAR10_DESCRIPTION, CIFAR10_MEAN, CIFAR10_STD, True, "resnet10", train_size=50_000
+    ),
+    "fmnist-sample": _mnist_like("fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default", 6_000),
+    "synthetic": _mnist_like("synthetic", "Synthetic 10-class 28x28 images from a seed (for tests)", None),
 }

@@ -78,6 +78,10 @@ class Bulyan:
     def from_config(cls, cfg: Experiment) -> Bulyan:
         return cls(f=cfg.bulyan_f, exclude_int_buffers=cfg.exclude_int_buffers)
 
+    def check_clients(self, n: int) -> None:
+        """Raise unless a round of n clients allows Bulyan: n >= 4f + 3 (checked before a run starts)."""
+        check_bulyan_size(n, self.f)
+
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         check_bulyan_size(inputs.n, self.f)

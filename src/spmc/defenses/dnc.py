@@ -157,6 +157,15 @@ class DnC:
             exclude_int_buffers=cfg.exclude_int_buffers,
         )
 
+    def check_clients(self, n: int) -> None:
+        """Raise unless a round of n clients keeps some: r = ⌊c·⌊γ·n⌋⌋ < n (checked before a run starts)."""
+        removed = num_removed(n, self.gamma, self.filter_frac)
+        if removed >= n:
+            raise ValueError(
+                f"dnc_filter_frac: removing r = ⌊c·⌊γ·n⌋⌋ = {removed} of n = {n} clients leaves none "
+                f"(c = {self.filter_frac}, γ = {self.gamma}); need r < n"
+            )
+
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         n = inputs.n

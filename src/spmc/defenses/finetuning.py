@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses._proxy import require_server_data
+from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 
 if TYPE_CHECKING:
@@ -35,6 +35,11 @@ class Finetuning:
     @classmethod
     def from_config(cls, cfg: Experiment) -> Finetuning:
         return cls(epochs=cfg.finetune_epochs, broadcast=cfg.finetune_broadcast)
+
+    def check_server_data(self, samples: int, batch_size: int) -> None:
+        """Raise unless fine-tuning (epochs > 0) has one full batch of server data (checked before a run starts)."""
+        if self.epochs > 0:
+            check_split_size(samples, batch_size, self.name)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         n = inputs.n

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses._proxy import require_server_data
+from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
 
 if TYPE_CHECKING:
@@ -103,6 +103,10 @@ class FLTrust:
     @classmethod
     def from_config(cls, cfg: Experiment) -> FLTrust:
         return cls(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
+
+    def check_server_data(self, samples: int, batch_size: int) -> None:
+        """Raise unless the server's validation split holds one full batch (checked before a run starts)."""
+        check_split_size(samples, batch_size, self.name)
 
     def server_update(self, inputs: RoundInputs) -> torch.Tensor:
         """Δ_0 = train(θ_g, public_epochs) − θ_g on the server's validation split."""

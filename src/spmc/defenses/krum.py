@@ -119,6 +119,10 @@ class Krum:
         f = cfg.krum_f if cfg.krum_f is not None else cfg.num_malicious
         return cls(f=f, exclude_int_buffers=cfg.exclude_int_buffers)
 
+    def check_clients(self, n: int) -> None:
+        """Raise unless a round of n clients allows Krum: n > 2f + 2 (checked before a run starts)."""
+        check_krum_size(n, self.f)
+
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         check_krum_size(inputs.n, self.f)

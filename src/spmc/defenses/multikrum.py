@@ -54,6 +54,12 @@ class MultiKrum:
         f = cfg.krum_f if cfg.krum_f is not None else cfg.num_malicious
         return cls(f=f, select=cfg.multikrum_select, exclude_int_buffers=cfg.exclude_int_buffers)
 
+    def check_clients(self, n: int) -> None:
+        """Raise unless a round of n clients allows Multi-Krum: n > 2f + 2 and m' <= n (checked before a run)."""
+        check_krum_size(n, self.f)
+        if self.select is not None and self.select > n:
+            raise ValueError(f"multikrum_select: got {self.select}; must be between 1 and the clients per round, {n}")
+
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         check_krum_size(inputs.n, self.f)

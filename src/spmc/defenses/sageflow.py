@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from spmc.defenses._proxy import require_server_data
+from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 
 if TYPE_CHECKING:
@@ -85,6 +85,10 @@ class Sageflow:
     @classmethod
     def from_config(cls, cfg: Experiment) -> Sageflow:
         return cls(eth=cfg.sageflow_eth, delta=cfg.sageflow_delta, size_weight=cfg.sageflow_size_weight)
+
+    def check_server_data(self, samples: int, batch_size: int) -> None:
+        """Raise unless the server's validation split holds one full batch (checked before a run starts)."""
+        check_split_size(samples, batch_size, self.name)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         data = require_server_data(inputs, self.name)

@@ -86,6 +86,15 @@ class TrimmedMean:
         k = cfg.trimmed_mean_k if cfg.trimmed_mean_k is not None else cfg.num_malicious
         return cls(k=k, mode=cfg.tm_mode, exclude_int_buffers=cfg.exclude_int_buffers)
 
+    def check_clients(self, n: int) -> None:
+        """Raise unless a round of n clients keeps some value: n > 2k (checked before a run starts)."""
+        if n <= 2 * self.k:
+            allowed = f"k <= {(n - 1) // 2}"
+            raise ValueError(
+                f"trimmed_mean_k: trimming k = {self.k} from each side needs n > 2k clients; got n = {n} "
+                f"(allowed: {allowed})"
+            )
+
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         n = inputs.n
         if n <= 2 * self.k:
