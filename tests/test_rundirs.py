@@ -299,7 +299,7 @@ def test_gradcam_images_are_bounded_by_the_test_set() -> None:
 
 
 def test_a_point_locked_by_another_sweep_is_busy(tmp_path: Path) -> None:
-    spec = {"base": {"dataset": "synthetic", "rounds": 1, **SMALL}, "grid": {"seed": [0]}}
+    spec = {"base": {"dataset": "synthetic", "rounds": 1, "num_clients": 4, **SMALL}, "grid": {"seed": [0]}}
     (tmp_path / "seed0").mkdir()
     with RunLock(tmp_path / "seed0", SWEEP_LOCK):
         (outcome,) = run_sweep(spec, tmp_path)
@@ -325,7 +325,7 @@ def _alive(pid: int) -> bool:
 def test_killed_sweep_takes_its_child_along(tmp_path: Path) -> None:
     grid = tmp_path / "grid.toml"
     base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in SMALL.items())
-    grid.write_text(f'[base]\ndataset = "synthetic"\nrounds = 100000\n{base}\n[grid]\nseed = [0]\n')
+    grid.write_text(f'[base]\ndataset = "synthetic"\nrounds = 100000\nnum_clients = 4\n{base}\n[grid]\nseed = [0]\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "spmc", "sweep", str(grid), "--out", str(tmp_path / "out")]
     sweep = subprocess.Popen(cmd, env=env)
