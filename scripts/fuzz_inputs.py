@@ -135,6 +135,9 @@ def fuzz_defenses() -> dict[str, Any]:
     return {"cases": sum(counts.values()), **counts, "crashes": crashes}
 
 
+INPUTS = ["bad.toml", "both.toml", "x.toml", "grid.toml", "dots.toml", "ro", "afile", "empty_run", "torn"]
+
+
 def cli_cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
     """(label, argv after ``spmc``, whether exit 0 is the right answer)."""
     bad_utf8 = tmp / "bad.toml"
@@ -146,7 +149,7 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
     grid = tmp / "grid.toml"
     grid.write_text('out = 5\n[base]\npreset = "smoke"\n[grid]\nseed = [0]\n')
     grid_dots = tmp / "dots.toml"
-    grid_dots.write_text('[base]\npreset = "smoke"\n[grid]\nname = [".."]\n')
+    grid_dots.write_text('[base]\npreset = "smoke"\nrounds = 1\n[grid]\nmethod = [{ name = ".." }]\n')
     readonly = tmp / "ro"
     readonly.mkdir()
     readonly.chmod(0o500)
@@ -173,7 +176,7 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
         ("lr true", [*smoke, "--set", "lr=true", *out], False),
         ("rounds null", [*smoke, "--set", "rounds=null", *out], False),
         ("unknown option", [*smoke, "--set", "spmc_temprature=0.1", *out], False),
-        ("preset in --set", [*smoke, "--set", "preset=\"demo\"", *out], False),
+        ("preset in --set (supported: later wins)", [*smoke, "--set", "preset=\"smoke\"", *out], True),
         ("min_client_size huge", [*smoke, "--set", "min_client_size=100000", *out], False),
         ("val_fraction 0.99", [*smoke, "--set", "val_fraction=0.99", *out], False),
         ("most clients no step", [*smoke, "--num-clients", "1000", "--set", "participation=0.1", *out], False),
@@ -185,7 +188,7 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str], bool]]:
         ("resume a folder with no run", ["run", "-q", "--resume", str(empty_run)], False),
         ("resume a torn config", ["run", "-q", "--resume", str(torn)], False),
         ("sweep out = 5", ["sweep", str(grid)], False),
-        ("sweep point named ..", ["sweep", str(grid_dots), "--out", str(tmp / "sw")], False),
+        ("sweep point named .. (stays inside)", ["sweep", str(grid_dots), "--out", str(tmp / "sw")], True),
         ("sweep --jobs -3", ["sweep", str(grid), "--jobs", "-3"], False),
         ("table of nothing", ["table", str(tmp / "nothing")], False),
         ("table of a file", ["table", str(afile)], False),
@@ -214,6 +217,10 @@ def fuzz_cli() -> dict[str, Any]:
                     tracebacks.append(f"{label}: exit 0")
             else:
                 counts["clear"] += 1
+        escaped = sorted(p.name for p in tmp.iterdir()) != sorted([*INPUTS, "r", "sw"])
+        if escaped:
+            counts["wrote_outside"] += 1
+            tracebacks.append(f"files outside the expected folders: {sorted(p.name for p in tmp.iterdir())}")
         (tmp / "ro").chmod(0o700)
     return {"cases": sum(counts.values()), **counts, "problems": tracebacks}
 

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Seeds reach ``np.random.RandomState`` (partition, synthetic data), which takes integers below 2**32.
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
+#: Every integer option must fit a C int (tensor sizes, counts, ranges in the engines).
+MAX_INT = 2**31 - 1
 #: The synthetic set is generated in memory (784 bytes an image, plus float copies): a sane upper bound.
 MAX_SYNTHETIC = 1_000_000
 
@@ -231,6 +241,13 @@ class Experiment(BaseModel):
     def _data_dir_exists(cls, v: str | None) -> str | None:
         if v is not None and not Path(v).expanduser().is_dir():
             raise ValueError("folder does not exist")
+        return v
+
+    @field_validator("*")
+    @classmethod
+    def _int_fits(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.field_name != "seed" and isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            raise ValueError(f"integers must be at most {MAX_INT} in size")
         return v
 
     @model_validator(mode="after")
