@@ -254,5 +254,6 @@ def test_cli_refuses_before_creating_the_run_directory(
 def test_every_integer_option_must_fit_a_c_int(field: str) -> None:
     if field == "seed":
         pytest.skip("seed has its own bound, numpy's 2**32 - 1")
-    with pytest.raises(ConfigError, match=rf"{field}: got {2**31}; (integers must be at most 2147483647|Input should be)"):
+    refused = rf"{field}: got {2**31}; (integers must be at most 2147483647|Input should be)"
+    with pytest.raises(ConfigError, match=refused):
         make_experiment(**{field: 2**31})

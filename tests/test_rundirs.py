@@ -350,3 +350,15 @@ def test_killed_sweep_takes_its_child_along(tmp_path: Path) -> None:
             sweep.wait(timeout=30)
         if child and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_error_line_joins_a_multi_line_message() -> None:
+    from spmc.cli import error_line
+    from spmc.config import ConfigError
+
+    assert error_line(ConfigError("invalid configuration:\n  lr: bad\n  seed: bad")) == (
+        "invalid configuration: lr: bad; seed: bad"
+    )
+    assert error_line(OSError(28, "No space left on device", "/r/metrics.jsonl")) == (
+        "/r/metrics.jsonl: No space left on device"
+    )

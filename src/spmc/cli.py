@@ -341,12 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def error_line(err: BaseException) -> str:
     """One line for an expected error: ``<path>: <cause>`` for an OSError that names a file, else its message
-    with any line breaks joined by ``; ``."""
+    with its lines joined by ``; `` (by a space after a heading that ends in a colon)."""
     if isinstance(err, OSError) and err.filename is not None:
         target = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
         return f"{target}: {err.strerror or err}"
-    text = str(err).strip() or type(err).__name__
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    lines = [line.strip() for line in (str(err).strip() or type(err).__name__).splitlines() if line.strip()]
+    out = lines[0]
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 if __name__ == "__main__":
