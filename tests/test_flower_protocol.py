@@ -155,3 +155,12 @@ def test_node_config_malicious_flag(pid: int, flag: str | None, expected: bool) 
     setup = client_app.client_setup(ctx, TINY)
     assert setup.malicious is expected
     assert setup.data.final is expected  # poisoned data are frozen (poison_static_aug), clean data transformed
+
+
+def test_a_second_server_on_a_locked_run_directory_is_refused(tmp_path) -> None:
+    from spmc.store import RunLock, RunLockedError
+
+    grid = StandInGrid({100 + k: node(k) for k in range(K)})
+    with RunLock(tmp_path), pytest.raises(RunLockedError, match="in use by process"):
+        serve(grid, 1, **{"out-dir": str(tmp_path)})
+    assert grid.sent == [] and not (tmp_path / "metrics.jsonl").exists()

@@ -125,22 +125,28 @@ def summarise(cfg: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_server(grid: Grid, cfg: Experiment, opts: FlowerOptions) -> Result:
     """Run the whole federation for ``cfg`` on ``grid``; with ``out-dir`` write the run directory and resume."""
-    setup = build_server(cfg)
     store = RunStore(opts.out_dir) if opts.out_dir else None
     if store is not None:
-        store.write_config(cfg.to_json())
-    strategy = build_strategy(setup, opts, store)
-    result = strategy.start(
-        grid,
-        state_to_arrays(setup.layout, setup.initial_state),
-        num_rounds=cfg.rounds,
-        timeout=opts.round_timeout,
-        evaluate_fn=ServerEvaluator(setup),
-    )
-    if store is not None:
-        summary = summarise(cfg, store.read_metrics())
-        store.write_summary(summary)
-        log.info("summary: %s", {k: summary.get(k) for k in ("A", "R", "V", "rounds", "seconds_per_round")})
+        store.lock()  # one writer per run directory, taken before any data is loaded
+    try:
+        setup = build_server(cfg)
+        if store is not None:
+            store.write_config(cfg.to_json())
+        strategy = build_strategy(setup, opts, store)
+        result = strategy.start(
+            grid,
+            state_to_arrays(setup.layout, setup.initial_state),
+            num_rounds=cfg.rounds,
+            timeout=opts.round_timeout,
+            evaluate_fn=ServerEvaluator(setup),
+        )
+        if store is not None:
+            summary = summarise(cfg, store.read_metrics())
+            store.write_summary(summary)
+            log.info("summary: %s", {k: summary.get(k) for k in ("A", "R", "V", "rounds", "seconds_per_round")})
+    finally:
+        if store is not None:
+            store.unlock()
     return result
 
 
