@@ -22,6 +22,8 @@ from spmc.attacks import ATTACKS
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
+from spmc.models import MODELS
+from spmc.plugins import plugin_origin
 from spmc.simulation import InvalidUpdateError, RunResult, load_run_config, run_experiment
 from spmc.sweep import SweepOutcome, load_grid, run_sweep
 
@@ -207,12 +209,27 @@ def _metric_text(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def _first_line(text: str | None) -> str:
+    """The first line of a docstring ("" when there is none)."""
+    return (text or "").strip().partition("\n")[0]
+
+
+def _with_origin(group: str, items: dict[str, str]) -> dict[str, str]:
+    """``items`` with "[plug-in from distribution 'x']" after the description of each entry a plug-in added."""
+    out = {}
+    for name, desc in items.items():
+        origin = plugin_origin(group, name)
+        out[name] = f"{desc} [plug-in from {origin}]".strip() if origin else desc
+    return out
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, str]] = {
-        "defenses": {name: cls.description for name, cls in DEFENSES.items()},
+        "defenses": _with_origin("spmc.defenses", {name: cls.description for name, cls in DEFENSES.items()}),
         "clients": CLIENTS,
-        "attacks": ATTACKS,
-        "datasets": {name: info.description for name, info in DATASETS.items()},
+        "attacks": _with_origin("spmc.attacks", ATTACKS),
+        "datasets": _with_origin("spmc.datasets", {name: info.description for name, info in DATASETS.items()}),
+        "models": _with_origin("spmc.models", {name: _first_line(f.__doc__) for name, f in MODELS.items()}),
         "presets": PRESET_DESCRIPTIONS,
     }
     if args.options:
@@ -227,7 +244,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column("name", style="bold")
         table.add_column("description")
         for name, desc in items.items():
-            table.add_row(name, desc)
+            table.add_row(escape(name), escape(desc))
         console.print(table)
     return 0
 

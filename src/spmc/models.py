@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spmc.plugins import MODEL, load_entry_points
+
 
 class SimpleCNN(nn.Module):
     """LeNet-style CNN of spec §1.3: 92,626 parameters in 14 tensors, no buffers, input 3×32×32.
@@ -89,6 +91,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "simplecnn": SimpleCNN,
     "resnet10": ResNet10,
 }
+load_entry_points("spmc.models", MODELS, MODEL)
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

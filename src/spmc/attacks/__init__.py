@@ -10,6 +10,9 @@ from spmc.attacks.backdoor import (
     poison_mask,
     trigger_values,
 )
+from spmc.plugins import ATTACK, load_entry_points
+
+load_entry_points("spmc.attacks", ATTACKS, ATTACK)
 
 __all__ = [
     "ATTACKS",

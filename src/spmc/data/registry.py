@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spmc.plugins import DATASET, load_entry_points
+
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "DatasetInfo", "MNIST_MEAN", "MNIST_STD"]
 
 #: MNIST statistics, used on each of the 3 channels for MNIST, Fashion-MNIST (spec D16) and the synthetic set.
@@ -49,3 +51,4 @@ DATASETS: dict[str, DatasetInfo] = {
     "fmnist-sample": _mnist_like("fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default", 6_000),
     "synthetic": _mnist_like("synthetic", "Synthetic 10-class 28x28 images from a seed (for tests)", None),
 }
+load_entry_points("spmc.datasets", DATASETS, DATASET)

@@ -28,6 +28,7 @@ from spmc.defenses.spmc import (
     spmc_weights,
 )
 from spmc.defenses.trimmed_mean import TrimmedMean
+from spmc.plugins import DEFENSE, load_entry_points
 
 if TYPE_CHECKING:
     from spmc.config import Experiment
@@ -51,6 +52,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "fltrust": FLTrust,
     "fedcpa": FedCPA,
 }
+load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
 
 
 def build_defense(cfg: Experiment) -> Defense:
