@@ -11,6 +11,7 @@ from torch import nn
 from spmc import make_experiment
 from spmc.defenses import DEFENSES, RoundInputs
 from spmc.defenses.server_data import ServerData
+from spmc.metrics import detection_scores
 from spmc.params import ParamLayout
 from spmc.simulation import Simulation
 
@@ -94,10 +95,21 @@ def test_every_defense_runs_one_round_end_to_end(name: str) -> None:
         batch_size=32,
         defense=name,
         device="cpu",
+        finetune_broadcast=True,  # Finetuning's evaluated model is then the global one, as for every other defense
     )
-    result = Simulation(cfg).run()
+    sim = Simulation(cfg)
+    initial = sim.global_state.clone()
+    result = sim.run()
     record = result.records[0]
-    assert 0.0 <= record["accuracy"] <= 100.0
     assert torch.isfinite(result.global_state).all()
+    assert not torch.equal(result.global_state, initial), "the round left the global model unchanged"
+    # the record describes the model the defense returned, evaluated by a separately built run of the same config
+    again = Simulation(cfg).evaluate(result.global_state)
+    for key in ("accuracy", "asr_all", "asr_excl_target"):
+        assert record[key] == again[key], key
+    assert set(record["accepted"]) <= set(record["participants"]) == set(range(7))
     if len(record["accepted"]) < len(record["participants"]):
-        assert set(record["detection"]) == {"precision", "recall"}
+        # m = ⌊0.15 · 7⌋ = 1 malicious client, the last id
+        assert record["detection"] == detection_scores(record["accepted"], range(7), [6])
+    else:
+        assert "detection" not in record
