@@ -88,7 +88,15 @@ def test_run_directory_contents(tmp_path: Path) -> None:
         assert key in first
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["A"] == pytest.approx(result.final.A)
-    assert summary["V"] == pytest.approx((summary["A"] + summary["R"]) / 2)
+    # A, R, V of the summary from the per-round records on disk (2 rounds < report_last_k = 5: both count)
+    records = [json.loads(line) for line in lines]
+    a = sum(r["accuracy"] for r in records) / 2
+    r_ = 100 - sum(r["asr"] for r in records) / 2
+    assert (summary["A"], summary["R"], summary["V"]) == pytest.approx((a, r_, (a + r_) / 2))
+    assert summary["R_excl_target"] == pytest.approx(100 - sum(r["asr_excl_target"] for r in records) / 2)
+    assert (summary["last_k"], summary["rounds"]) == (2, 2)
+    # the clients hold the 600 synthetic training images minus the server's last 10 %
+    assert sum(summary["num_samples"].values()) == 540
     assert summary["malicious_ids"] == [3]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["defense"] == "spmc"
 
