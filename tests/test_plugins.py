@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,13 @@ from spmc.defenses import DEFENSES, FedAvg
 from spmc.models import MODELS, build_model
 from spmc.plugins import ATTACK, DATASET, DEFENSE, MODEL, load_entry_points, plugin_origin
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
 SRC = Path(spmc.__file__).resolve().parents[1]
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 #: A third-party package: a defense (uniform mean of the states), an attack, a dataset and a model, plus entries
 #: that are broken in every way the loader must survive.
@@ -250,3 +257,35 @@ def test_spmc_run_with_a_plugin_defense_and_model(plugin_path: Path, tmp_path: P
     for line in (out / "metrics.jsonl").read_text().splitlines():
         weights = json.loads(line)["weights"]
         assert list(weights.values()) == pytest.approx([0.25] * 4)  # FedAvg would weigh by sample count
+
+
+def test_the_guide_example_defense_registers_and_passes_its_own_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = GUIDE.read_text()
+    blocks = re.findall(r"```(python|toml)\n(.*?)```", text, flags=re.S)
+    defense = next(code for lang, code in blocks if lang == "python" and "class NormClipMean" in code)
+    unit_tests = next(code for lang, code in blocks if lang == "python" and "def test_clip_factors" in code)
+    project = tomllib.loads(next(code for lang, code in blocks if lang == "toml" and "[project]" in code))
+    package = tmp_path / "spmc_normclip"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "defense.py").write_text(defense)
+    info = tmp_path / "spmc_normclip-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['project']['name']}\nVersion: 0.1.0\n")
+    groups = project["project"]["entry-points"]
+    (info / "entry_points.txt").write_text(
+        "".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for g, eps in groups.items())
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "spmc_normclip", raising=False)
+    monkeypatch.delitem(sys.modules, "spmc_normclip.defense", raising=False)
+    registry = dict(DEFENSES)
+    assert load_entry_points("spmc.defenses", registry, DEFENSE) == ["normclip"]
+    namespace: dict[str, object] = {}
+    exec(compile(unit_tests, str(GUIDE), "exec"), namespace)  # noqa: S102
+    tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
+    assert len(tests) == 2
+    for test in tests:
+        test()
