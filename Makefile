@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install bench
+.PHONY: demo test test-quick lint install bench
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# The development subset: everything but the tests marked slow (the Flower deployment, ...).
+test-quick: lint
+	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

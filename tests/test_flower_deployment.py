@@ -38,10 +38,13 @@ RUN = {
     "resume": False,
 }
 
-pytestmark = pytest.mark.skipif(
-    not all((BIN / tool).exists() for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")),
-    reason=f"Flower's executables are not in {BIN} (install spmc[flower] into this environment)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all((BIN / tool).exists() for tool in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")),
+        reason=f"Flower's executables are not in {BIN} (install spmc[flower] into this environment)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

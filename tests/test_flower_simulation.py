@@ -32,6 +32,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # ~12-15 s: Ray starts a local cluster
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # Ray's notice about accelerator env vars
 def test_two_rounds_of_spmc_in_flower_simulation(tmp_path) -> None:
     server = {**TINY, "out-dir": str(tmp_path), "resume": False}
