@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The four entry-point groups, in the order ``spmc list`` shows the registries.
+#: The four entry-point groups, one per registry.
 GROUPS: tuple[str, ...] = ("spmc.defenses", "spmc.attacks", "spmc.datasets", "spmc.models")
 
 #: A registry name: lower case, starts with a letter or digit, at most 64 characters of ``a-z 0-9 _ . -``.
@@ -60,8 +60,8 @@ PLUGINS: dict[tuple[str, str], str] = {}
 class PluginKind(Generic[T]):
     """What an entry point of one group must point to.
 
-    ``convert(obj)`` returns the registry value for the loaded object ``obj``, or raises ``TypeError`` /
-    ``ValueError`` with a one-line reason when ``obj`` is not of this kind; ``what`` names the kind in messages.
+    ``convert(obj, name)`` returns the registry value for the object ``obj`` loaded for entry ``name``, or raises
+    ``TypeError`` / ``ValueError`` with a one-line reason when ``obj`` is not of this kind; ``what`` names the kind.
     """
 
     what: str
