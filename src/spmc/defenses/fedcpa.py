@@ -21,15 +21,13 @@ correlation) respectively. Clients are handled in ascending id order so that rou
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.params import ParamLayout
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +155,17 @@ def fedcpa_aggregate(
     return new.to(global_state.dtype)
 
 
+@dataclass(frozen=True)
+class FedCPAOptions:
+    """FedCPA's option: the fraction of coordinates counted as critical."""
+
+    top_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_rate <= 1:
+            raise ValueError(f"fedcpa_top_rate: got {self.top_rate}; must be in (0, 1]")
+
+
 class FedCPA:
     """Scores clients by the overlap of their critical parameters, then FoolsGold-style logit weights."""
 
@@ -164,14 +173,8 @@ class FedCPA:
     description: ClassVar[str] = "FedCPA: critical-parameter similarity with logit weights (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, top_rate: float = 0.5) -> None:
-        if not 0 < top_rate <= 1:
-            raise ValueError(f"fedcpa_top_rate: got {top_rate}; must be in (0, 1]")
-        self.top_rate = top_rate
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FedCPA:
-        return cls(top_rate=cfg.fedcpa_top_rate)
+    def __init__(self, options: FedCPAOptions | None = None) -> None:
+        self.options = options if options is not None else FedCPAOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         states = inputs.client_states
@@ -184,7 +187,7 @@ class FedCPA:
             total += states[i, sel].to(torch.float64)
         w_bar = (total / inputs.n).to(states.dtype)
         crit = torch.stack([criticality(states[i, sel], w_bar) for i in order])
-        scores_sorted = fedcpa_scores(crit, criticality(w_bar, w_g), self.top_rate)
+        scores_sorted = fedcpa_scores(crit, criticality(w_bar, w_g), self.options.top_rate)
         scores = torch.empty_like(scores_sorted)
         scores[torch.tensor(order)] = scores_sorted
         v, fallback = fedcpa_logit_weights(scores)

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +85,18 @@ def fltrust_apply(
     return out
 
 
+@dataclass(frozen=True)
+class FLTrustOptions:
+    """FLTrust's options: the server's epochs on its clean data, integer counters left out."""
+
+    public_epochs: int = 10
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.public_epochs, bool) or not isinstance(self.public_epochs, int) or self.public_epochs < 1:
+            raise ValueError(f"fltrust_public_epochs: got {self.public_epochs!r}; must be an integer >= 1")
+
+
 class FLTrust:
     """Trust-weighted mean of the client updates, trust from the cosine to the server's own update."""
 
@@ -94,15 +104,8 @@ class FLTrust:
     description: ClassVar[str] = "FLTrust: ReLU-cosine trust against a server update on clean data (spec §6.11)"
     needs_server_data: ClassVar[bool] = True
 
-    def __init__(self, public_epochs: int = 10, exclude_int_buffers: bool = True) -> None:
-        if isinstance(public_epochs, bool) or not isinstance(public_epochs, int) or public_epochs < 1:
-            raise ValueError(f"fltrust_public_epochs: got {public_epochs!r}; must be an integer >= 1")
-        self.public_epochs = public_epochs
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FLTrust:
-        return cls(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: FLTrustOptions | None = None) -> None:
+        self.options = options if options is not None else FLTrustOptions()
 
     def check_server_data(self, samples: int, batch_size: int) -> None:
         """Raise unless the server's validation split holds one full batch (checked before a run starts)."""
@@ -111,12 +114,12 @@ class FLTrust:
     def server_update(self, inputs: RoundInputs) -> torch.Tensor:
         """Δ_0 = train(θ_g, public_epochs) − θ_g on the server's validation split."""
         data = require_server_data(inputs, self.name)
-        trained = data.train(inputs.global_state, self.public_epochs, inputs.round)
+        trained = data.train(inputs.global_state, self.options.public_epochs, inputs.round)
         return trained.to(inputs.global_state.device) - inputs.global_state
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         delta0 = self.server_update(inputs)
-        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        mask = stat_mask(inputs.layout, self.options.exclude_int_buffers, inputs.client_states.device)
         cos, norms, ref_norm = cosines_and_norms(inputs.client_states, inputs.global_state, delta0, mask)
         if not (bool(torch.isfinite(norms).all()) and math.isfinite(ref_norm)):
             raise ValueError(
