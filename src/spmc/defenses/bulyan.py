@@ -83,16 +83,16 @@ class Bulyan:
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients allows Bulyan: n >= 4f + 3 (checked before a run starts)."""
-        check_bulyan_size(n, self.f)
+        check_bulyan_size(n, self.options.f)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
-        check_bulyan_size(inputs.n, self.f)
+        check_bulyan_size(inputs.n, self.options.f)
         mask = stat_mask(inputs.layout, self.options.exclude_int_buffers, inputs.client_states.device)
         updates = inputs.updates
-        chosen = bulyan_select(pairwise_sq_distances(updates[:, mask]), self.f, ids)
+        chosen = bulyan_select(pairwise_sq_distances(updates[:, mask]), self.options.f, ids)
         rows = torch.tensor(sorted(chosen), dtype=torch.long, device=updates.device)
-        agg = coordinatewise(updates[rows], mask, lambda v: bulyan_coordinate_step(v, self.f))
+        agg = coordinatewise(updates[rows], mask, lambda v: bulyan_coordinate_step(v, self.options.f))
         new_global = (inputs.global_state.to(torch.float64) + agg.to(torch.float64)).to(inputs.global_state.dtype)
         kept = set(chosen)
         return Aggregate(
