@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from spmc.defenses.linalg import column_slices
 from spmc.params import ParamLayout
 
 
@@ -129,13 +130,13 @@ def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
     w = weights.to(device=states.device, dtype=torch.float64)
     out = torch.empty(states.shape[1], dtype=states.dtype, device=states.device)
-    for start in range(0, states.shape[1], _BLOCK):
-        block = states[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(states.shape[1], _BLOCK):
+        block = states[:, cols].to(torch.float64)
         if states.dtype == torch.float64:
             scale = column_scales(block)
-            out[start : start + _BLOCK] = (w @ (block / scale)) * scale
+            out[cols] = (w @ (block / scale)) * scale
         else:
-            out[start : start + _BLOCK] = w @ block
+            out[cols] = w @ block
     return out
 
 

@@ -28,6 +28,7 @@ import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, stat_mask, weighted_average
 from spmc.defenses.krum import lowest_scores
+from spmc.defenses.linalg import row_sq_norms
 from spmc.threat import ThreatModel, num_attackers
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,11 @@ log = logging.getLogger(__name__)
 Combine = Literal["union", "intersection"]
 COMBINES: tuple[str, ...] = ("union", "intersection")
 NORM_EPS = 1e-5
-_BLOCK = 1 << 16
 
 
 def row_norms(vectors: torch.Tensor) -> torch.Tensor:
     """‖x_k‖ of every row of ``vectors`` [n, d], accumulated in float64 over column blocks; float64 [n]."""
-    sq = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        sq += (block * block).sum(dim=1)
-    return sq.sqrt()
+    return row_sq_norms(vectors).sqrt()
 
 
 def num_removed(n: int, gamma: float, filter_frac: float) -> int:

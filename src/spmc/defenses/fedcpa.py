@@ -27,11 +27,10 @@ from typing import ClassVar
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
+from spmc.defenses.linalg import column_slices, gram
 from spmc.params import ParamLayout
 
 log = logging.getLogger(__name__)
-
-_BLOCK = 1 << 16
 
 
 def critical_mask(layout: ParamLayout, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -81,9 +80,9 @@ def pearson_matrix(x: torch.Tensor, mask: torch.Tensor, rel_tol: float = 1e-12) 
     n = x.shape[0]
     shift = x.to(torch.float64).mean(dim=1, keepdim=True) if x.shape[1] else torch.zeros(n, 1, dtype=torch.float64)
     cnt, sx, sxx, sxy = (torch.zeros(n, n, dtype=torch.float64, device=x.device) for _ in range(4))
-    for start in range(0, x.shape[1], _BLOCK):
-        xs = x[:, start : start + _BLOCK].to(torch.float64) - shift
-        mf = mask[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(x.shape[1]):
+        xs = x[:, cols].to(torch.float64) - shift
+        mf = mask[:, cols].to(torch.float64)
         xm = xs * mf
         cnt += mf @ mf.T
         sx += xm @ mf.T
@@ -100,11 +99,7 @@ def pearson_matrix(x: torch.Tensor, mask: torch.Tensor, rel_tol: float = 1e-12) 
 
 def jaccard_matrix(mask: torch.Tensor) -> torch.Tensor:
     """J[i, j] = |A_i ∩ A_j| / |A_i ∪ A_j| for the boolean rows of ``mask`` (1 for two empty sets), float64."""
-    n = mask.shape[0]
-    inter = torch.zeros(n, n, dtype=torch.float64, device=mask.device)
-    for start in range(0, mask.shape[1], _BLOCK):
-        mf = mask[:, start : start + _BLOCK].to(torch.float64)
-        inter += mf @ mf.T
+    inter = gram(mask)
     size = inter.diagonal()
     union = size.unsqueeze(1) + size.unsqueeze(0) - inter
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter)).cpu()

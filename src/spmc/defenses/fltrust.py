@@ -23,6 +23,7 @@ import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
+from spmc.defenses.linalg import column_slices
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ EPS = 1e-5
 _BLOCK = 1 << 18
 
 
-def _update_block(client_states: torch.Tensor, global_state: torch.Tensor, start: int) -> torch.Tensor:
-    stop = start + _BLOCK
-    return client_states[:, start:stop].to(torch.float64) - global_state[start:stop].to(torch.float64)
+def _update_block(client_states: torch.Tensor, global_state: torch.Tensor, cols: slice) -> torch.Tensor:
+    return client_states[:, cols].to(torch.float64) - global_state[cols].to(torch.float64)
 
 
 def cosines_and_norms(
@@ -51,11 +51,11 @@ def cosines_and_norms(
     dots = torch.zeros(n, dtype=torch.float64, device=dev)
     sq = torch.zeros(n, dtype=torch.float64, device=dev)
     ref_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for start in range(0, d, _BLOCK):
-        upd = _update_block(client_states, global_state, start)
-        ref = server_update[start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(d, _BLOCK):
+        upd = _update_block(client_states, global_state, cols)
+        ref = server_update[cols].to(torch.float64)
         if mask is not None:
-            keep = mask[start : start + _BLOCK]
+            keep = mask[cols]
             upd, ref = upd[:, keep], ref[keep]
         dots += upd @ ref
         sq += (upd * upd).sum(dim=1)
@@ -79,9 +79,9 @@ def fltrust_apply(
     """θ_g + Σ_k TS_k Δ_k / (Σ_k TS_k + eps) over the whole state, in float64, returned in the states' dtype."""
     coeff = (trust.to(torch.float64) / (float(trust.sum()) + eps)).to(client_states.device)
     out = torch.empty_like(global_state)
-    for start in range(0, global_state.shape[0], _BLOCK):
-        step = coeff @ _update_block(client_states, global_state, start)
-        out[start : start + _BLOCK] = (global_state[start : start + _BLOCK].to(torch.float64) + step).to(out.dtype)
+    for cols in column_slices(global_state.shape[0], _BLOCK):
+        step = coeff @ _update_block(client_states, global_state, cols)
+        out[cols] = (global_state[cols].to(torch.float64) + step).to(out.dtype)
     return out
 
 

@@ -25,10 +25,9 @@ from typing import ClassVar
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
+from spmc.defenses.linalg import gram
 
 log = logging.getLogger(__name__)
-
-_BLOCK = 1 << 16
 
 
 def normalized_updates(updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -39,14 +38,10 @@ def normalized_updates(updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
 
 def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarity of the rows, float64 [n, n]; a zero row has cosine 0 with everything (sklearn)."""
-    n = vectors.shape[0]
-    gram = torch.zeros(n, n, dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        gram += block @ block.T
-    norms = gram.diagonal().clamp_min(0.0).sqrt()
+    g = gram(vectors)
+    norms = g.diagonal().clamp_min(0.0).sqrt()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    cos = gram / safe.unsqueeze(1) / safe.unsqueeze(0)
+    cos = g / safe.unsqueeze(1) / safe.unsqueeze(0)
     zero = norms == 0
     cos[zero, :] = 0.0
     cos[:, zero] = 0.0

@@ -22,9 +22,8 @@ from typing import ClassVar
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
+from spmc.defenses.linalg import gram
 from spmc.threat import ThreatModel, resolve_count
-
-_BLOCK = 1 << 16
 
 
 def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
@@ -33,16 +32,9 @@ def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
     The Gram matrix is accumulated in float64 over column blocks (no [n, d] float64 copy). The result is float64
     [n, n] on the CPU, symmetric, with a zero diagonal and no negative entries (rounding is clamped at 0).
     """
-    if vectors.dim() != 2:
-        raise ValueError(f"vectors must be [n, d]; got shape {tuple(vectors.shape)}")
-    n = vectors.shape[0]
-    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        gram += block @ block.T
-    gram = gram.cpu()
-    sq = gram.diagonal().clone()
-    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    g = gram(vectors).cpu()
+    sq = g.diagonal().clone()
+    dist = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)
     dist = (dist + dist.T) / 2
     dist.fill_diagonal_(0.0)
     return dist

@@ -25,9 +25,9 @@ import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
+from spmc.defenses.linalg import column_slices
 from spmc.params import EntryKind
 
-_BLOCK = 1 << 16
 _TINY = float(torch.finfo(torch.float64).tiny)
 
 
@@ -35,16 +35,16 @@ def _weighted_sum(points: torch.Tensor, weights: torch.Tensor, scale: float = 1.
     """Σ_k w_k P_k / scale in float64, streamed over column blocks (no [n, m] float64 copy)."""
     w = weights.to(torch.float64).to(points.device)
     out = torch.empty(points.shape[1], dtype=torch.float64, device=points.device)
-    for start in range(0, points.shape[1], _BLOCK):
-        out[start : start + _BLOCK] = w @ (points[:, start : start + _BLOCK].to(torch.float64) / scale)
+    for cols in column_slices(points.shape[1]):
+        out[cols] = w @ (points[:, cols].to(torch.float64) / scale)
     return out
 
 
 def _distances(points: torch.Tensor, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """‖z − P_k / scale‖ for every row k, float64 [n] on the CPU."""
     sq = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
-    for start in range(0, points.shape[1], _BLOCK):
-        diff = points[:, start : start + _BLOCK].to(torch.float64) / scale - z[start : start + _BLOCK]
+    for cols in column_slices(points.shape[1]):
+        diff = points[:, cols].to(torch.float64) / scale - z[cols]
         sq += (diff * diff).sum(dim=1)
     return sq.sqrt().cpu()
 

@@ -23,13 +23,12 @@ from typing import ClassVar, Literal
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.defenses.linalg import column_slices
 
 WeightFn = Literal["softmax", "sigmoid"]
 ScoreRef = Literal["loo", "global"]
 ScoreSpace = Literal["params", "updates"]
 LooPrior = Literal["uniform", "samples"]
-
-_BLOCK = 1 << 16
 
 
 def _row_scales(vectors: torch.Tensor) -> torch.Tensor:
@@ -38,8 +37,8 @@ def _row_scales(vectors: torch.Tensor) -> torch.Tensor:
     Raises ``ValueError`` when a row holds inf or NaN.
     """
     c = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        c = torch.maximum(c, vectors[:, start : start + _BLOCK].abs().amax(dim=1).to(torch.float64))
+    for cols in column_slices(vectors.shape[1]):
+        c = torch.maximum(c, vectors[:, cols].abs().amax(dim=1).to(torch.float64))
     c = c.cpu()
     bad = (~torch.isfinite(c)).nonzero().flatten().tolist()
     if bad:
@@ -99,8 +98,8 @@ def loo_cosine_scores(vectors: torch.Tensor, prior: torch.Tensor | None = None, 
     dot = torch.zeros(n, dtype=torch.float64, device=dev)
     q = torch.zeros(n, dtype=torch.float64, device=dev)
     nb = torch.zeros(n, dtype=torch.float64, device=dev)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        u = vectors[:, start : start + _BLOCK].to(torch.float64) / c_safe[:, None]
+    for cols in column_slices(vectors.shape[1]):
+        u = vectors[:, cols].to(torch.float64) / c_safe[:, None]
         o = _others_sum(u * coef[:, None])
         o[top] = coef_top @ u
         dot += (u * o).sum(dim=1)
@@ -162,11 +161,11 @@ def marginal_teachers(global_state: torch.Tensor, client_states: torch.Tensor, w
     inv_rest = torch.where(alone, torch.zeros_like(rest), 1.0 / torch.where(alone, torch.ones_like(rest), rest))
     inv_rest = inv_rest.to(dev)[:, None]
     teachers = torch.empty_like(client_states)
-    for start in range(0, client_states.shape[1], _BLOCK):
-        block = client_states[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(client_states.shape[1]):
+        block = client_states[:, cols].to(torch.float64)
         scale = block.abs().amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         mean = _others_sum(block / scale * coef) * inv_rest * scale
-        teachers[:, start : start + _BLOCK] = mean.to(client_states.dtype)
+        teachers[:, cols] = mean.to(client_states.dtype)
     alone_idx = alone.nonzero().flatten().tolist()
     if alone_idx:
         teachers[alone_idx] = global_state.to(client_states.dtype)
