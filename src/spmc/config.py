@@ -318,7 +318,7 @@ class Experiment(BaseModel):
     @property
     def malicious_ids(self) -> tuple[int, ...]:
         """The last m client ids (spec §2.1)."""
-        return tuple(range(self.num_clients - self.num_malicious, self.num_clients))
+        return threat_model(self).malicious_ids
 
     def local_epochs(self, client: str) -> int:
         return self.spmc_local_epochs if client == "spmc" else self.baseline_local_epochs
