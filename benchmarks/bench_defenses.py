@@ -15,6 +15,7 @@ import time
 import torch
 
 from spmc import make_experiment
+from spmc.config import build_defense
 from spmc.defenses import DEFENSES, RoundInputs
 from spmc.defenses.server_data import ServerData
 from spmc.models import SimpleCNN
@@ -47,7 +48,7 @@ def main() -> None:
             inputs = RoundInputs(glob, states, tuple(range(n)), torch.full((n,), 500.0), layout, 1, server)
             best = float("inf")
             for _ in range(args.repeats):
-                defense = DEFENSES[name].from_config(cfg)
+                defense = build_defense(cfg)
                 start = time.perf_counter()
                 defense.aggregate(inputs)
                 best = min(best, time.perf_counter() - start)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spmc import make_experiment
-from spmc.defenses import DEFENSES, RoundInputs
+from spmc.config import DEFENSE_BUILDERS, build_defense
+from spmc.defenses import DEFENSES, FoolsGold, Krum, RoundInputs, Stateful
 from spmc.defenses.server_data import ServerData
 from spmc.metrics import detection_scores
 from spmc.params import ParamLayout
@@ -51,7 +56,7 @@ def _inputs(n: int, seed: int, order: list[int] | None = None) -> RoundInputs:
 
 def _defense(name: str, n: int):  # noqa: ANN202
     cfg = make_experiment(defense=name, num_clients=n, gamma=0.1 if n >= 10 else 0.2, rounds=10)
-    return DEFENSES[name].from_config(cfg)
+    return build_defense(cfg)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,3 +118,47 @@ def test_every_defense_runs_one_round_end_to_end(name: str) -> None:
         assert record["detection"] == detection_scores(record["accepted"], range(7), [6])
     else:
         assert "detection" not in record
+
+
+def test_every_builtin_defense_is_composed_by_the_config() -> None:
+    builtin = {name for name, cls in DEFENSES.items() if cls.__module__.startswith("spmc.defenses.")}
+    assert set(DEFENSE_BUILDERS) == builtin
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_options_are_those_of_the_default_experiment(name: str) -> None:
+    """``DEFENSES[name]()`` (the README's Python API) is the defense a default configuration builds."""
+    plain = DEFENSES[name]()
+    composed = build_defense(make_experiment(defense=name))
+    assert type(plain) is type(composed)
+    assert vars(plain) == vars(composed)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_are_a_frozen_dataclass(name: str) -> None:
+    options = vars(build_defense(make_experiment(defense=name)))["options"]
+    assert dataclasses.is_dataclass(options)
+    first = dataclasses.fields(options)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(options, first, getattr(options, first))
+
+
+def test_no_defense_or_attack_module_imports_the_config() -> None:
+    """config.py composes the defenses and attacks; nothing below it imports it (no import cycle)."""
+    root = Path(__file__).resolve().parents[1] / "src" / "spmc"
+    offenders = []
+    for path in sorted([*root.glob("defenses/*.py"), *root.glob("attacks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "spmc.config" or n.startswith("spmc.config.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+
+
+def test_stateful_protocol() -> None:
+    assert isinstance(FoolsGold(), Stateful)
+    assert not isinstance(Krum(), Stateful)
+    stateful = [name for name, cls in DEFENSES.items() if isinstance(cls(), Stateful)]
+    assert stateful == ["foolsgold"]

@@ -17,8 +17,8 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
-from spmc.config import ConfigError  # noqa: E402
-from spmc.defenses import DEFENSES, RoundInputs, build_defense  # noqa: E402
+from spmc.config import ConfigError, build_defense  # noqa: E402
+from spmc.defenses import DEFENSES, RoundInputs  # noqa: E402
 from spmc.flower import (  # noqa: E402
     DefenseStrategy,
     MalformedUpdate,

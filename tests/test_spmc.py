@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spmc.defenses import SPMC, RoundInputs, loo_cosine_scores, marginal_teachers, spmc_weights
+from spmc.defenses import SPMC, RoundInputs, SPMCOptions, loo_cosine_scores, marginal_teachers, spmc_weights
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.purify import distillation_loss, project_conflicting
@@ -212,9 +212,9 @@ def test_spmc_single_client() -> None:
 
 def test_spmc_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="spmc_score_ref"):
-        SPMC(score_ref="nope")  # type: ignore[arg-type]
+        SPMC(SPMCOptions(score_ref="nope"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="spmc_score_ref"):
-        SPMC(score_ref="global", score_space="updates")
+        SPMC(SPMCOptions(score_ref="global", score_space="updates"))
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,7 +4,7 @@ Public API (see README): the defense registry and interface, the SPMC functions 
 configuration, and the simulation entry point.
 """
 
-from spmc.config import ConfigError, Experiment, make_experiment, resolve
+from spmc.config import ConfigError, Experiment, build_defense, make_experiment, resolve
 from spmc.defenses import (
     DEFENSES,
     SPMC,
@@ -12,7 +12,6 @@ from spmc.defenses import (
     Defense,
     FedAvg,
     RoundInputs,
-    build_defense,
     loo_cosine_scores,
     marginal_teachers,
     spmc_weights,

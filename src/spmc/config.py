@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,47 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from spmc.defenses import (
+    CRFL,
+    DEFENSES,
+    RFA,
+    RLR,
+    RSA,
+    SPMC,
+    Bulyan,
+    BulyanOptions,
+    CRFLOptions,
+    Defense,
+    DnC,
+    DnCOptions,
+    FedAvg,
+    FedAvgOptions,
+    FedCPA,
+    FedCPAOptions,
+    Finetuning,
+    FinetuningOptions,
+    FLTrust,
+    FLTrustOptions,
+    FoolsGold,
+    FoolsGoldOptions,
+    Krum,
+    KrumOptions,
+    Median,
+    MedianOptions,
+    MultiKrum,
+    MultiKrumOptions,
+    RFAOptions,
+    RLROptions,
+    RSAOptions,
+    Sageflow,
+    SageflowOptions,
+    SPMCOptions,
+    TrimmedMean,
+    TrimmedMeanOptions,
+)
+from spmc.threat import ThreatModel
+from spmc.training import OptimConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -218,8 +260,6 @@ class Experiment(BaseModel):
     @field_validator("defense")
     @classmethod
     def _known_defense(cls, v: str) -> str:
-        from spmc.defenses import DEFENSES
-
         if v not in DEFENSES:
             raise ValueError(f"unknown defense; allowed: {', '.join(sorted(DEFENSES))}")
         return v
@@ -273,12 +313,12 @@ class Experiment(BaseModel):
     @property
     def num_malicious(self) -> int:
         """m = ⌊γK⌋, guarded against float error (spec §2.1)."""
-        return 0 if self.attack == "none" else int(self.gamma * self.num_clients + 1e-9)
+        return threat_model(self).expected_attackers
 
     @property
     def malicious_ids(self) -> tuple[int, ...]:
         """The last m client ids (spec §2.1)."""
-        return tuple(range(self.num_clients - self.num_malicious, self.num_clients))
+        return threat_model(self).malicious_ids
 
     def local_epochs(self, client: str) -> int:
         return self.spmc_local_epochs if client == "spmc" else self.baseline_local_epochs
@@ -381,10 +421,126 @@ def data_split_sizes(cfg: Experiment) -> tuple[int, int, int]:
     return total, len(pool), len(val)
 
 
+def threat_model(cfg: Experiment) -> ThreatModel:
+    """The threat model of ``cfg``: K = ``num_clients``, γ = ``gamma``, an attack unless ``attack = 'none'``,
+    the experiment seed."""
+    return ThreatModel(num_clients=cfg.num_clients, gamma=cfg.gamma, attack_active=cfg.attack != "none", seed=cfg.seed)
+
+
+#: How each built-in defense is composed from the flat options (``krum_f`` → ``KrumOptions.f``, ...). A defense
+#: missing here (a plug-in) is built with its default options.
+DEFENSE_BUILDERS: dict[str, Callable[[Experiment], Defense]] = {
+    "fedavg": lambda cfg: FedAvg(FedAvgOptions(weighting=cfg.fedavg_weighting)),
+    "spmc": lambda cfg: SPMC(
+        SPMCOptions(
+            temperature=cfg.spmc_temperature,
+            weight_fn=cfg.spmc_weight_fn,
+            score_ref=cfg.spmc_score_ref,
+            score_space=cfg.spmc_score_space,
+            loo_prior=cfg.spmc_loo_prior,
+            score_eps=cfg.spmc_score_eps,
+        )
+    ),
+    "dnc": lambda cfg: DnC(
+        DnCOptions(
+            filter_frac=cfg.dnc_filter_frac,
+            niters=cfg.dnc_niters,
+            subdim=cfg.dnc_subdim,
+            normalize=cfg.dnc_normalize,
+            combine=cfg.dnc_combine,
+            exclude_int_buffers=cfg.exclude_int_buffers,
+        ),
+        threat_model(cfg),
+    ),
+    "sageflow": lambda cfg: Sageflow(
+        SageflowOptions(eth=cfg.sageflow_eth, delta=cfg.sageflow_delta, size_weight=cfg.sageflow_size_weight)
+    ),
+    "bulyan": lambda cfg: Bulyan(BulyanOptions(f=cfg.bulyan_f, exclude_int_buffers=cfg.exclude_int_buffers)),
+    "rfa": lambda cfg: RFA(
+        RFAOptions(
+            layerwise=cfg.rfa_layerwise,
+            maxiter=cfg.rfa_maxiter,
+            eps=cfg.rfa_eps,
+            ftol=cfg.rfa_ftol,
+            exclude_int_buffers=cfg.exclude_int_buffers,
+        )
+    ),
+    "rlr": lambda cfg: RLR(RLROptions(threshold=cfg.rlr_threshold, server_lr=cfg.rlr_server_lr)),
+    "crfl": lambda cfg: CRFL(
+        CRFLOptions(
+            rounds=cfg.rounds,
+            clip_cap=cfg.crfl_clip_cap,
+            clip_slope=cfg.crfl_clip_slope,
+            clip_bias=cfg.crfl_clip_bias,
+            sigma=cfg.crfl_sigma,
+            scale=cfg.crfl_scale,
+        ),
+        threat_model(cfg),
+    ),
+    "foolsgold": lambda cfg: FoolsGold(
+        FoolsGoldOptions(
+            norm_eps=cfg.foolsgold_norm_eps,
+            kappa=cfg.foolsgold_kappa,
+            normalize_weights=cfg.foolsgold_normalize_weights,
+        )
+    ),
+    "rsa": lambda cfg: RSA(
+        RSAOptions(
+            alpha=cfg.rsa_alpha,
+            lam=cfg.rsa_lambda,
+            wd=cfg.rsa_wd,
+            clip=cfg.rsa_clip,
+            update_bn_buffers=cfg.rsa_update_bn_buffers,
+        )
+    ),
+    "finetuning": lambda cfg: Finetuning(
+        FinetuningOptions(epochs=cfg.finetune_epochs, broadcast=cfg.finetune_broadcast)
+    ),
+    "krum": lambda cfg: Krum(KrumOptions(f=cfg.krum_f, exclude_int_buffers=cfg.exclude_int_buffers), threat_model(cfg)),
+    "multikrum": lambda cfg: MultiKrum(
+        MultiKrumOptions(f=cfg.krum_f, select=cfg.multikrum_select, exclude_int_buffers=cfg.exclude_int_buffers),
+        threat_model(cfg),
+    ),
+    "trimmed_mean": lambda cfg: TrimmedMean(
+        TrimmedMeanOptions(k=cfg.trimmed_mean_k, mode=cfg.tm_mode, exclude_int_buffers=cfg.exclude_int_buffers),
+        threat_model(cfg),
+    ),
+    "median": lambda cfg: Median(MedianOptions(exclude_int_buffers=cfg.exclude_int_buffers)),
+    "fltrust": lambda cfg: FLTrust(
+        FLTrustOptions(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
+    ),
+    "fedcpa": lambda cfg: FedCPA(FedCPAOptions(top_rate=cfg.fedcpa_top_rate)),
+}
+
+
+def build_defense(cfg: Experiment) -> Defense:
+    """The defense named by ``cfg.defense``, its options (and threat model, where it takes one) composed from the
+    configuration; ``ValueError`` naming the option when one is not allowed."""
+    if cfg.defense not in DEFENSES:
+        raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
+    builder = DEFENSE_BUILDERS.get(cfg.defense)
+    return builder(cfg) if builder is not None else DEFENSES[cfg.defense]()
+
+
+def optim_config(cfg: Experiment) -> OptimConfig:
+    """The SGD settings (spec §1.1) and SPMC client options (spec §4, §7) of ``cfg``."""
+    return OptimConfig(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        drop_last=cfg.drop_last,
+        spmc_lambda=cfg.spmc_lambda,
+        spmc_kd_T=cfg.spmc_kd_T,
+        spmc_proj_norm_power=cfg.spmc_proj_norm_power,
+        spmc_proj_granularity=cfg.spmc_proj_granularity,
+        spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
+        spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
+    )
+
+
 def _defense_problems(cfg: Experiment) -> list[str]:
     """The defense's own option checks, its rule for n clients per round and its need of server data."""
-    from spmc.defenses import DEFENSES
-
     n = clients_per_round(cfg)
     total, _, val = data_split_sizes(cfg)
     rounds = (
@@ -393,7 +549,7 @@ def _defense_problems(cfg: Experiment) -> list[str]:
     )
     split = f"{total} training samples in {cfg.dataset!r}, val_fraction = {cfg.val_fraction} leaves {val}"
     try:
-        defense = DEFENSES[cfg.defense].from_config(cfg)
+        defense = build_defense(cfg)
     except ValueError as err:
         return [f"defense = {cfg.defense!r}: {err}"]
     problems = []
@@ -417,9 +573,7 @@ def _data_problems(cfg: Experiment) -> list[str]:
     per_client = max(cfg.min_client_size, 1)
     if per_client * cfg.num_clients <= pool:
         return []
-    allowed = (
-        f"min_client_size <= {pool // cfg.num_clients}" if pool >= cfg.num_clients else f"num_clients <= {pool}"
-    )
+    allowed = f"min_client_size <= {pool // cfg.num_clients}" if pool >= cfg.num_clients else f"num_clients <= {pool}"
     return [
         f"min_client_size, num_clients, val_fraction: {cfg.num_clients} clients of at least {per_client} samples "
         f"need {per_client * cfg.num_clients}, but the client pool has {pool} ({total} training samples in "

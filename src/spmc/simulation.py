@@ -30,7 +30,7 @@ import torch
 from spmc import batched
 from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
 from spmc.batched import BatchedEngine
-from spmc.config import ConfigError, Experiment, make_experiment
+from spmc.config import ConfigError, Experiment, build_defense, make_experiment, optim_config
 from spmc.data import (
     DATASETS,
     DatasetInfo,
@@ -41,14 +41,14 @@ from spmc.data import (
     to_unit_float,
 )
 from spmc.data.strong_aug import strong_augment
-from spmc.defenses import Aggregate, RoundInputs, build_defense, marginal_teachers, weighted_average
+from spmc.defenses import Aggregate, RoundInputs, marginal_teachers, weighted_average
 from spmc.defenses.server_data import ServerData
 from spmc.guard import InvalidUpdateError, UpdateGuard, finalise_global, guard_states
 from spmc.metrics import FinalMetrics, detection_scores, final_metrics
 from spmc.models import build_model
 from spmc.params import ParamLayout
 from spmc.store import RunDirError, RunStore, config_hash, read_json_file
-from spmc.training import ClientData, ClientTask, OptimConfig, SequentialEngine, accuracy
+from spmc.training import ClientData, ClientTask, SequentialEngine, accuracy
 
 log = logging.getLogger(__name__)
 
@@ -205,23 +205,6 @@ def build_federated_data(
         val_transform=(
             functools.partial(strong_augment, mean=info.mean, std=info.std) if info.name == "cifar10" else pre.train
         ),
-    )
-
-
-def optim_config(cfg: Experiment) -> OptimConfig:
-    """The SGD settings (spec §1.1) and SPMC client options (spec §4, §7) of ``cfg``."""
-    return OptimConfig(
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        drop_last=cfg.drop_last,
-        spmc_lambda=cfg.spmc_lambda,
-        spmc_kd_T=cfg.spmc_kd_T,
-        spmc_proj_norm_power=cfg.spmc_proj_norm_power,
-        spmc_proj_granularity=cfg.spmc_proj_granularity,
-        spmc_kd_grad_weight=cfg.spmc_kd_grad_weight,
-        spmc_teacher_bn_mode=cfg.spmc_teacher_bn_mode,
     )
 
 

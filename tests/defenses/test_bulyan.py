@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.defenses.bulyan import Bulyan, bulyan_coordinate_step, bulyan_select
+from spmc.config import DEFENSE_BUILDERS
+from spmc.defenses.bulyan import Bulyan, BulyanOptions, bulyan_coordinate_step, bulyan_select
 from spmc.defenses.krum import pairwise_sq_distances
 
 from ._helpers import BN, LINEAR, make_inputs
 
 X = [0.0, 1.0, 2.0, 3.0, 4.0, 100.0, -60.0]  # updates on coordinate 0 of clients 0..6
-
 
 
 def naive_bulyan(updates: list[list[float]], f: int) -> list[float]:
@@ -61,7 +61,7 @@ def test_bulyan_is_applied_as_an_update() -> None:
     updates = torch.zeros(7, 3)
     updates[:, 0] = torch.tensor(X)
     updates[:, 1] = 2 * updates[:, 0] + 1  # every squared distance × 5: the same selection, ties included
-    agg = Bulyan(f=1).aggregate(make_inputs(g + updates, global_state=g))
+    agg = Bulyan(BulyanOptions(f=1)).aggregate(make_inputs(g + updates, global_state=g))
     # selected clients 0-4; coordinate 0: {0..4}, median 2 → mean(1, 2, 3) = 2.
     # coordinate 1: {1, 3, 5, 7, 9}, median 5 → mean(3, 5, 7) = 5.
     assert agg.global_state.tolist() == pytest.approx([12.0, 4.0, 0.5])
@@ -73,13 +73,13 @@ def test_bulyan_is_applied_as_an_update() -> None:
 def test_bulyan_refuses_too_few_clients() -> None:
     states = torch.randn(6, 3)
     with pytest.raises(ValueError, match=r"bulyan_f.*4f \+ 3.*n = 6, f = 1"):
-        Bulyan(f=1).aggregate(make_inputs(states))
+        Bulyan(BulyanOptions(f=1)).aggregate(make_inputs(states))
     with pytest.raises(ValueError, match=r"n = 10, f = 2"):
-        Bulyan(f=2).aggregate(make_inputs(torch.randn(10, 3)))
-    Bulyan(f=2).aggregate(make_inputs(torch.randn(11, 3)))
+        Bulyan(BulyanOptions(f=2)).aggregate(make_inputs(torch.randn(10, 3)))
+    Bulyan(BulyanOptions(f=2)).aggregate(make_inputs(torch.randn(11, 3)))
     with pytest.raises(ValueError, match="bulyan_f"):
-        Bulyan(f=-1)
-    assert Bulyan.from_config(make_experiment(bulyan_f=2)).f == 2
+        Bulyan(BulyanOptions(f=-1))
+    assert DEFENSE_BUILDERS["bulyan"](make_experiment(bulyan_f=2)).options.f == 2
 
 
 def test_integer_counter_takes_the_selected_clients_plain_mean() -> None:
@@ -87,7 +87,7 @@ def test_integer_counter_takes_the_selected_clients_plain_mean() -> None:
     updates = torch.zeros(7, BN.dim)
     updates[:, 0] = torch.tensor(X)
     updates[:, -1] = torch.tensor([10.0, 10.0, 10.0, 10.0, 40.0, 1000.0, 1000.0])
-    agg = Bulyan(f=1).aggregate(make_inputs(g + updates, global_state=g, layout=BN))
+    agg = Bulyan(BulyanOptions(f=1)).aggregate(make_inputs(g + updates, global_state=g, layout=BN))
     assert agg.accepted == (0, 1, 2, 3, 4)  # the counters of 5 and 6 do not enter the distances
     assert agg.global_state[-1].item() == pytest.approx(16.0)  # plain mean over the selected 5
 
@@ -101,7 +101,7 @@ def test_bulyan_equals_naive_reference(n: int, f: int, seed: int) -> None:
     updates = torch.randn(n, LINEAR.dim, generator=gen)
     updates[0] *= 1e6  # an outlier, never selected when f ≥ 1
     states = g + updates
-    agg = Bulyan(f=f).aggregate(make_inputs(states, global_state=g))
+    agg = Bulyan(BulyanOptions(f=f)).aggregate(make_inputs(states, global_state=g))
     expected = naive_bulyan((states - g).tolist(), f)
     assert agg.global_state.tolist() == pytest.approx([a + b for a, b in zip(g.tolist(), expected)], rel=1e-6, abs=1e-4)
     if f >= 1:
@@ -116,8 +116,10 @@ def test_bulyan_ignores_client_order_and_stays_within_bounds(n: int, seed: int) 
     states = g + torch.randn(n, BN.dim, generator=gen)
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
-    a = Bulyan(f=1).aggregate(make_inputs(states, ids, global_state=g, layout=BN))
-    b = Bulyan(f=1).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=BN))
+    a = Bulyan(BulyanOptions(f=1)).aggregate(make_inputs(states, ids, global_state=g, layout=BN))
+    b = Bulyan(BulyanOptions(f=1)).aggregate(
+        make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=BN)
+    )
     assert torch.allclose(a.global_state, b.global_state, atol=1e-6)
     assert set(a.accepted or ()) == set(b.accepted or ())
     assert bool((a.global_state >= states.min(dim=0).values - 1e-6).all())

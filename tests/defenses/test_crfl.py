@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.crfl import CRFL, clip_norm, clip_threshold
+from spmc.defenses.crfl import CRFL, CRFLOptions, clip_norm, clip_threshold
 from spmc.params import ParamLayout
+from spmc.threat import ThreatModel
 
 
 def bn_layout() -> ParamLayout:
@@ -51,7 +53,7 @@ def test_mean_clip_and_no_noise_in_the_last_round() -> None:
     states[1, params] = 10.0
     states[:, ~params] = torch.tensor([[1.0] * 5, [3.0] * 5])
     counts = [2.0, 2.0]
-    crfl = CRFL(rounds=5, sigma=0.5, seed=3)
+    crfl = CRFL(CRFLOptions(rounds=5, sigma=0.5), ThreatModel(seed=3))
     last = crfl.aggregate(inputs_for(layout, g, states, [0, 1], counts, t=4))  # t = T − 1: no noise
     norm = 25.0 * math.sqrt(10)
     rho = 50.0  # 5·4 + 30
@@ -77,10 +79,12 @@ def test_no_clip_below_threshold_and_scale() -> None:
     g = torch.tensor([1.0, 1.0, 1.0])
     states = torch.tensor([[2.0, 1.0, 0.0], [4.0, 1.0, 0.0]])
     counts = [1.0, 3.0]  # mean update (2.5, 0, −1)
-    out = CRFL(rounds=2, sigma=0.0).aggregate(inputs_for(layout, g, states, [0, 1], counts, t=0))
+    out = CRFL(CRFLOptions(rounds=2, sigma=0.0)).aggregate(inputs_for(layout, g, states, [0, 1], counts, t=0))
     assert torch.allclose(out.global_state, torch.tensor([3.5, 1.0, 0.0]))
     assert not out.diagnostics["clipped"]
-    scaled = CRFL(rounds=2, sigma=0.0, scale=2.0).aggregate(inputs_for(layout, g, states, [0, 1], counts, t=1))
+    scaled = CRFL(CRFLOptions(rounds=2, sigma=0.0, scale=2.0)).aggregate(
+        inputs_for(layout, g, states, [0, 1], counts, t=1)
+    )
     assert torch.allclose(scaled.global_state, torch.tensor([6.0, 1.0, -1.0]))
 
 
@@ -93,7 +97,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, t: int) -> None:
     states = g + torch.randn(n, layout.dim, generator=gen) * 10
     counts = torch.randint(1, 50, (n,), generator=gen).double().tolist()
     ids = list(range(n))
-    crfl = CRFL(rounds=5, seed=seed)
+    crfl = CRFL(CRFLOptions(rounds=5), ThreatModel(seed=seed))
     out = crfl.aggregate(inputs_for(layout, g, states, ids, counts, t))
     perm = torch.randperm(n, generator=gen)
     out_p = crfl.aggregate(inputs_for(layout, g, states[perm], [ids[i] for i in perm], [counts[i] for i in perm], t))
@@ -106,10 +110,16 @@ def test_permutation_invariance_and_weights(seed: int, n: int, t: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    crfl = CRFL.from_config(Experiment(rounds=7, seed=4, crfl_sigma=0.01, crfl_clip_cap=30.0, crfl_scale=2.0))
-    assert (crfl.rounds, crfl.seed, crfl.sigma, crfl.clip_cap, crfl.scale) == (7, 4, 0.01, 30.0, 2.0)
+    crfl = DEFENSE_BUILDERS["crfl"](Experiment(rounds=7, seed=4, crfl_sigma=0.01, crfl_clip_cap=30.0, crfl_scale=2.0))
+    assert (crfl.options.rounds, crfl.seed, crfl.options.sigma, crfl.options.clip_cap, crfl.options.scale) == (
+        7,
+        4,
+        0.01,
+        30.0,
+        2.0,
+    )
     with pytest.raises(ValueError, match="rounds"):
-        CRFL(rounds=0)
+        CRFL(CRFLOptions(rounds=0))
     for field, kwargs in (
         ("crfl_clip_cap", {"clip_cap": 0.0}),
         ("crfl_clip_slope", {"clip_slope": -1.0}),
@@ -118,4 +128,4 @@ def test_from_config_and_validation() -> None:
         ("crfl_scale", {"scale": 0.0}),
     ):
         with pytest.raises(ValueError, match=field):
-            CRFL(**kwargs)
+            CRFL(CRFLOptions(**kwargs))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,13 +11,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spmc import make_experiment
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import round_generator
-from spmc.defenses.dnc import DnC, dnc_keep, dnc_outlier_scores, num_removed
+from spmc.defenses.dnc import DnC, DnCOptions, dnc_keep, dnc_outlier_scores, num_removed
 from spmc.params import ParamLayout
+from spmc.threat import ThreatModel
 
 from ._helpers import BN, LINEAR, make_inputs
 
 WIDE = ParamLayout.from_module(nn.Linear(40, 1))  # 41 parameters, for coordinate sub-sampling
+
+
+def make_dnc(gamma: float, seed: int = 0, **options: Any) -> DnC:
+    """DnC with γ (and the seed) of a threat model, the other options given."""
+    return DnC(DnCOptions(**options), ThreatModel(gamma=gamma, seed=seed))
 
 
 def benign_plus_outlier(n: int, layout: ParamLayout, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +57,9 @@ def test_num_removed() -> None:
 def test_dnc_removes_an_obvious_outlier_and_reports_it() -> None:
     g, states = benign_plus_outlier(5, BN)
     ids = (3, 9, 4, 1, 7)
-    agg = DnC(gamma=0.4, filter_frac=0.5).aggregate(make_inputs(states, ids, global_state=g, layout=BN))  # m̂ = 2, r = 1
+    agg = make_dnc(gamma=0.4, filter_frac=0.5).aggregate(
+        make_inputs(states, ids, global_state=g, layout=BN)
+    )  # m̂ = 2, r = 1
     assert agg.diagnostics["removed"] == [7]
     assert agg.accepted == (3, 9, 4, 1)
     assert agg.weights is not None and agg.weights.tolist() == [0.25, 0.25, 0.25, 0.25, 0.0]
@@ -64,13 +75,13 @@ def test_dnc_normalisation_hides_a_large_norm_in_the_common_direction() -> None:
     updates = direction + 0.05 * torch.randn(5, LINEAR.dim, generator=gen)
     updates[4] *= 100
     inputs = make_inputs(updates)
-    assert 4 in DnC(gamma=0.4, normalize=True).aggregate(inputs).accepted
-    assert DnC(gamma=0.4, normalize=False).aggregate(inputs).diagnostics["removed"] == [4]
+    assert 4 in make_dnc(gamma=0.4, normalize=True).aggregate(inputs).accepted
+    assert make_dnc(gamma=0.4, normalize=False).aggregate(inputs).diagnostics["removed"] == [4]
 
 
 def test_dnc_keeps_everyone_when_r_is_zero() -> None:
     g, states = benign_plus_outlier(5, LINEAR)
-    agg = DnC(gamma=0.2, filter_frac=0.5).aggregate(make_inputs(states, global_state=g))  # m̂ = 1, r = 0
+    agg = make_dnc(gamma=0.2, filter_frac=0.5).aggregate(make_inputs(states, global_state=g))  # m̂ = 1, r = 0
     assert agg.accepted == (0, 1, 2, 3, 4) and agg.diagnostics["removed"] == []
     assert torch.allclose(agg.global_state, states.mean(dim=0), atol=1e-6)
 
@@ -79,8 +90,10 @@ def test_dnc_integer_counter_stays_out_of_the_detection() -> None:
     g, states = benign_plus_outlier(5, BN)
     states[0, -1] = g[-1] + 1000.0  # a huge counter step on a benign client
     inputs = make_inputs(states, global_state=g, layout=BN)
-    assert DnC(gamma=0.4).aggregate(inputs).diagnostics["removed"] == [4]
-    assert DnC(gamma=0.4, normalize=False, exclude_int_buffers=False).aggregate(inputs).diagnostics["removed"] == [0]
+    assert make_dnc(gamma=0.4).aggregate(inputs).diagnostics["removed"] == [4]
+    assert make_dnc(gamma=0.4, normalize=False, exclude_int_buffers=False).aggregate(inputs).diagnostics["removed"] == [
+        0
+    ]
 
 
 def test_union_and_intersection_of_iterations() -> None:
@@ -99,7 +112,7 @@ def test_union_and_intersection_of_iterations() -> None:
 def test_subsampling_is_deterministic_per_round_and_order_free() -> None:
     g, states = benign_plus_outlier(6, WIDE, seed=3)
     ids = (5, 0, 2, 8, 1, 4)
-    dnc = DnC(gamma=0.5, filter_frac=1.0, subdim=10)  # r = 3 of 6, 10 of 41 coordinates
+    dnc = make_dnc(gamma=0.5, filter_frac=1.0, subdim=10)  # r = 3 of 6, 10 of 41 coordinates
     a = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE, round_index=2))
     b = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE, round_index=2))
     assert a.accepted == b.accepted and torch.equal(a.global_state, b.global_state)
@@ -119,7 +132,7 @@ def test_dnc_order_free_and_weights_sum_to_one(n: int, seed: int, gamma: float) 
     states = g + torch.randn(n, WIDE.dim, generator=gen)
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
-    dnc = DnC(gamma=gamma, filter_frac=1.0, subdim=20, seed=seed)
+    dnc = make_dnc(gamma=gamma, filter_frac=1.0, subdim=20, seed=seed)
     a = dnc.aggregate(make_inputs(states, ids, global_state=g, layout=WIDE))
     b = dnc.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), global_state=g, layout=WIDE))
     assert set(a.accepted or ()) == set(b.accepted or ())
@@ -130,19 +143,22 @@ def test_dnc_order_free_and_weights_sum_to_one(n: int, seed: int, gamma: float) 
 
 def test_dnc_errors_and_config() -> None:
     with pytest.raises(ValueError, match=r"dnc_filter_frac.*r = .*6 of n = 4"):
-        DnC(gamma=0.5, filter_frac=3.0).aggregate(make_inputs(torch.randn(4, 3)))
+        make_dnc(gamma=0.5, filter_frac=3.0).aggregate(make_inputs(torch.randn(4, 3)))
     for kwargs, field in [
         ({"filter_frac": -1.0}, "dnc_filter_frac"),
         ({"niters": 0}, "dnc_niters"),
         ({"subdim": 0}, "dnc_subdim"),
         ({"combine": "both"}, "dnc_combine"),
-        ({"gamma": 1.5}, "gamma"),
     ]:
         with pytest.raises(ValueError, match=field):
-            DnC(**kwargs)  # type: ignore[arg-type]
+            DnCOptions(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^gamma: got 1\.5; must be a fraction in \[0, 1\)$"):
+        ThreatModel(gamma=1.5)
     cfg = make_experiment(gamma=0.2, seed=7, dnc_niters=3, dnc_combine="intersection", dnc_normalize=False)
-    d = DnC.from_config(cfg)
-    assert (d.gamma, d.filter_frac, d.niters, d.subdim, d.normalize, d.combine, d.seed) == (
+    d = DEFENSE_BUILDERS["dnc"](cfg)
+    assert isinstance(d, DnC)
+    o = d.options
+    assert (d.gamma, o.filter_frac, o.niters, o.subdim, o.normalize, o.combine, d.seed) == (
         0.2,
         0.5,
         3,

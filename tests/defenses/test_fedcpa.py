@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.fedcpa import (
     FedCPA,
+    FedCPAOptions,
     critical_mask,
     fedcpa_logit_weights,
     jaccard_matrix,
@@ -95,7 +97,7 @@ def test_matches_the_reference_code_with_write_back(seed: int) -> None:
     n = 6
     states = g + 0.1 * torch.randn(n, layout.dim, generator=gen)
     states[4:] = g + 0.5 * torch.randn(2, layout.dim, generator=gen)  # two clients far from the rest
-    out = FedCPA(top_rate=0.5).aggregate(inputs_for(layout, g, states, list(range(n))))
+    out = FedCPA(FedCPAOptions(top_rate=0.5)).aggregate(inputs_for(layout, g, states, list(range(n))))
     new_sd, wv = repo_fedcpa(layout.unflatten(g), [layout.unflatten(s) for s in states], 0.5)
     assert np.allclose(list(out.diagnostics["logit_weights"].values()), wv, atol=1e-5)
     assert torch.allclose(out.global_state, layout.flatten_state_dict(new_sd), atol=1e-6)
@@ -209,7 +211,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    assert FedCPA.from_config(Experiment(fedcpa_top_rate=0.3)).top_rate == 0.3
+    assert DEFENSE_BUILDERS["fedcpa"](Experiment(fedcpa_top_rate=0.3)).options.top_rate == 0.3
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="fedcpa_top_rate"):
-            FedCPA(top_rate=bad)
+            FedCPA(FedCPAOptions(top_rate=bad))

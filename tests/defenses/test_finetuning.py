@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from spmc.config import Experiment
+from spmc.config import DEFENSE_BUILDERS, Experiment
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.finetuning import Finetuning
+from spmc.defenses.finetuning import Finetuning, FinetuningOptions
 from spmc.defenses.server_data import ServerData
 from spmc.params import ParamLayout
 
@@ -42,7 +42,7 @@ def states_for(layout: ParamLayout) -> torch.Tensor:
 def test_no_broadcast_evaluates_the_finetuned_mean() -> None:
     data = make_server_data()
     states = states_for(data.layout)
-    agg = Finetuning(epochs=2, broadcast=False).aggregate(make_inputs(data, data.layout, states))
+    agg = Finetuning(FinetuningOptions(epochs=2, broadcast=False)).aggregate(make_inputs(data, data.layout, states))
     mean = states.mean(0)
     assert torch.allclose(agg.global_state, mean, atol=1e-6)  # uniform, not sample-weighted
     assert agg.weights.tolist() == [1 / 3] * 3 and agg.accepted == (0, 1, 2)
@@ -56,7 +56,7 @@ def test_no_broadcast_evaluates_the_finetuned_mean() -> None:
 def test_broadcast_sends_the_finetuned_model() -> None:
     data = make_server_data()
     states = states_for(data.layout)
-    agg = Finetuning(epochs=1, broadcast=True).aggregate(make_inputs(data, data.layout, states))
+    agg = Finetuning(FinetuningOptions(epochs=1, broadcast=True)).aggregate(make_inputs(data, data.layout, states))
     assert agg.eval_state is None
     assert torch.allclose(agg.global_state, data.train(states.mean(0), 1, round_seed=4), atol=1e-6)
 
@@ -64,7 +64,7 @@ def test_broadcast_sends_the_finetuned_model() -> None:
 def test_zero_epochs_is_the_uniform_mean() -> None:
     layout = ParamLayout.from_module(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)))
     states = states_for(layout)
-    agg = Finetuning(epochs=0).aggregate(make_inputs(None, layout, states))
+    agg = Finetuning(FinetuningOptions(epochs=0)).aggregate(make_inputs(None, layout, states))
     assert torch.allclose(agg.global_state, states.mean(0), atol=1e-6)
     assert torch.equal(agg.eval_state, agg.global_state)
 
@@ -80,13 +80,13 @@ def test_permuting_clients_permutes_nothing() -> None:
 
 def test_invalid_options_and_missing_data() -> None:
     with pytest.raises(ValueError, match="finetune_epochs"):
-        Finetuning(epochs=-1)
+        Finetuning(FinetuningOptions(epochs=-1))
     layout = ParamLayout.from_module(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)))
     with pytest.raises(ValueError, match="needs the server's validation data"):
-        Finetuning(epochs=1).aggregate(make_inputs(None, layout, states_for(layout)))
+        Finetuning(FinetuningOptions(epochs=1)).aggregate(make_inputs(None, layout, states_for(layout)))
 
 
 def test_from_config() -> None:
-    d = Finetuning.from_config(Experiment(finetune_epochs=3, finetune_broadcast=True))
-    assert (d.epochs, d.broadcast) == (3, True)
+    d = DEFENSE_BUILDERS["finetuning"](Experiment(finetune_epochs=3, finetune_broadcast=True))
+    assert (d.options.epochs, d.options.broadcast) == (3, True)
     assert Finetuning.needs_server_data and Finetuning.name == "finetuning"

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import Experiment
+from spmc.config import DEFENSE_BUILDERS, Experiment
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.fltrust import FLTrust, cosines_and_norms, fltrust_apply, fltrust_trust_scores
+from spmc.defenses.fltrust import FLTrust, FLTrustOptions, cosines_and_norms, fltrust_apply, fltrust_trust_scores
 from spmc.defenses.server_data import ServerData
 from spmc.params import ParamLayout
 
@@ -70,7 +70,9 @@ def test_trust_scores_hand_computed() -> None:
     layout = bn_layout()
     g = torch.tensor([0.5, -1.0, 1.0, 0.0, 0.0, 1.0, 7.0])
     states = g + UPDATES
-    agg = FLTrust(public_epochs=3).aggregate(make_inputs(g, states, layout, fixed_server(layout, DELTA0)))
+    agg = FLTrust(FLTrustOptions(public_epochs=3)).aggregate(
+        make_inputs(g, states, layout, fixed_server(layout, DELTA0))
+    )
     ts = [0.6 * 2 / (5 + 1e-5), 0.0, 0.0, 2 / (1 + 1e-5)]
     got = agg.diagnostics["trust_scores"]
     assert [got[str(k)] for k in range(4)] == pytest.approx(ts, rel=1e-12)
@@ -95,8 +97,8 @@ def test_integer_counter_left_out_of_cosines_and_norms() -> None:
     assert norms.tolist() == pytest.approx([5.0, 1.0, 2.0, 1.0])
     # With the counter inside (repo profile), its +50 dominates ‖Δ_k‖ and the trust collapses.
     data = fixed_server(layout, DELTA0)
-    masked = FLTrust(exclude_int_buffers=True).aggregate(make_inputs(g, states, layout, data))
-    unmasked = FLTrust(exclude_int_buffers=False).aggregate(make_inputs(g, states, layout, data))
+    masked = FLTrust(FLTrustOptions(exclude_int_buffers=True)).aggregate(make_inputs(g, states, layout, data))
+    unmasked = FLTrust(FLTrustOptions(exclude_int_buffers=False)).aggregate(make_inputs(g, states, layout, data))
     assert unmasked.diagnostics["cosines"]["3"] == pytest.approx(1 / math.sqrt(1 + 50**2), rel=1e-9)
     assert masked.diagnostics["trust_scores"]["3"] > 30 * unmasked.diagnostics["trust_scores"]["3"]
 
@@ -171,7 +173,7 @@ def test_real_server_update_on_server_data() -> None:
     g = layout.flatten(model)
     delta0 = data.train(g, 2, round_seed=1) - g
     states = torch.stack([g + 0.5 * delta0, g - delta0, g + delta0])
-    agg = FLTrust(public_epochs=2).aggregate(make_inputs(g, states, layout, data))
+    agg = FLTrust(FLTrustOptions(public_epochs=2)).aggregate(make_inputs(g, states, layout, data))
     cos = agg.diagnostics["cosines"]
     assert (cos["0"], cos["1"], cos["2"]) == pytest.approx((1.0, -1.0, 1.0), abs=1e-5)
     assert agg.accepted == (0, 2)
@@ -182,7 +184,7 @@ def test_real_server_update_on_server_data() -> None:
 
 def test_invalid_options_and_missing_data() -> None:
     with pytest.raises(ValueError, match="fltrust_public_epochs"):
-        FLTrust(public_epochs=0)
+        FLTrust(FLTrustOptions(public_epochs=0))
     layout = bn_layout()
     g = torch.zeros(7)
     with pytest.raises(ValueError, match="needs the server's validation data"):
@@ -190,6 +192,6 @@ def test_invalid_options_and_missing_data() -> None:
 
 
 def test_from_config() -> None:
-    d = FLTrust.from_config(Experiment(fltrust_public_epochs=4, profile="repo"))
-    assert (d.public_epochs, d.exclude_int_buffers) == (4, False)
+    d = DEFENSE_BUILDERS["fltrust"](Experiment(fltrust_public_epochs=4, profile="repo"))
+    assert (d.options.public_epochs, d.options.exclude_int_buffers) == (4, False)
     assert FLTrust.needs_server_data and FLTrust.name == "fltrust"

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.foolsgold import FoolsGold, foolsgold_weights
+from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions, foolsgold_weights
 from spmc.params import ParamLayout
 
 
@@ -160,7 +161,7 @@ def test_unnormalised_weights_add_the_weighted_sum_of_updates() -> None:
     states = torch.zeros(3, layout.dim)
     states[:, params] = torch.eye(3).repeat(1, 4)[:, : int(params.sum())]  # orthogonal updates → w = (1, 1, 1)
     states[:, ~params] = torch.tensor([[1.0], [2.0], [6.0]])
-    out = FoolsGold(normalize_weights=False).aggregate(inputs_for(layout, g, states, [0, 1, 2]))
+    out = FoolsGold(FoolsGoldOptions(normalize_weights=False)).aggregate(inputs_for(layout, g, states, [0, 1, 2]))
     assert out.diagnostics["logit_weights"] == {"0": 1.0, "1": 1.0, "2": 1.0}
     assert torch.allclose(out.global_state[params], states[:, params].sum(0))  # Σ w_k Δ_k, not the mean
     assert torch.allclose(out.global_state[~params], torch.full((int((~params).sum()),), 3.0))
@@ -186,11 +187,11 @@ def test_weights_non_negative_summing_to_one(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    fg = FoolsGold.from_config(
+    fg = DEFENSE_BUILDERS["foolsgold"](
         Experiment(foolsgold_norm_eps=0.5, foolsgold_kappa=2.0, foolsgold_normalize_weights=False)
     )
-    assert (fg.norm_eps, fg.kappa, fg.normalize_weights) == (0.5, 2.0, False)
+    assert (fg.options.norm_eps, fg.options.kappa, fg.options.normalize_weights) == (0.5, 2.0, False)
     with pytest.raises(ValueError, match="foolsgold_norm_eps"):
-        FoolsGold(norm_eps=-0.1)
+        FoolsGold(FoolsGoldOptions(norm_eps=-0.1))
     with pytest.raises(ValueError, match="foolsgold_kappa"):
-        FoolsGold(kappa=0.0)
+        FoolsGold(FoolsGoldOptions(kappa=0.0))

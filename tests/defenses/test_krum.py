@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.defenses.krum import Krum, krum_scores, nearest_sums, pairwise_sq_distances
+from spmc.config import DEFENSE_BUILDERS
+from spmc.defenses.krum import Krum, KrumOptions, krum_scores, nearest_sums, pairwise_sq_distances
 
 from ._helpers import BN, LINEAR, make_inputs
 
@@ -39,7 +40,7 @@ def test_krum_scores_hand_computed() -> None:
 def test_krum_selects_lowest_score_and_returns_its_state() -> None:
     g = torch.tensor([1.0, -2.0, 0.5])
     ids = (10, 11, 12, 13, 14)
-    agg = Krum(f=1).aggregate(make_inputs(HAND + g, ids, global_state=g))
+    agg = Krum(KrumOptions(f=1)).aggregate(make_inputs(HAND + g, ids, global_state=g))
     assert torch.equal(agg.global_state, HAND[0] + g)
     assert agg.accepted == (10,)
     assert agg.weights is not None and agg.weights.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
@@ -50,21 +51,21 @@ def test_krum_selects_lowest_score_and_returns_its_state() -> None:
 def test_krum_ties_go_to_the_smaller_id_in_any_order() -> None:
     states = torch.tensor([[0.0, 0, 0], [0, 0, 0], [3, 0, 0], [0, 3, 0], [9, 9, 0]])
     for ids in [(5, 2, 7, 8, 9), (2, 5, 7, 8, 9)]:
-        assert Krum(f=1).aggregate(make_inputs(states, ids)).accepted == (2,)
+        assert Krum(KrumOptions(f=1)).aggregate(make_inputs(states, ids)).accepted == (2,)
 
 
 def test_krum_size_and_option_errors() -> None:
     with pytest.raises(ValueError, match=r"n = 4, f = 1"):
-        Krum(f=1).aggregate(make_inputs(HAND[:4]))
+        Krum(KrumOptions(f=1)).aggregate(make_inputs(HAND[:4]))
     with pytest.raises(ValueError, match="krum_f"):
-        Krum(f=-1)
-    Krum(f=0).aggregate(make_inputs(HAND[:3]))  # n > 2 suffices for f = 0
+        Krum(KrumOptions(f=-1))
+    Krum(KrumOptions(f=0)).aggregate(make_inputs(HAND[:3]))  # n > 2 suffices for f = 0
 
 
 def test_krum_f_from_config() -> None:
-    assert Krum.from_config(make_experiment(gamma=0.3, num_clients=10)).f == 3
-    assert Krum.from_config(make_experiment(gamma=0.3, num_clients=10, krum_f=1)).f == 1
-    assert Krum.from_config(make_experiment(attack="none")).f == 0
+    assert DEFENSE_BUILDERS["krum"](make_experiment(gamma=0.3, num_clients=10)).f == 3
+    assert DEFENSE_BUILDERS["krum"](make_experiment(gamma=0.3, num_clients=10, krum_f=1)).f == 1
+    assert DEFENSE_BUILDERS["krum"](make_experiment(attack="none")).f == 0
 
 
 def test_krum_distances_leave_integer_counters_out() -> None:
@@ -72,8 +73,8 @@ def test_krum_distances_leave_integer_counters_out() -> None:
     states = g + 0.01 * torch.randn(5, BN.dim, generator=torch.Generator().manual_seed(1))
     states[:, -1] = g[-1] + torch.tensor([10.0, 500.0, 10.0, 10.0, 10.0])  # client 1: a huge counter step
     inputs = make_inputs(states, layout=BN, global_state=g)
-    scores_in = Krum(f=1, exclude_int_buffers=False).aggregate(inputs).diagnostics["scores"]
-    scores_out = Krum(f=1).aggregate(inputs).diagnostics["scores"]
+    scores_in = Krum(KrumOptions(f=1, exclude_int_buffers=False)).aggregate(inputs).diagnostics["scores"]
+    scores_out = Krum(KrumOptions(f=1)).aggregate(inputs).diagnostics["scores"]
     assert scores_in["1"] > 1e4 > scores_out["1"]
     float_only = krum_scores(pairwise_sq_distances((states - g)[:, :-1]), f=1)
     assert [scores_out[str(i)] for i in range(5)] == pytest.approx(float_only.tolist())
@@ -88,7 +89,7 @@ def test_krum_never_selects_a_1e6_scaled_update(n: int, f: int, seed: int, bad: 
     updates = torch.randn(n, LINEAR.dim, generator=gen)
     bad = bad % n
     updates[bad] *= 1e6
-    agg = Krum(f=f).aggregate(make_inputs(g + updates, global_state=g))
+    agg = Krum(KrumOptions(f=f)).aggregate(make_inputs(g + updates, global_state=g))
     # As if the outlier were infinitely far: every other client's n − f − 2 nearest lie among the n − 2 others.
     others = [i for i in range(n) if i != bad]
     expected = others[int(nearest_sums(pairwise_sq_distances(updates[others]), n - f - 2).argmin())]
@@ -104,8 +105,8 @@ def test_krum_ignores_client_order(n: int, seed: int) -> None:
     ids = tuple(int(i) for i in torch.randperm(50, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
     f = (n - 3) // 2
-    a = Krum(f=f).aggregate(make_inputs(states, ids, layout=BN))
-    b = Krum(f=f).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN))
+    a = Krum(KrumOptions(f=f)).aggregate(make_inputs(states, ids, layout=BN))
+    b = Krum(KrumOptions(f=f)).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN))
     assert torch.equal(a.global_state, b.global_state)
     assert a.accepted == b.accepted
     assert a.weights is not None and b.weights is not None

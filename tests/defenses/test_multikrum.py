@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.krum import nearest_sums, pairwise_sq_distances
-from spmc.defenses.multikrum import MultiKrum
+from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
 
 from ._helpers import BN, make_inputs
 
@@ -17,10 +18,9 @@ from ._helpers import BN, make_inputs
 HAND = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [5, 5, 0], [10, 0, 0]], dtype=torch.float32)
 
 
-
 def test_multikrum_hand_computed_default_select_is_n_minus_f() -> None:
     g = torch.tensor([0.5, 0.5, -1.0])
-    agg = MultiKrum(f=1).aggregate(make_inputs(HAND + g, (3, 4, 5, 6, 7), global_state=g))
+    agg = MultiKrum(MultiKrumOptions(f=1)).aggregate(make_inputs(HAND + g, (3, 4, 5, 6, 7), global_state=g))
     assert agg.global_state.tolist() == pytest.approx([1.5 + 0.5, 1.5 + 0.5, -1.0])  # mean of a, b, c, d
     assert agg.accepted == (3, 4, 5, 6)
     assert agg.diagnostics["removed"] == [7]
@@ -28,29 +28,29 @@ def test_multikrum_hand_computed_default_select_is_n_minus_f() -> None:
 
 
 def test_multikrum_select_option() -> None:
-    agg = MultiKrum(f=1, select=3).aggregate(make_inputs(HAND))
+    agg = MultiKrum(MultiKrumOptions(f=1, select=3)).aggregate(make_inputs(HAND))
     assert agg.global_state.tolist() == pytest.approx([1 / 3, 1 / 3, 0.0])
     assert agg.accepted == (0, 1, 2)
-    agg = MultiKrum(f=1, select=1).aggregate(make_inputs(HAND))
+    agg = MultiKrum(MultiKrumOptions(f=1, select=1)).aggregate(make_inputs(HAND))
     assert torch.equal(agg.global_state, HAND[0])
 
 
 def test_multikrum_errors() -> None:
     with pytest.raises(ValueError, match=r"n = 4, f = 1"):
-        MultiKrum(f=1).aggregate(make_inputs(HAND[:4]))
+        MultiKrum(MultiKrumOptions(f=1)).aggregate(make_inputs(HAND[:4]))
     with pytest.raises(ValueError, match=r"multikrum_select: got 6"):
-        MultiKrum(f=1, select=6).aggregate(make_inputs(HAND))
+        MultiKrum(MultiKrumOptions(f=1, select=6)).aggregate(make_inputs(HAND))
     with pytest.raises(ValueError, match="multikrum_select"):
-        MultiKrum(f=1, select=0)
+        MultiKrum(MultiKrumOptions(f=1, select=0))
     with pytest.raises(ValueError, match="krum_f"):
-        MultiKrum(f=-2)
+        MultiKrum(MultiKrumOptions(f=-2))
 
 
 def test_multikrum_from_config() -> None:
-    d = MultiKrum.from_config(make_experiment(gamma=0.2, num_clients=10))
-    assert (d.f, d.select) == (2, None)
-    d = MultiKrum.from_config(make_experiment(krum_f=1, multikrum_select=5))
-    assert (d.f, d.select) == (1, 5)
+    d = DEFENSE_BUILDERS["multikrum"](make_experiment(gamma=0.2, num_clients=10))
+    assert (d.f, d.options.select) == (2, None)
+    d = DEFENSE_BUILDERS["multikrum"](make_experiment(krum_f=1, multikrum_select=5))
+    assert (d.f, d.options.select) == (1, 5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -62,7 +62,7 @@ def test_multikrum_never_selects_a_1e6_scaled_update(n: int, f: int, seed: int, 
     updates = torch.randn(n, BN.dim, generator=gen)
     bad = bad % n
     updates[bad] *= 1e6
-    agg = MultiKrum(f=f).aggregate(make_inputs(g + updates, global_state=g, layout=BN))
+    agg = MultiKrum(MultiKrumOptions(f=f)).aggregate(make_inputs(g + updates, global_state=g, layout=BN))
     assert bad not in agg.accepted and len(agg.accepted) == n - f
     others = [i for i in range(n) if i != bad]
     scores = nearest_sums(pairwise_sq_distances(updates[others][:, :-1]), n - f - 2)
@@ -79,8 +79,8 @@ def test_multikrum_ignores_client_order(n: int, seed: int) -> None:
     ids = tuple(int(i) for i in torch.randperm(50, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
     f = (n - 3) // 2
-    a = MultiKrum(f=f).aggregate(make_inputs(states, ids, layout=BN))
-    b = MultiKrum(f=f).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN))
+    a = MultiKrum(MultiKrumOptions(f=f)).aggregate(make_inputs(states, ids, layout=BN))
+    b = MultiKrum(MultiKrumOptions(f=f)).aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN))
     assert torch.allclose(a.global_state, b.global_state, atol=1e-6)
     assert set(a.accepted) == set(b.accepted)
     assert a.weights is not None and b.weights is not None

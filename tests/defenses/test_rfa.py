@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.rfa import RFA, weiszfeld
+from spmc.defenses.rfa import RFA, RFAOptions, weiszfeld
 from spmc.params import ParamLayout
 
 
@@ -73,10 +74,10 @@ def test_collinear_points_converge_to_the_weighted_median() -> None:
     g = torch.tensor([0.5, 0.25, -1.0])
     states = g + torch.tensor([0.0, 1.0, 10.0]).unsqueeze(1) * direction
     inputs = inputs_for(layout, g, states, [0, 1, 2], [30, 30, 40])
-    out = RFA(layerwise=False, maxiter=200, ftol=0.0).aggregate(inputs)
+    out = RFA(RFAOptions(layerwise=False, maxiter=200, ftol=0.0)).aggregate(inputs)
     assert torch.allclose(out.global_state, g + direction, atol=1e-4)
     # The default three steps stop well short of the median but move from the mean (t = 4.3) towards it.
-    out3 = RFA(layerwise=False).aggregate(inputs)
+    out3 = RFA(RFAOptions(layerwise=False)).aggregate(inputs)
     t3 = float((out3.global_state - g) @ direction)
     assert 1.0 < t3 < 4.3
 
@@ -90,7 +91,7 @@ def test_whole_vector_median_matches_scipy(seed: int) -> None:
     counts = rng.integers(5, 50, size=n).astype(float)
     g = torch.zeros(5)
     inputs = inputs_for(layout, g, torch.tensor(points, dtype=torch.float32), list(range(n)), counts.tolist())
-    out = RFA(layerwise=False, maxiter=500, ftol=0.0).aggregate(inputs)
+    out = RFA(RFAOptions(layerwise=False, maxiter=500, ftol=0.0)).aggregate(inputs)
     ref = scipy_median(points.astype(np.float32).astype(np.float64), counts, np.median(points, axis=0))
     assert np.allclose(out.global_state.numpy(), ref, atol=1e-5)
     assert out.weights is not None
@@ -100,7 +101,9 @@ def test_whole_vector_median_matches_scipy(seed: int) -> None:
 def test_layerwise_is_one_median_per_tensor_and_the_counter_gets_the_mean() -> None:
     layout = bn_layout()
     g, states, counts = random_round(3, 6, layout)
-    out = RFA(layerwise=True, maxiter=500, ftol=0.0).aggregate(inputs_for(layout, g, states, list(range(6)), counts))
+    out = RFA(RFAOptions(layerwise=True, maxiter=500, ftol=0.0)).aggregate(
+        inputs_for(layout, g, states, list(range(6)), counts)
+    )
     c = np.array(counts, dtype=float)
     for e in layout.entries:
         got = out.global_state[e.slice].numpy().astype(np.float64)
@@ -118,8 +121,8 @@ def test_whole_vector_differs_from_layerwise() -> None:
     layout = bn_layout()
     g, states, counts = random_round(4, 5, layout)
     inputs = inputs_for(layout, g, states, list(range(5)), counts)
-    a = RFA(layerwise=True).aggregate(inputs).global_state
-    b = RFA(layerwise=False).aggregate(inputs).global_state
+    a = RFA(RFAOptions(layerwise=True)).aggregate(inputs).global_state
+    b = RFA(RFAOptions(layerwise=False)).aggregate(inputs).global_state
     assert not torch.allclose(a, b)
     int_mask = layout.int_mask()
     assert torch.equal(a[int_mask], b[int_mask])
@@ -144,7 +147,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, layerwise: bool) 
     layout = bn_layout()
     g, states, counts = random_round(seed, n, layout)
     ids = [10 + 3 * i for i in range(n)]
-    rfa = RFA(layerwise=layerwise)
+    rfa = RFA(RFAOptions(layerwise=layerwise))
     out = rfa.aggregate(inputs_for(layout, g, states, ids, counts))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out_p = rfa.aggregate(inputs_for(layout, g, states[perm], [ids[i] for i in perm], [counts[i] for i in perm]))
@@ -160,13 +163,13 @@ def test_permutation_invariance_and_weights(seed: int, n: int, layerwise: bool) 
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rfa = RFA.from_config(Experiment(rfa_layerwise=False, rfa_maxiter=5, rfa_eps=1e-4, rfa_ftol=0.0))
-    assert (rfa.layerwise, rfa.maxiter, rfa.eps, rfa.ftol) == (False, 5, 1e-4, 0.0)
+    rfa = DEFENSE_BUILDERS["rfa"](Experiment(rfa_layerwise=False, rfa_maxiter=5, rfa_eps=1e-4, rfa_ftol=0.0))
+    assert (rfa.options.layerwise, rfa.options.maxiter, rfa.options.eps, rfa.options.ftol) == (False, 5, 1e-4, 0.0)
     with pytest.raises(ValueError, match="rfa_maxiter"):
-        RFA(maxiter=0)
+        RFA(RFAOptions(maxiter=0))
     with pytest.raises(ValueError, match="rfa_eps"):
-        RFA(eps=0.0)
+        RFA(RFAOptions(eps=0.0))
     with pytest.raises(ValueError, match="rfa_ftol"):
-        RFA(ftol=-1.0)
+        RFA(RFAOptions(ftol=-1.0))
     with pytest.raises(ValueError, match="non-negative"):
         weiszfeld(torch.zeros(2, 3), torch.tensor([1.0, -1.0]))

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.rlr import RLR, robust_learning_rates, sign_agreement
+from spmc.defenses.rlr import RLR, RLROptions, robust_learning_rates, sign_agreement
 from spmc.params import ParamLayout
 
 
@@ -51,12 +52,12 @@ def test_hand_example_flips_coordinates_without_agreement() -> None:
         ]
     )
     counts = [10.0, 10.0, 10.0, 10.0, 60.0]  # p = .1, .1, .1, .1, .6
-    out = RLR(threshold=4.0).aggregate(inputs_for(layout, g, g + deltas, list(range(5)), counts))
+    out = RLR(RLROptions(threshold=4.0)).aggregate(inputs_for(layout, g, g + deltas, list(range(5)), counts))
     # mean update = (1.6, 0.6, 0.7); agreement (5, 1, 2) → lr = (+1, −1, −1)
     assert torch.allclose(out.global_state, torch.tensor([2.6, 0.4, 0.3]), atol=1e-6)
     assert out.diagnostics["flipped_fraction"] == pytest.approx(2 / 3)
     # With a threshold of 1 every coordinate agrees and RLR is the p-weighted FedAvg.
-    plain = RLR(threshold=1.0).aggregate(inputs_for(layout, g, g + deltas, list(range(5)), counts))
+    plain = RLR(RLROptions(threshold=1.0)).aggregate(inputs_for(layout, g, g + deltas, list(range(5)), counts))
     assert torch.allclose(plain.global_state, torch.tensor([2.6, 1.6, 1.7]), atol=1e-6)
 
 
@@ -68,7 +69,7 @@ def test_buffers_are_the_weighted_mean_and_ids_follow_the_states() -> None:
     states[:, layout.int_mask()] = torch.tensor([[3.0], [5.0], [7.0], [9.0]])
     counts = [10.0, 20.0, 30.0, 40.0]
     p = torch.tensor(counts) / 100
-    out = RLR(threshold=3.0).aggregate(inputs_for(layout, g, states, [4, 1, 3, 2], counts))
+    out = RLR(RLROptions(threshold=3.0)).aggregate(inputs_for(layout, g, states, [4, 1, 3, 2], counts))
     buffers = ~layout.param_mask()
     assert torch.allclose(out.global_state[buffers], p @ states[:, buffers], atol=1e-6)
     assert out.global_state[layout.int_mask()].item() == pytest.approx(7.0)
@@ -88,7 +89,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, threshold: float)
     states = g + torch.randn(n, layout.dim, generator=gen)
     counts = torch.randint(1, 100, (n,), generator=gen).double().tolist()
     ids = list(range(100, 100 + n))
-    rlr = RLR(threshold=threshold)
+    rlr = RLR(RLROptions(threshold=threshold))
     out = rlr.aggregate(inputs_for(layout, g, states, ids, counts))
     perm = torch.randperm(n, generator=gen)
     out_p = rlr.aggregate(inputs_for(layout, g, states[perm], [ids[i] for i in perm], [counts[i] for i in perm]))
@@ -101,9 +102,9 @@ def test_permutation_invariance_and_weights(seed: int, n: int, threshold: float)
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rlr = RLR.from_config(Experiment(rlr_threshold=2.0, rlr_server_lr=0.5))
-    assert (rlr.threshold, rlr.server_lr) == (2.0, 0.5)
+    rlr = DEFENSE_BUILDERS["rlr"](Experiment(rlr_threshold=2.0, rlr_server_lr=0.5))
+    assert (rlr.options.threshold, rlr.options.server_lr) == (2.0, 0.5)
     with pytest.raises(ValueError, match="rlr_threshold"):
-        RLR(threshold=-1.0)
+        RLR(RLROptions(threshold=-1.0))
     with pytest.raises(ValueError, match="rlr_server_lr"):
-        RLR(server_lr=0.0)
+        RLR(RLROptions(server_lr=0.0))

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from spmc.config import DEFENSE_BUILDERS
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.rsa import RSA, clipped_sign_sum, rsa_step
+from spmc.defenses.rsa import RSA, RSAOptions, clipped_sign_sum, rsa_step
 from spmc.params import ParamLayout
 
 
@@ -57,7 +58,7 @@ def test_clients_are_visited_in_id_order_whatever_the_input_order() -> None:
     # by id: signs on coordinate 0 are −,−,+,+,+,+ → 2 with the clip; in reverse order +,+,+,+,−,− → 1
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
     ids = [0, 1, 2, 3, 4, 5]
-    rsa = RSA(alpha=1.0, lam=1.0, wd=0.0)
+    rsa = RSA(RSAOptions(alpha=1.0, lam=1.0, wd=0.0))
     forward = rsa.aggregate(inputs_for(layout, g, x, ids))
     backward = rsa.aggregate(inputs_for(layout, g, x.flip(0), ids[::-1]))
     assert forward.global_state.tolist() == [-2.0, 0.0]  # x_g − α λ acc with acc = (2, 0)
@@ -76,7 +77,7 @@ def test_bn_buffers_uniform_mean_or_unchanged() -> None:
     counts = [1.0, 10.0, 100.0]  # ignored: RSA's buffers use a uniform mean
     on = RSA().aggregate(inputs_for(layout, g, states, [0, 1, 2], counts))
     assert torch.allclose(on.global_state[~params], states[:, ~params].mean(0), atol=1e-6)
-    off = RSA(update_bn_buffers=False).aggregate(inputs_for(layout, g, states, [0, 1, 2], counts))
+    off = RSA(RSAOptions(update_bn_buffers=False)).aggregate(inputs_for(layout, g, states, [0, 1, 2], counts))
     assert torch.equal(off.global_state[~params], g[~params])
     assert torch.equal(on.global_state[params], off.global_state[params])
     acc = clipped_sign_sum(g[params], states[:, params])
@@ -105,9 +106,15 @@ def test_permutation_invariance_and_bounded_step(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rsa = RSA.from_config(Experiment(rsa_alpha=0.1, rsa_lambda=0.5, rsa_wd=0.01, rsa_clip=2.0))
-    assert (rsa.alpha, rsa.lam, rsa.wd, rsa.clip, rsa.update_bn_buffers) == (0.1, 0.5, 0.01, 2.0, True)
-    assert RSA.from_config(Experiment(rsa_update_bn_buffers=False)).update_bn_buffers is False
+    rsa = DEFENSE_BUILDERS["rsa"](Experiment(rsa_alpha=0.1, rsa_lambda=0.5, rsa_wd=0.01, rsa_clip=2.0))
+    assert (rsa.options.alpha, rsa.options.lam, rsa.options.wd, rsa.options.clip, rsa.options.update_bn_buffers) == (
+        0.1,
+        0.5,
+        0.01,
+        2.0,
+        True,
+    )
+    assert DEFENSE_BUILDERS["rsa"](Experiment(rsa_update_bn_buffers=False)).options.update_bn_buffers is False
     for field, kwargs in (
         ("rsa_alpha", {"alpha": 0.0}),
         ("rsa_lambda", {"lam": -1.0}),
@@ -115,4 +122,4 @@ def test_from_config_and_validation() -> None:
         ("rsa_clip", {"clip": 0.0}),
     ):
         with pytest.raises(ValueError, match=field):
-            RSA(**kwargs)
+            RSA(RSAOptions(**kwargs))

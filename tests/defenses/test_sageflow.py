@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spmc.config import Experiment
+from spmc.config import DEFENSE_BUILDERS, Experiment
 from spmc.defenses.base import RoundInputs
-from spmc.defenses.sageflow import Sageflow, sageflow_kept, sageflow_weights
+from spmc.defenses.sageflow import Sageflow, SageflowOptions, sageflow_kept, sageflow_weights
 from spmc.defenses.server_data import ServerData
 from spmc.params import ParamLayout
 
@@ -94,7 +94,7 @@ def test_aggregate_uses_each_local_model_on_server_data() -> None:
     assert pairs[3] == pytest.approx((math.log(3), math.log(3)), rel=1e-6)
     assert max(h for _, h in pairs[:3]) < 1.0
 
-    agg = Sageflow(eth=1.0, delta=1.0).aggregate(make_inputs(states, data))
+    agg = Sageflow(SageflowOptions(eth=1.0, delta=1.0)).aggregate(make_inputs(states, data))
     inv = torch.tensor([1 / ell for ell, _ in pairs[:3]] + [0.0], dtype=torch.float64)
     expected = inv / inv.sum()
     assert torch.allclose(agg.weights, expected, atol=1e-12)
@@ -112,7 +112,7 @@ def test_size_weight_multiplies_by_num_samples() -> None:
     states = client_states(data)
     inputs = make_inputs(states, data)
     pairs = [data.loss_and_entropy(s, 3) for s in states]
-    agg = Sageflow(eth=1.0, size_weight=True).aggregate(inputs)
+    agg = Sageflow(SageflowOptions(eth=1.0, size_weight=True)).aggregate(inputs)
     a = torch.tensor([10 * (k + 1) / pairs[k][0] for k in range(3)] + [0.0], dtype=torch.float64)
     assert torch.allclose(agg.weights, a / a.sum(), atol=1e-12)
 
@@ -120,7 +120,7 @@ def test_size_weight_multiplies_by_num_samples() -> None:
 def test_aggregate_fallback_is_the_uniform_mean() -> None:
     data = make_server_data()
     states = client_states(data)
-    agg = Sageflow(eth=1e-9).aggregate(make_inputs(states, data))
+    agg = Sageflow(SageflowOptions(eth=1e-9)).aggregate(make_inputs(states, data))
     assert agg.diagnostics["uniform_fallback"] is True
     assert agg.weights.tolist() == [0.25] * 4
     assert agg.accepted == (0, 1, 2, 3)
@@ -132,9 +132,9 @@ def test_permuting_clients_permutes_nothing() -> None:
     data = make_server_data()
     states = client_states(data)
     ids = (7, 2, 5, 11)
-    a = Sageflow(eth=1.0).aggregate(make_inputs(states, data, ids))
+    a = Sageflow(SageflowOptions(eth=1.0)).aggregate(make_inputs(states, data, ids))
     perm = [2, 0, 3, 1]
-    b = Sageflow(eth=1.0).aggregate(make_inputs(states[perm], data, tuple(ids[i] for i in perm)))
+    b = Sageflow(SageflowOptions(eth=1.0)).aggregate(make_inputs(states[perm], data, tuple(ids[i] for i in perm)))
     assert torch.allclose(a.global_state, b.global_state, atol=1e-6)
     assert a.diagnostics["weights"] == pytest.approx(b.diagnostics["weights"], abs=1e-12)
     assert set(a.accepted) == set(b.accepted) == {7, 2, 5}
@@ -146,7 +146,7 @@ def test_permuting_clients_permutes_nothing() -> None:
 )
 def test_invalid_options(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        Sageflow(**kwargs)
+        Sageflow(SageflowOptions(**kwargs))
 
 
 def test_missing_or_too_small_server_data() -> None:
@@ -160,8 +160,8 @@ def test_missing_or_too_small_server_data() -> None:
 
 
 def test_from_config() -> None:
-    d = Sageflow.from_config(
+    d = DEFENSE_BUILDERS["sageflow"](
         Experiment(defense="fedavg", sageflow_eth=1.5, sageflow_delta=2.0, sageflow_size_weight=True)
     )
-    assert (d.eth, d.delta, d.size_weight) == (1.5, 2.0, True)
+    assert (d.options.eth, d.options.delta, d.options.size_weight) == (1.5, 2.0, True)
     assert Sageflow.needs_server_data and Sageflow.name == "sageflow"

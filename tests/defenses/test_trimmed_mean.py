@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.defenses.trimmed_mean import TrimmedMean, closest_to_median_mean, trimmed_mean
+from spmc.config import DEFENSE_BUILDERS
+from spmc.defenses.trimmed_mean import TrimmedMean, TrimmedMeanOptions, closest_to_median_mean, trimmed_mean
 
 from ._helpers import BN, LINEAR, make_inputs
 
 MODES = ("trim_extremes", "closest_to_median")
-
 
 
 # Column 0: 0, 1, 2, 3, 100, 101 (median 2.5). Column 1: -7, 4, 5, 6, 7, 50. Column 2: constant.
@@ -23,16 +23,16 @@ HAND = torch.tensor(
 
 
 def test_trim_extremes_hand_computed() -> None:
-    agg = TrimmedMean(k=1).aggregate(make_inputs(HAND))
+    agg = TrimmedMean(TrimmedMeanOptions(k=1)).aggregate(make_inputs(HAND))
     # k = 1: drop the smallest and largest per column, average the middle four.
     assert agg.global_state.tolist() == pytest.approx([(1 + 2 + 3 + 100) / 4, (4 + 5 + 6 + 7) / 4, 1.0])
-    agg = TrimmedMean(k=2).aggregate(make_inputs(HAND))
+    agg = TrimmedMean(TrimmedMeanOptions(k=2)).aggregate(make_inputs(HAND))
     assert agg.global_state.tolist() == pytest.approx([2.5, 5.5, 1.0])
     assert agg.weights is None and agg.accepted == tuple(range(6))
 
 
 def test_closest_to_median_hand_computed() -> None:
-    agg = TrimmedMean(k=1, mode="closest_to_median").aggregate(make_inputs(HAND))
+    agg = TrimmedMean(TrimmedMeanOptions(k=1, mode="closest_to_median")).aggregate(make_inputs(HAND))
     # Column 0: median 2.5, the 4 nearest are 0, 1, 2, 3. Column 1: median 5.5, the 4 nearest 4, 5, 6, 7.
     assert agg.global_state.tolist() == pytest.approx([1.5, 5.5, 1.0])
 
@@ -52,23 +52,28 @@ def test_integer_counter_takes_the_plain_mean() -> None:
     states = torch.zeros(3, BN.dim)
     states[:, 0] = torch.tensor([1.0, 2.0, 9.0])
     states[:, -1] = torch.tensor([10.0, 20.0, 90.0])
-    g = TrimmedMean(k=1).aggregate(make_inputs(states, layout=BN)).global_state
+    g = TrimmedMean(TrimmedMeanOptions(k=1)).aggregate(make_inputs(states, layout=BN)).global_state
     assert g[0].item() == 2.0 and g[-1].item() == 40.0
-    assert TrimmedMean(k=1, exclude_int_buffers=False).aggregate(make_inputs(states, layout=BN)).global_state[-1] == 20
+    assert (
+        TrimmedMean(TrimmedMeanOptions(k=1, exclude_int_buffers=False))
+        .aggregate(make_inputs(states, layout=BN))
+        .global_state[-1]
+        == 20
+    )
 
 
 def test_errors_and_config() -> None:
     with pytest.raises(ValueError, match=r"trimmed_mean_k.*k = 2.*n = 4"):
-        TrimmedMean(k=2).aggregate(make_inputs(HAND[:4]))
+        TrimmedMean(TrimmedMeanOptions(k=2)).aggregate(make_inputs(HAND[:4]))
     with pytest.raises(ValueError, match=r"trimmed_mean_k.*k = 2.*n = 4"):
-        TrimmedMean(k=2, mode="closest_to_median").aggregate(make_inputs(HAND[:4]))
+        TrimmedMean(TrimmedMeanOptions(k=2, mode="closest_to_median")).aggregate(make_inputs(HAND[:4]))
     with pytest.raises(ValueError, match="trimmed_mean_k"):
-        TrimmedMean(k=-1)
+        TrimmedMean(TrimmedMeanOptions(k=-1))
     with pytest.raises(ValueError, match="tm_mode.*allowed"):
-        TrimmedMean(k=1, mode="winsorize")  # type: ignore[arg-type]
-    d = TrimmedMean.from_config(make_experiment(gamma=0.3, num_clients=10, tm_mode="closest_to_median"))
-    assert (d.k, d.mode) == (3, "closest_to_median")
-    assert TrimmedMean.from_config(make_experiment(trimmed_mean_k=4)).k == 4
+        TrimmedMean(TrimmedMeanOptions(k=1, mode="winsorize"))  # type: ignore[arg-type]
+    d = DEFENSE_BUILDERS["trimmed_mean"](make_experiment(gamma=0.3, num_clients=10, tm_mode="closest_to_median"))
+    assert (d.k, d.options.mode) == (3, "closest_to_median")
+    assert DEFENSE_BUILDERS["trimmed_mean"](make_experiment(trimmed_mean_k=4)).k == 4
 
 
 @settings(max_examples=40, deadline=None)
@@ -79,7 +84,7 @@ def test_within_coordinate_bounds_and_order_free(n: int, k: int, seed: int, mode
     states = torch.randn(n, BN.dim, generator=gen)
     ids = tuple(int(i) for i in torch.randperm(40, generator=gen)[:n])
     perm = torch.randperm(n, generator=gen)
-    tm = TrimmedMean(k=k, mode=mode)  # type: ignore[arg-type]
+    tm = TrimmedMean(TrimmedMeanOptions(k=k, mode=mode))  # type: ignore[arg-type]
     a = tm.aggregate(make_inputs(states, ids, layout=BN)).global_state
     b = tm.aggregate(make_inputs(states[perm], tuple(ids[i] for i in perm), layout=BN)).global_state
     assert bool((a >= states.min(dim=0).values).all()) and bool((a <= states.max(dim=0).values).all())
@@ -96,7 +101,7 @@ def test_trim_extremes_unaffected_by_a_1e6_scaled_update(n: int, k: int, seed: i
     updates = torch.randn(n, LINEAR.dim, generator=gen)
     bad = bad % n
     updates[bad] *= 1e6
-    out = TrimmedMean(k=k).aggregate(make_inputs(g + updates, global_state=g)).global_state
+    out = TrimmedMean(TrimmedMeanOptions(k=k)).aggregate(make_inputs(g + updates, global_state=g)).global_state
     s = (torch.cat([updates[:bad], updates[bad + 1 :]]) + g).sort(dim=0).values  # the other n − 1 values
     # Wherever the outlier ranks, the kept n − 2k values lie among s[k − 1 : n − k] (one rank of slack).
     lo = s[k - 1 : n - 1 - k].to(torch.float64).mean(dim=0)

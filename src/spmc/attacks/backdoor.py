@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from spmc.threat import num_attackers
+
 TRIGGER_ROWS: tuple[int, ...] = (0, 2)
 TRIGGER_COLS: tuple[int, ...] = (0, 1, 2, 4, 5, 6)
 
@@ -27,7 +29,7 @@ def malicious_ids(num_clients: int, gamma: float) -> tuple[int, ...]:
     """The last m = ⌊γK⌋ client ids (spec §2.1); γ = 0.2 → {8, 9}, γ = 0.3 → {7, 8, 9} for K = 10."""
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma: got {gamma}; must be in [0, 1)")
-    m = int(gamma * num_clients + 1e-9)
+    m = num_attackers(gamma, num_clients)
     return tuple(range(num_clients - m, num_clients))
 
 

@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from spmc.defenses.base import Aggregate, Defense, RoundInputs, weighted_average
-from spmc.defenses.bulyan import Bulyan
-from spmc.defenses.crfl import CRFL
-from spmc.defenses.dnc import DnC
-from spmc.defenses.fedavg import FedAvg, fedavg_weights
-from spmc.defenses.fedcpa import FedCPA
-from spmc.defenses.finetuning import Finetuning
-from spmc.defenses.fltrust import FLTrust
-from spmc.defenses.foolsgold import FoolsGold
-from spmc.defenses.krum import Krum
-from spmc.defenses.median import Median
-from spmc.defenses.multikrum import MultiKrum
-from spmc.defenses.rfa import RFA
-from spmc.defenses.rlr import RLR
-from spmc.defenses.rsa import RSA
-from spmc.defenses.sageflow import Sageflow
+from spmc.defenses.base import Aggregate, Defense, RoundInputs, Stateful, weighted_average
+from spmc.defenses.bulyan import Bulyan, BulyanOptions
+from spmc.defenses.crfl import CRFL, CRFLOptions
+from spmc.defenses.dnc import DnC, DnCOptions
+from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
+from spmc.defenses.fedcpa import FedCPA, FedCPAOptions
+from spmc.defenses.finetuning import Finetuning, FinetuningOptions
+from spmc.defenses.fltrust import FLTrust, FLTrustOptions
+from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions
+from spmc.defenses.krum import Krum, KrumOptions
+from spmc.defenses.median import Median, MedianOptions
+from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
+from spmc.defenses.rfa import RFA, RFAOptions
+from spmc.defenses.rlr import RLR, RLROptions
+from spmc.defenses.rsa import RSA, RSAOptions
+from spmc.defenses.sageflow import Sageflow, SageflowOptions
 from spmc.defenses.spmc import (
     SPMC,
+    SPMCOptions,
     loo_cosine_scores,
     marginal_teachers,
     reference_cosine_scores,
     spmc_weights,
 )
-from spmc.defenses.trimmed_mean import TrimmedMean
+from spmc.defenses.trimmed_mean import TrimmedMean, TrimmedMeanOptions
 from spmc.plugins import DEFENSE, load_entry_points
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.threat import ThreatModel
 
 DEFENSES: dict[str, type[Defense]] = {
     "fedavg": FedAvg,
@@ -55,21 +52,47 @@ DEFENSES: dict[str, type[Defense]] = {
 load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
 
 
-def build_defense(cfg: Experiment) -> Defense:
-    """The defense named by ``cfg.defense``, with its options taken from the configuration."""
-    if cfg.defense not in DEFENSES:
-        raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
-    return DEFENSES[cfg.defense].from_config(cfg)
-
-
 __all__ = [
+    "CRFL",
     "DEFENSES",
+    "RFA",
+    "RLR",
+    "RSA",
     "SPMC",
     "Aggregate",
+    "Bulyan",
+    "BulyanOptions",
+    "CRFLOptions",
     "Defense",
+    "DnC",
+    "DnCOptions",
+    "FLTrust",
+    "FLTrustOptions",
     "FedAvg",
+    "FedAvgOptions",
+    "FedCPA",
+    "FedCPAOptions",
+    "Finetuning",
+    "FinetuningOptions",
+    "FoolsGold",
+    "FoolsGoldOptions",
+    "Krum",
+    "KrumOptions",
+    "Median",
+    "MedianOptions",
+    "MultiKrum",
+    "MultiKrumOptions",
+    "RFAOptions",
+    "RLROptions",
+    "RSAOptions",
     "RoundInputs",
-    "build_defense",
+    "SPMCOptions",
+    "Sageflow",
+    "SageflowOptions",
+    "Stateful",
+    "ThreatModel",
+    "TrimmedMean",
+    "TrimmedMeanOptions",
     "fedavg_weights",
     "loo_cosine_scores",
     "marginal_teachers",

@@ -6,16 +6,14 @@ and returns the new global state plus what it decided (weights, accepted clients
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from spmc.defenses.linalg import column_slices
 from spmc.params import ParamLayout
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 
 @dataclass(frozen=True)
@@ -84,16 +82,32 @@ class Aggregate:
 
 
 class Defense(Protocol):
-    """What the engine needs of a server-side defense."""
+    """What the engine needs of a server-side defense.
+
+    A defense is built from its own frozen options dataclass (whose constructor is the one place its options are
+    validated), plus a :class:`spmc.threat.ThreatModel` for the few that need the attacker count or the seed;
+    ``build_defense`` of the configuration module composes both from the flat options. Every argument has a default, so
+    ``DEFENSES[name]()`` is the defense with its default options.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     needs_server_data: ClassVar[bool]
 
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Defense: ...
-
     def aggregate(self, inputs: RoundInputs) -> Aggregate: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A defense that keeps state across rounds (FoolsGold's histories): checkpoints save and restore it.
+
+    ``state_dict()`` returns ``{client id: tensor on the CPU}``; ``load_state_dict`` accepts what it returned,
+    with string ids as written by JSON-like stores, and raises ``ValueError`` on anything else.
+    """
+
+    def state_dict(self) -> dict[int, torch.Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[int | str, torch.Tensor]) -> None: ...
 
 
 _BLOCK = 1 << 15
@@ -116,13 +130,13 @@ def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
     w = weights.to(device=states.device, dtype=torch.float64)
     out = torch.empty(states.shape[1], dtype=states.dtype, device=states.device)
-    for start in range(0, states.shape[1], _BLOCK):
-        block = states[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(states.shape[1], _BLOCK):
+        block = states[:, cols].to(torch.float64)
         if states.dtype == torch.float64:
             scale = column_scales(block)
-            out[start : start + _BLOCK] = (w @ (block / scale)) * scale
+            out[cols] = (w @ (block / scale)) * scale
         else:
-            out[start : start + _BLOCK] = w @ block
+            out[cols] = w @ block
     return out
 
 

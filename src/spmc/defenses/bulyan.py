@@ -18,7 +18,8 @@ as the base) diverges; it is not emulated (spec §6.4, D20).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,9 +27,6 @@ from spmc.defenses.base import Aggregate, RoundInputs, finite_global, stat_mask
 from spmc.defenses.krum import lowest_scores, nearest_sums, pairwise_sq_distances
 from spmc.defenses.median import coordinatewise
 from spmc.defenses.trimmed_mean import closest_to_median_mean
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 
 def check_bulyan_size(n: int, f: int) -> None:
@@ -61,6 +59,18 @@ def bulyan_coordinate_step(updates: torch.Tensor, f: int) -> torch.Tensor:
     return closest_to_median_mean(updates, updates.shape[0] - 2 * f)
 
 
+@dataclass(frozen=True)
+class BulyanOptions:
+    """Bulyan's options: f assumed attackers (``bulyan_f``), integer counters left out."""
+
+    f: int = 1
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.f < 0:
+            raise ValueError(f"bulyan_f: got {self.f}; must be an integer >= 0")
+
+
 class Bulyan:
     """Bulyan: recursive Krum selection, then a coordinate-wise mean around the median, applied as an update."""
 
@@ -68,28 +78,21 @@ class Bulyan:
     description: ClassVar[str] = "Bulyan: recursive Krum, then mean of the β values nearest the median (spec §6.4)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, f: int = 1, exclude_int_buffers: bool = True) -> None:
-        if f < 0:
-            raise ValueError(f"bulyan_f: got {f}; must be an integer >= 0")
-        self.f = f
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Bulyan:
-        return cls(f=cfg.bulyan_f, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: BulyanOptions | None = None) -> None:
+        self.options = options if options is not None else BulyanOptions()
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients allows Bulyan: n >= 4f + 3 (checked before a run starts)."""
-        check_bulyan_size(n, self.f)
+        check_bulyan_size(n, self.options.f)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
-        check_bulyan_size(inputs.n, self.f)
-        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        check_bulyan_size(inputs.n, self.options.f)
+        mask = stat_mask(inputs.layout, self.options.exclude_int_buffers, inputs.client_states.device)
         updates = inputs.updates
-        chosen = bulyan_select(pairwise_sq_distances(updates[:, mask]), self.f, ids)
+        chosen = bulyan_select(pairwise_sq_distances(updates[:, mask]), self.options.f, ids)
         rows = torch.tensor(sorted(chosen), dtype=torch.long, device=updates.device)
-        agg = coordinatewise(updates[rows], mask, lambda v: bulyan_coordinate_step(v, self.f))
+        agg = coordinatewise(updates[rows], mask, lambda v: bulyan_coordinate_step(v, self.options.f))
         new_global = (inputs.global_state.to(torch.float64) + agg.to(torch.float64)).to(inputs.global_state.dtype)
         kept = set(chosen)
         return Aggregate(

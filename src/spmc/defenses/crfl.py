@@ -13,15 +13,14 @@ Buffers are never clipped or perturbed. As in the repo, there is no test-time sm
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, round_generator, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.threat import ThreatModel
 
 
 def clip_threshold(round_index: int, slope: float = 5.0, bias: float = 30.0, cap: float = 100.0) -> float:
@@ -52,6 +51,33 @@ def scaled_mean(
     return new
 
 
+@dataclass(frozen=True)
+class CRFLOptions:
+    """CRFL's options: the run's T = ``rounds`` (no noise in round T − 1), the clip schedule, σ and the scale."""
+
+    rounds: int = 50
+    clip_cap: float = 100.0
+    clip_slope: float = 5.0
+    clip_bias: float = 30.0
+    sigma: float = 1e-4
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(
+                f"rounds: got {self.rounds}; CRFL needs the number of rounds T >= 1 (no noise in round T-1)"
+            )
+        for field, value, ok, allowed in (
+            ("crfl_clip_cap", self.clip_cap, self.clip_cap > 0, "> 0"),
+            ("crfl_clip_slope", self.clip_slope, self.clip_slope >= 0, ">= 0"),
+            ("crfl_clip_bias", self.clip_bias, self.clip_bias > 0, "> 0"),
+            ("crfl_sigma", self.sigma, self.sigma >= 0, ">= 0"),
+            ("crfl_scale", self.scale, self.scale > 0, "> 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{field}: got {value}; must be {allowed}")
+
+
 class CRFL:
     """Weighted mean, then a norm clip with a growing threshold and Gaussian noise on the parameters."""
 
@@ -59,57 +85,20 @@ class CRFL:
     description: ClassVar[str] = "CRFL: weighted mean, parameter-norm clipping and Gaussian noise (spec §6.7)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        rounds: int = 50,
-        clip_cap: float = 100.0,
-        clip_slope: float = 5.0,
-        clip_bias: float = 30.0,
-        sigma: float = 1e-4,
-        scale: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        if rounds < 1:
-            raise ValueError(f"rounds: got {rounds}; CRFL needs the number of rounds T >= 1 (no noise in round T-1)")
-        for field, value, ok, allowed in (
-            ("crfl_clip_cap", clip_cap, clip_cap > 0, "> 0"),
-            ("crfl_clip_slope", clip_slope, clip_slope >= 0, ">= 0"),
-            ("crfl_clip_bias", clip_bias, clip_bias > 0, "> 0"),
-            ("crfl_sigma", sigma, sigma >= 0, ">= 0"),
-            ("crfl_scale", scale, scale > 0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{field}: got {value}; must be {allowed}")
-        self.rounds = rounds
-        self.clip_cap = clip_cap
-        self.clip_slope = clip_slope
-        self.clip_bias = clip_bias
-        self.sigma = sigma
-        self.scale = scale
-        self.seed = seed
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> CRFL:
-        return cls(
-            rounds=cfg.rounds,
-            clip_cap=cfg.crfl_clip_cap,
-            clip_slope=cfg.crfl_clip_slope,
-            clip_bias=cfg.crfl_clip_bias,
-            sigma=cfg.crfl_sigma,
-            scale=cfg.crfl_scale,
-            seed=cfg.seed,
-        )
+    def __init__(self, options: CRFLOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options if options is not None else CRFLOptions()
+        self.seed = (threat if threat is not None else ThreatModel()).seed
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         p = fedavg_weights(inputs.num_samples, "samples")
         mask = inputs.layout.param_mask(inputs.client_states.device)
-        new = scaled_mean(inputs.global_state, inputs.client_states, p, mask, self.scale)
-        rho = clip_threshold(inputs.round, self.clip_slope, self.clip_bias, self.clip_cap)
+        new = scaled_mean(inputs.global_state, inputs.client_states, p, mask, self.options.scale)
+        rho = clip_threshold(inputs.round, self.options.clip_slope, self.options.clip_bias, self.options.clip_cap)
         params, norm = clip_norm(new[mask], rho)
-        noisy = inputs.round < self.rounds - 1 and self.sigma > 0
+        noisy = inputs.round < self.options.rounds - 1 and self.options.sigma > 0
         if noisy:
             gen = round_generator(self.seed, inputs.round)
-            noise = torch.randn(params.shape, generator=gen, dtype=torch.float64) * self.sigma
+            noise = torch.randn(params.shape, generator=gen, dtype=torch.float64) * self.options.sigma
             params = (params.to(torch.float64) + noise.to(params.device)).to(params.dtype)
         new[mask] = params
         return Aggregate(

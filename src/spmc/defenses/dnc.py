@@ -3,7 +3,7 @@
 On the updates Δ_k = θ_k − θ_g over the float entries (integer counters left out, spec D31):
 
     u_k = Δ_k / (‖Δ_k‖ + 1e−5)                    (``dnc_normalize``; the raw Δ_k otherwise, as in the original)
-    m̂  = ⌊γ·n⌋ (γ read from the config),   r = ⌊c·m̂⌋ clients to remove, c = ``dnc_filter_frac``
+    m̂  = ⌊γ·n⌋ (γ of the threat model),   r = ⌊c·m̂⌋ clients to remove, c = ``dnc_filter_frac``
     repeat ``dnc_niters`` times:
         J  = b = ``dnc_subdim`` coordinates drawn without replacement (all of them when d <= b)
         U  = [u_k[J]]_k,  μ = mean_k U_k,  v = top right-singular vector of U − μ (thin SVD)
@@ -21,36 +21,31 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, stat_mask, weighted_average
 from spmc.defenses.krum import lowest_scores
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.defenses.linalg import row_sq_norms
+from spmc.threat import ThreatModel, num_attackers
 
 log = logging.getLogger(__name__)
 
 Combine = Literal["union", "intersection"]
 COMBINES: tuple[str, ...] = ("union", "intersection")
 NORM_EPS = 1e-5
-_BLOCK = 1 << 16
 
 
 def row_norms(vectors: torch.Tensor) -> torch.Tensor:
     """‖x_k‖ of every row of ``vectors`` [n, d], accumulated in float64 over column blocks; float64 [n]."""
-    sq = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        sq += (block * block).sum(dim=1)
-    return sq.sqrt()
+    return row_sq_norms(vectors).sqrt()
 
 
 def num_removed(n: int, gamma: float, filter_frac: float) -> int:
     """r = ⌊c·⌊γ·n⌋⌋ (guarded against float error like m = ⌊γK⌋, spec §2.1)."""
-    m_hat = int(gamma * n + 1e-9)
+    m_hat = num_attackers(gamma, n)
     return int(filter_frac * m_hat + 1e-9)
 
 
@@ -107,6 +102,34 @@ def dnc_keep(
     return sorted(kept), all_scores
 
 
+@dataclass(frozen=True)
+class DnCOptions:
+    """DnC's options (``dnc_*``); γ and the seed come from the threat model."""
+
+    filter_frac: float = 0.5
+    niters: int = 1
+    subdim: int = 10_000
+    normalize: bool = True
+    combine: Combine = "union"
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (
+            (
+                "dnc_filter_frac",
+                self.filter_frac,
+                self.filter_frac >= 0.0 and math.isfinite(self.filter_frac),
+                "a number >= 0",
+            ),
+            ("dnc_niters", self.niters, self.niters >= 1, "an integer >= 1"),
+            ("dnc_subdim", self.subdim, self.subdim >= 1, "an integer >= 1"),
+            ("dnc_combine", self.combine, self.combine in COMBINES, f"one of {', '.join(COMBINES)}"),
+        )
+        for field, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{field}: got {value!r}; must be {allowed}")
+
+
 class DnC:
     """Divide-and-Conquer: drop the clients most aligned with the top singular direction, average the rest."""
 
@@ -114,72 +137,37 @@ class DnC:
     description: ClassVar[str] = "DnC: SVD outlier scores on sampled coordinates, mean of the kept clients (spec §6.2)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        gamma: float = 0.3,
-        filter_frac: float = 0.5,
-        niters: int = 1,
-        subdim: int = 10_000,
-        normalize: bool = True,
-        combine: Combine = "union",
-        seed: int = 0,
-        exclude_int_buffers: bool = True,
-    ) -> None:
-        checks = (
-            ("gamma", gamma, 0.0 <= gamma < 1.0 and math.isfinite(gamma), "a fraction in [0, 1)"),
-            ("dnc_filter_frac", filter_frac, filter_frac >= 0.0 and math.isfinite(filter_frac), "a number >= 0"),
-            ("dnc_niters", niters, niters >= 1, "an integer >= 1"),
-            ("dnc_subdim", subdim, subdim >= 1, "an integer >= 1"),
-            ("dnc_combine", combine, combine in COMBINES, f"one of {', '.join(COMBINES)}"),
-        )
-        for field, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{field}: got {value!r}; must be {allowed}")
-        self.gamma = gamma
-        self.filter_frac = filter_frac
-        self.niters = niters
-        self.subdim = subdim
-        self.normalize = normalize
-        self.combine = combine
-        self.seed = seed
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> DnC:
-        return cls(
-            gamma=cfg.gamma,
-            filter_frac=cfg.dnc_filter_frac,
-            niters=cfg.dnc_niters,
-            subdim=cfg.dnc_subdim,
-            normalize=cfg.dnc_normalize,
-            combine=cfg.dnc_combine,
-            seed=cfg.seed,
-            exclude_int_buffers=cfg.exclude_int_buffers,
-        )
+    def __init__(self, options: DnCOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options if options is not None else DnCOptions()
+        threat = threat if threat is not None else ThreatModel()
+        self.gamma = threat.gamma
+        self.seed = threat.seed
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients keeps some: r = ⌊c·⌊γ·n⌋⌋ < n (checked before a run starts)."""
-        removed = num_removed(n, self.gamma, self.filter_frac)
+        removed = num_removed(n, self.gamma, self.options.filter_frac)
         if removed >= n:
             raise ValueError(
                 f"dnc_filter_frac: removing r = ⌊c·⌊γ·n⌋⌋ = {removed} of n = {n} clients leaves none "
-                f"(c = {self.filter_frac}, γ = {self.gamma}); need r < n"
+                f"(c = {self.options.filter_frac}, γ = {self.gamma}); need r < n"
             )
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         n = inputs.n
-        removed = num_removed(n, self.gamma, self.filter_frac)
+        removed = num_removed(n, self.gamma, self.options.filter_frac)
         if removed >= n:
             raise ValueError(
                 f"dnc_filter_frac: removing r = ⌊c·⌊γ·n⌋⌋ = {removed} of n = {n} clients leaves none "
-                f"(c = {self.filter_frac}, γ = {self.gamma}); need r < n"
+                f"(c = {self.options.filter_frac}, γ = {self.gamma}); need r < n"
             )
-        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        mask = stat_mask(inputs.layout, self.options.exclude_int_buffers, inputs.client_states.device)
         vectors = inputs.updates[:, mask]
-        scale = 1.0 / (row_norms(vectors) + NORM_EPS) if self.normalize else None
+        scale = 1.0 / (row_norms(vectors) + NORM_EPS) if self.options.normalize else None
         gen = round_generator(self.seed, inputs.round)
-        kept, scores = dnc_keep(vectors, ids, removed, gen, self.subdim, self.niters, self.combine, scale)
+        kept, scores = dnc_keep(
+            vectors, ids, removed, gen, self.options.subdim, self.options.niters, self.options.combine, scale
+        )
         w = torch.zeros(n, dtype=torch.float64)
         w[kept] = 1.0 / len(kept)
         kept_set = set(kept)

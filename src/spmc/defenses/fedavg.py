@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 Weighting = Literal["uniform", "samples"]
 
@@ -30,6 +28,16 @@ def fedavg_weights(num_samples: torch.Tensor, weighting: Weighting = "uniform") 
     raise ValueError(f"fedavg_weighting: unknown value {weighting!r}; allowed: uniform, samples")
 
 
+@dataclass(frozen=True)
+class FedAvgOptions:
+    """FedAvg's option: uniform weights or weights proportional to the clients' sample counts."""
+
+    weighting: Weighting = "uniform"
+
+    def __post_init__(self) -> None:
+        fedavg_weights(torch.ones(1), self.weighting)
+
+
 class FedAvg:
     """Plain federated averaging of the client states."""
 
@@ -37,16 +45,11 @@ class FedAvg:
     description: ClassVar[str] = "FedAvg: (sample-)weighted mean of client states, no defense (spec §6.1)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, weighting: Weighting = "uniform") -> None:
-        fedavg_weights(torch.ones(1), weighting)
-        self.weighting = weighting
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FedAvg:
-        return cls(weighting=cfg.fedavg_weighting)
+    def __init__(self, options: FedAvgOptions | None = None) -> None:
+        self.options = options if options is not None else FedAvgOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
-        w = fedavg_weights(inputs.num_samples, self.weighting)
+        w = fedavg_weights(inputs.num_samples, self.options.weighting)
         return Aggregate(
             global_state=weighted_average(inputs.client_states, w),
             weights=w,

@@ -21,19 +21,16 @@ correlation) respectively. Clients are handled in ascending id order so that rou
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
+from spmc.defenses.linalg import column_slices, gram
 from spmc.params import ParamLayout
 
-if TYPE_CHECKING:
-    from spmc.config import Experiment
-
 log = logging.getLogger(__name__)
-
-_BLOCK = 1 << 16
 
 
 def critical_mask(layout: ParamLayout, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -83,9 +80,9 @@ def pearson_matrix(x: torch.Tensor, mask: torch.Tensor, rel_tol: float = 1e-12) 
     n = x.shape[0]
     shift = x.to(torch.float64).mean(dim=1, keepdim=True) if x.shape[1] else torch.zeros(n, 1, dtype=torch.float64)
     cnt, sx, sxx, sxy = (torch.zeros(n, n, dtype=torch.float64, device=x.device) for _ in range(4))
-    for start in range(0, x.shape[1], _BLOCK):
-        xs = x[:, start : start + _BLOCK].to(torch.float64) - shift
-        mf = mask[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(x.shape[1]):
+        xs = x[:, cols].to(torch.float64) - shift
+        mf = mask[:, cols].to(torch.float64)
         xm = xs * mf
         cnt += mf @ mf.T
         sx += xm @ mf.T
@@ -102,11 +99,7 @@ def pearson_matrix(x: torch.Tensor, mask: torch.Tensor, rel_tol: float = 1e-12) 
 
 def jaccard_matrix(mask: torch.Tensor) -> torch.Tensor:
     """J[i, j] = |A_i ∩ A_j| / |A_i ∪ A_j| for the boolean rows of ``mask`` (1 for two empty sets), float64."""
-    n = mask.shape[0]
-    inter = torch.zeros(n, n, dtype=torch.float64, device=mask.device)
-    for start in range(0, mask.shape[1], _BLOCK):
-        mf = mask[:, start : start + _BLOCK].to(torch.float64)
-        inter += mf @ mf.T
+    inter = gram(mask)
     size = inter.diagonal()
     union = size.unsqueeze(1) + size.unsqueeze(0) - inter
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter)).cpu()
@@ -157,6 +150,17 @@ def fedcpa_aggregate(
     return new.to(global_state.dtype)
 
 
+@dataclass(frozen=True)
+class FedCPAOptions:
+    """FedCPA's option: the fraction of coordinates counted as critical."""
+
+    top_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_rate <= 1:
+            raise ValueError(f"fedcpa_top_rate: got {self.top_rate}; must be in (0, 1]")
+
+
 class FedCPA:
     """Scores clients by the overlap of their critical parameters, then FoolsGold-style logit weights."""
 
@@ -164,14 +168,8 @@ class FedCPA:
     description: ClassVar[str] = "FedCPA: critical-parameter similarity with logit weights (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, top_rate: float = 0.5) -> None:
-        if not 0 < top_rate <= 1:
-            raise ValueError(f"fedcpa_top_rate: got {top_rate}; must be in (0, 1]")
-        self.top_rate = top_rate
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FedCPA:
-        return cls(top_rate=cfg.fedcpa_top_rate)
+    def __init__(self, options: FedCPAOptions | None = None) -> None:
+        self.options = options if options is not None else FedCPAOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         states = inputs.client_states
@@ -184,7 +182,7 @@ class FedCPA:
             total += states[i, sel].to(torch.float64)
         w_bar = (total / inputs.n).to(states.dtype)
         crit = torch.stack([criticality(states[i, sel], w_bar) for i in order])
-        scores_sorted = fedcpa_scores(crit, criticality(w_bar, w_g), self.top_rate)
+        scores_sorted = fedcpa_scores(crit, criticality(w_bar, w_g), self.options.top_rate)
         scores = torch.empty_like(scores_sorted)
         scores[torch.tensor(order)] = scores_sorted
         v, fallback = fedcpa_logit_weights(scores)

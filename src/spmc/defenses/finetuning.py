@@ -8,15 +8,25 @@ only evaluated (``Aggregate.eval_state``); with ``True`` θ̃ becomes the global
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+
+@dataclass(frozen=True)
+class FinetuningOptions:
+    """Fine-tuning's options: epochs on the server's data, and whether the tuned model is broadcast."""
+
+    epochs: int = 1
+    broadcast: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"finetune_epochs: got {self.epochs!r}; must be an integer >= 0")
 
 
 class Finetuning:
@@ -26,40 +36,33 @@ class Finetuning:
     description: ClassVar[str] = "Finetuning: uniform mean, then SGD on the server's clean data (spec §6.10)"
     needs_server_data: ClassVar[bool] = True
 
-    def __init__(self, epochs: int = 1, broadcast: bool = False) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"finetune_epochs: got {epochs!r}; must be an integer >= 0")
-        self.epochs = epochs
-        self.broadcast = broadcast
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Finetuning:
-        return cls(epochs=cfg.finetune_epochs, broadcast=cfg.finetune_broadcast)
+    def __init__(self, options: FinetuningOptions | None = None) -> None:
+        self.options = options if options is not None else FinetuningOptions()
 
     def check_server_data(self, samples: int, batch_size: int) -> None:
         """Raise unless fine-tuning (epochs > 0) has one full batch of server data (checked before a run starts)."""
-        if self.epochs > 0:
+        if self.options.epochs > 0:
             check_split_size(samples, batch_size, self.name)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         n = inputs.n
         w = torch.full((n,), 1.0 / n, dtype=torch.float64)
         mean = weighted_average(inputs.client_states, w.to(inputs.client_states.device))
-        if self.epochs > 0:
+        if self.options.epochs > 0:
             data = require_server_data(inputs, self.name)
-            tuned = data.train(mean, self.epochs, inputs.round).to(mean.device, mean.dtype)
+            tuned = data.train(mean, self.options.epochs, inputs.round).to(mean.device, mean.dtype)
         else:
             tuned = mean.clone()
         mask = inputs.layout.stat_mask(mean.device)
         shift = float((tuned[mask].to(torch.float64) - mean[mask].to(torch.float64)).norm())
         return Aggregate(
-            global_state=tuned if self.broadcast else mean,
+            global_state=tuned if self.options.broadcast else mean,
             weights=w,
             accepted=inputs.client_ids,
             diagnostics={
                 "weights": as_weight_list(w, inputs.client_ids),
                 "finetune_shift_norm": shift,
-                "finetune_broadcast": self.broadcast,
+                "finetune_broadcast": self.options.broadcast,
             },
-            eval_state=None if self.broadcast else tuned,
+            eval_state=None if self.options.broadcast else tuned,
         )

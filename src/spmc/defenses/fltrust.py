@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.defenses.linalg import column_slices
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,8 @@ EPS = 1e-5
 _BLOCK = 1 << 18
 
 
-def _update_block(client_states: torch.Tensor, global_state: torch.Tensor, start: int) -> torch.Tensor:
-    stop = start + _BLOCK
-    return client_states[:, start:stop].to(torch.float64) - global_state[start:stop].to(torch.float64)
+def _update_block(client_states: torch.Tensor, global_state: torch.Tensor, cols: slice) -> torch.Tensor:
+    return client_states[:, cols].to(torch.float64) - global_state[cols].to(torch.float64)
 
 
 def cosines_and_norms(
@@ -53,11 +51,11 @@ def cosines_and_norms(
     dots = torch.zeros(n, dtype=torch.float64, device=dev)
     sq = torch.zeros(n, dtype=torch.float64, device=dev)
     ref_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for start in range(0, d, _BLOCK):
-        upd = _update_block(client_states, global_state, start)
-        ref = server_update[start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(d, _BLOCK):
+        upd = _update_block(client_states, global_state, cols)
+        ref = server_update[cols].to(torch.float64)
         if mask is not None:
-            keep = mask[start : start + _BLOCK]
+            keep = mask[cols]
             upd, ref = upd[:, keep], ref[keep]
         dots += upd @ ref
         sq += (upd * upd).sum(dim=1)
@@ -81,10 +79,22 @@ def fltrust_apply(
     """θ_g + Σ_k TS_k Δ_k / (Σ_k TS_k + eps) over the whole state, in float64, returned in the states' dtype."""
     coeff = (trust.to(torch.float64) / (float(trust.sum()) + eps)).to(client_states.device)
     out = torch.empty_like(global_state)
-    for start in range(0, global_state.shape[0], _BLOCK):
-        step = coeff @ _update_block(client_states, global_state, start)
-        out[start : start + _BLOCK] = (global_state[start : start + _BLOCK].to(torch.float64) + step).to(out.dtype)
+    for cols in column_slices(global_state.shape[0], _BLOCK):
+        step = coeff @ _update_block(client_states, global_state, cols)
+        out[cols] = (global_state[cols].to(torch.float64) + step).to(out.dtype)
     return out
+
+
+@dataclass(frozen=True)
+class FLTrustOptions:
+    """FLTrust's options: the server's epochs on its clean data, integer counters left out."""
+
+    public_epochs: int = 10
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.public_epochs, bool) or not isinstance(self.public_epochs, int) or self.public_epochs < 1:
+            raise ValueError(f"fltrust_public_epochs: got {self.public_epochs!r}; must be an integer >= 1")
 
 
 class FLTrust:
@@ -94,15 +104,8 @@ class FLTrust:
     description: ClassVar[str] = "FLTrust: ReLU-cosine trust against a server update on clean data (spec §6.11)"
     needs_server_data: ClassVar[bool] = True
 
-    def __init__(self, public_epochs: int = 10, exclude_int_buffers: bool = True) -> None:
-        if isinstance(public_epochs, bool) or not isinstance(public_epochs, int) or public_epochs < 1:
-            raise ValueError(f"fltrust_public_epochs: got {public_epochs!r}; must be an integer >= 1")
-        self.public_epochs = public_epochs
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FLTrust:
-        return cls(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: FLTrustOptions | None = None) -> None:
+        self.options = options if options is not None else FLTrustOptions()
 
     def check_server_data(self, samples: int, batch_size: int) -> None:
         """Raise unless the server's validation split holds one full batch (checked before a run starts)."""
@@ -111,12 +114,12 @@ class FLTrust:
     def server_update(self, inputs: RoundInputs) -> torch.Tensor:
         """Δ_0 = train(θ_g, public_epochs) − θ_g on the server's validation split."""
         data = require_server_data(inputs, self.name)
-        trained = data.train(inputs.global_state, self.public_epochs, inputs.round)
+        trained = data.train(inputs.global_state, self.options.public_epochs, inputs.round)
         return trained.to(inputs.global_state.device) - inputs.global_state
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         delta0 = self.server_update(inputs)
-        mask = stat_mask(inputs.layout, self.exclude_int_buffers, inputs.client_states.device)
+        mask = stat_mask(inputs.layout, self.options.exclude_int_buffers, inputs.client_states.device)
         cos, norms, ref_norm = cosines_and_norms(inputs.client_states, inputs.global_state, delta0, mask)
         if not (bool(torch.isfinite(norms).all()) and math.isfinite(ref_norm)):
             raise ValueError(

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.defenses.linalg import gram
 
 log = logging.getLogger(__name__)
-
-_BLOCK = 1 << 16
 
 
 def normalized_updates(updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -41,14 +38,10 @@ def normalized_updates(updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
 
 def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarity of the rows, float64 [n, n]; a zero row has cosine 0 with everything (sklearn)."""
-    n = vectors.shape[0]
-    gram = torch.zeros(n, n, dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        gram += block @ block.T
-    norms = gram.diagonal().clamp_min(0.0).sqrt()
+    g = gram(vectors)
+    norms = g.diagonal().clamp_min(0.0).sqrt()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    cos = gram / safe.unsqueeze(1) / safe.unsqueeze(0)
+    cos = g / safe.unsqueeze(1) / safe.unsqueeze(0)
     zero = norms == 0
     cos[zero, :] = 0.0
     cos[:, zero] = 0.0
@@ -79,6 +72,21 @@ def normalize_or_uniform(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return w / w.sum(), False
 
 
+@dataclass(frozen=True)
+class FoolsGoldOptions:
+    """FoolsGold's options (``foolsgold_*``)."""
+
+    norm_eps: float = 0.1
+    kappa: float = 1.0
+    normalize_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.norm_eps >= 0:
+            raise ValueError(f"foolsgold_norm_eps: got {self.norm_eps}; must be >= 0")
+        if not self.kappa > 0:
+            raise ValueError(f"foolsgold_kappa: got {self.kappa}; must be > 0")
+
+
 class FoolsGold:
     """Similarity-of-history weighting; the per-client histories live on this object, keyed by client id."""
 
@@ -86,23 +94,9 @@ class FoolsGold:
     description: ClassVar[str] = "FoolsGold: down-weights clients with similar update histories (spec §6.8)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, norm_eps: float = 0.1, kappa: float = 1.0, normalize_weights: bool = True) -> None:
-        if not norm_eps >= 0:
-            raise ValueError(f"foolsgold_norm_eps: got {norm_eps}; must be >= 0")
-        if not kappa > 0:
-            raise ValueError(f"foolsgold_kappa: got {kappa}; must be > 0")
-        self.norm_eps = norm_eps
-        self.kappa = kappa
-        self.normalize_weights = normalize_weights
+    def __init__(self, options: FoolsGoldOptions | None = None) -> None:
+        self.options = options if options is not None else FoolsGoldOptions()
         self.history: dict[int, torch.Tensor] = {}
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> FoolsGold:
-        return cls(
-            norm_eps=cfg.foolsgold_norm_eps,
-            kappa=cfg.foolsgold_kappa,
-            normalize_weights=cfg.foolsgold_normalize_weights,
-        )
 
     def state_dict(self) -> dict[int, torch.Tensor]:
         """The update histories H_k, ``{client id: float32 tensor on the CPU}``, for checkpoints."""
@@ -137,14 +131,14 @@ class FoolsGold:
         mask = inputs.layout.param_mask(inputs.client_states.device)
         g = inputs.global_state[mask]
         updates = inputs.client_states[:, mask] - g
-        histories = self._update_history(inputs.client_ids, normalized_updates(updates, self.norm_eps))
-        w = foolsgold_weights(histories, self.kappa)
+        histories = self._update_history(inputs.client_ids, normalized_updates(updates, self.options.norm_eps))
+        w = foolsgold_weights(histories, self.options.kappa)
         alpha, fallback = normalize_or_uniform(w)
         if fallback:
             log.info("foolsgold: weights undefined or all zero in round %d; uniform weights", inputs.round)
             w = alpha
         new = weighted_average(inputs.client_states, alpha.to(inputs.client_states.device))
-        if not self.normalize_weights:
+        if not self.options.normalize_weights:
             step = w.to(updates.device) @ updates.to(torch.float64)
             new[mask] = (g.to(torch.float64) + step).to(new.dtype)
         accepted = tuple(cid for cid, a in zip(inputs.client_ids, alpha.tolist()) if a > 0)

@@ -16,16 +16,14 @@ momentum (the repo's momentum path starts from a separately initialised vector, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
-
-_BLOCK = 1 << 16
+from spmc.defenses.linalg import gram
+from spmc.threat import ThreatModel, resolve_count
 
 
 def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
@@ -34,16 +32,9 @@ def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
     The Gram matrix is accumulated in float64 over column blocks (no [n, d] float64 copy). The result is float64
     [n, n] on the CPU, symmetric, with a zero diagonal and no negative entries (rounding is clamped at 0).
     """
-    if vectors.dim() != 2:
-        raise ValueError(f"vectors must be [n, d]; got shape {tuple(vectors.shape)}")
-    n = vectors.shape[0]
-    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        block = vectors[:, start : start + _BLOCK].to(torch.float64)
-        gram += block @ block.T
-    gram = gram.cpu()
-    sq = gram.diagonal().clone()
-    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    g = gram(vectors).cpu()
+    sq = g.diagonal().clone()
+    dist = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)
     dist = (dist + dist.T) / 2
     dist.fill_diagonal_(0.0)
     return dist
@@ -73,9 +64,7 @@ def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
     return nearest_sums(dist, n - f - 2)
 
 
-def lowest_scores(
-    scores: torch.Tensor, client_ids: Sequence[int], count: int, rel_tol: float = 1e-9
-) -> list[int]:
+def lowest_scores(scores: torch.Tensor, client_ids: Sequence[int], count: int, rel_tol: float = 1e-9) -> list[int]:
     """Positions of the ``count`` lowest scores, ties broken by the smaller client id, so the choice does not
     depend on the order of the clients.
 
@@ -101,6 +90,18 @@ def update_distances(inputs: RoundInputs, exclude_int_buffers: bool) -> torch.Te
     return pairwise_sq_distances(inputs.updates[:, mask])
 
 
+@dataclass(frozen=True)
+class KrumOptions:
+    """Krum's options: f assumed attackers (None: m = ⌊γK⌋ of the threat model), integer counters left out."""
+
+    f: int | None = None
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.f is not None and self.f < 0:
+            raise ValueError(f"krum_f: got {self.f}; must be an integer >= 0 (or None for m)")
+
+
 class Krum:
     """Original Krum: the global model becomes the client state with the lowest Krum score."""
 
@@ -108,16 +109,9 @@ class Krum:
     description: ClassVar[str] = "Krum: the client nearest its n − f − 2 neighbours (squared distances) (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, f: int = 1, exclude_int_buffers: bool = True) -> None:
-        if f < 0:
-            raise ValueError(f"krum_f: got {f}; must be an integer >= 0 (or None for m)")
-        self.f = f
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Krum:
-        f = cfg.krum_f if cfg.krum_f is not None else cfg.num_malicious
-        return cls(f=f, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: KrumOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options if options is not None else KrumOptions()
+        self.f = resolve_count(self.options.f, threat)
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients allows Krum: n > 2f + 2 (checked before a run starts)."""
@@ -126,7 +120,7 @@ class Krum:
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         check_krum_size(inputs.n, self.f)
-        dist = update_distances(inputs, self.exclude_int_buffers)
+        dist = update_distances(inputs, self.options.exclude_int_buffers)
         scores = krum_scores(dist, self.f)
         best = lowest_scores(scores, ids, 1)[0]
         w = torch.zeros(inputs.n, dtype=torch.float64)

@@ -15,14 +15,12 @@ the engine rounds it); with ``exclude_int_buffers = False`` they take the median
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 _BLOCK = 1 << 18
 
@@ -60,6 +58,13 @@ def coordinatewise(states: torch.Tensor, robust: torch.Tensor, rule: ColumnRule)
     return out
 
 
+@dataclass(frozen=True)
+class MedianOptions:
+    """The median's option: integer counters left out (spec D31)."""
+
+    exclude_int_buffers: bool = True
+
+
 class Median:
     """Coordinate-wise median of the client states."""
 
@@ -67,16 +72,12 @@ class Median:
     description: ClassVar[str] = "Median: coordinate-wise median of the client states (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, exclude_int_buffers: bool = True) -> None:
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Median:
-        return cls(exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: MedianOptions | None = None) -> None:
+        self.options = options if options is not None else MedianOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         states = inputs.client_states
-        robust = stat_mask(inputs.layout, self.exclude_int_buffers, states.device)
+        robust = stat_mask(inputs.layout, self.options.exclude_int_buffers, states.device)
         return Aggregate(
             global_state=coordinatewise(states, robust, coordinate_median),
             weights=None,

@@ -12,15 +12,14 @@ n > 2f + 2 and m' <= n.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 from spmc.defenses.krum import check_krum_size, krum_scores, lowest_scores, update_distances
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.threat import ThreatModel, resolve_count
 
 
 def multikrum_weights(scores: torch.Tensor, client_ids: tuple[int, ...], select: int) -> torch.Tensor:
@@ -33,6 +32,21 @@ def multikrum_weights(scores: torch.Tensor, client_ids: tuple[int, ...], select:
     return w
 
 
+@dataclass(frozen=True)
+class MultiKrumOptions:
+    """Multi-Krum's options: f (None: m = ⌊γK⌋), m' = ``select`` (None: n − f), integer counters left out."""
+
+    f: int | None = None
+    select: int | None = None
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.f is not None and self.f < 0:
+            raise ValueError(f"krum_f: got {self.f}; must be an integer >= 0 (or None for m)")
+        if self.select is not None and self.select < 1:
+            raise ValueError(f"multikrum_select: got {self.select}; must be >= 1 (or None for n − f)")
+
+
 class MultiKrum:
     """Multi-Krum: the uniform mean of the m' client states with the lowest Krum scores."""
 
@@ -40,31 +54,23 @@ class MultiKrum:
     description: ClassVar[str] = "Multi-Krum: mean of the m' = n − f lowest Krum scores (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, f: int = 1, select: int | None = None, exclude_int_buffers: bool = True) -> None:
-        if f < 0:
-            raise ValueError(f"krum_f: got {f}; must be an integer >= 0 (or None for m)")
-        if select is not None and select < 1:
-            raise ValueError(f"multikrum_select: got {select}; must be >= 1 (or None for n − f)")
-        self.f = f
-        self.select = select
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> MultiKrum:
-        f = cfg.krum_f if cfg.krum_f is not None else cfg.num_malicious
-        return cls(f=f, select=cfg.multikrum_select, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: MultiKrumOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options if options is not None else MultiKrumOptions()
+        self.f = resolve_count(self.options.f, threat)
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients allows Multi-Krum: n > 2f + 2 and m' <= n (checked before a run)."""
         check_krum_size(n, self.f)
-        if self.select is not None and self.select > n:
-            raise ValueError(f"multikrum_select: got {self.select}; must be between 1 and the clients per round, {n}")
+        if self.options.select is not None and self.options.select > n:
+            raise ValueError(
+                f"multikrum_select: got {self.options.select}; must be between 1 and the clients per round, {n}"
+            )
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         ids = inputs.client_ids
         check_krum_size(inputs.n, self.f)
-        scores = krum_scores(update_distances(inputs, self.exclude_int_buffers), self.f)
-        select = self.select if self.select is not None else inputs.n - self.f
+        scores = krum_scores(update_distances(inputs, self.options.exclude_int_buffers), self.f)
+        select = self.options.select if self.options.select is not None else inputs.n - self.f
         w = multikrum_weights(scores, ids, select)
         kept = w > 0
         return Aggregate(

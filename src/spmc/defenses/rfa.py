@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
+from spmc.defenses.linalg import column_slices
 from spmc.params import EntryKind
 
-if TYPE_CHECKING:
-    from spmc.config import Experiment
-
-_BLOCK = 1 << 16
 _TINY = float(torch.finfo(torch.float64).tiny)
 
 
@@ -37,16 +35,16 @@ def _weighted_sum(points: torch.Tensor, weights: torch.Tensor, scale: float = 1.
     """Σ_k w_k P_k / scale in float64, streamed over column blocks (no [n, m] float64 copy)."""
     w = weights.to(torch.float64).to(points.device)
     out = torch.empty(points.shape[1], dtype=torch.float64, device=points.device)
-    for start in range(0, points.shape[1], _BLOCK):
-        out[start : start + _BLOCK] = w @ (points[:, start : start + _BLOCK].to(torch.float64) / scale)
+    for cols in column_slices(points.shape[1]):
+        out[cols] = w @ (points[:, cols].to(torch.float64) / scale)
     return out
 
 
 def _distances(points: torch.Tensor, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """‖z − P_k / scale‖ for every row k, float64 [n] on the CPU."""
     sq = torch.zeros(points.shape[0], dtype=torch.float64, device=points.device)
-    for start in range(0, points.shape[1], _BLOCK):
-        diff = points[:, start : start + _BLOCK].to(torch.float64) / scale - z[start : start + _BLOCK]
+    for cols in column_slices(points.shape[1]):
+        diff = points[:, cols].to(torch.float64) / scale - z[cols]
         sq += (diff * diff).sum(dim=1)
     return sq.sqrt().cpu()
 
@@ -114,6 +112,25 @@ def rfa_update(
     return z, betas, steps
 
 
+@dataclass(frozen=True)
+class RFAOptions:
+    """RFA's options (``rfa_*``), integer counters left out."""
+
+    layerwise: bool = True
+    maxiter: int = 3
+    eps: float = 1e-5
+    ftol: float = 1e-6
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.maxiter < 1:
+            raise ValueError(f"rfa_maxiter: got {self.maxiter}; must be an integer >= 1")
+        if not self.eps > 0:
+            raise ValueError(f"rfa_eps: got {self.eps}; must be > 0")
+        if not self.ftol >= 0:
+            raise ValueError(f"rfa_ftol: got {self.ftol}; must be >= 0")
+
+
 class RFA:
     """Geometric median of the updates by a few smoothed Weiszfeld steps, per tensor or over the whole vector."""
 
@@ -121,48 +138,21 @@ class RFA:
     description: ClassVar[str] = "RFA: smoothed Weiszfeld geometric median of the updates, per tensor (spec §6.5)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        layerwise: bool = True,
-        maxiter: int = 3,
-        eps: float = 1e-5,
-        ftol: float = 1e-6,
-        exclude_int_buffers: bool = True,
-    ) -> None:
-        if maxiter < 1:
-            raise ValueError(f"rfa_maxiter: got {maxiter}; must be an integer >= 1")
-        if not eps > 0:
-            raise ValueError(f"rfa_eps: got {eps}; must be > 0")
-        if not ftol >= 0:
-            raise ValueError(f"rfa_ftol: got {ftol}; must be >= 0")
-        self.layerwise = layerwise
-        self.maxiter = maxiter
-        self.eps = eps
-        self.ftol = ftol
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> RFA:
-        return cls(
-            layerwise=cfg.rfa_layerwise,
-            maxiter=cfg.rfa_maxiter,
-            eps=cfg.rfa_eps,
-            ftol=cfg.rfa_ftol,
-            exclude_int_buffers=cfg.exclude_int_buffers,
-        )
+    def __init__(self, options: RFAOptions | None = None) -> None:
+        self.options = options if options is not None else RFAOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         layout = inputs.layout
         device = inputs.client_states.device
         p = fedavg_weights(inputs.num_samples, "samples")
         updates = inputs.updates
-        if self.layerwise:
+        if self.options.layerwise:
             groups: list[slice | torch.Tensor] = [e.slice for e in layout.entries if e.kind is not EntryKind.INT_BUFFER]
             names = [e.name for e in layout.entries if e.kind is not EntryKind.INT_BUFFER]
         else:
-            groups = [stat_mask(layout, self.exclude_int_buffers, device).nonzero().squeeze(1)]
+            groups = [stat_mask(layout, self.options.exclude_int_buffers, device).nonzero().squeeze(1)]
             names = ["all"]
-        z, betas, steps = rfa_update(updates, p, groups, self.maxiter, self.eps, self.ftol)
+        z, betas, steps = rfa_update(updates, p, groups, self.options.maxiter, self.options.eps, self.options.ftol)
         new = inputs.global_state.to(torch.float64) + z
         covered = torch.zeros(layout.dim, dtype=torch.bool, device=device)
         for cols in groups:
@@ -170,7 +160,7 @@ class RFA:
         if not bool(covered.all()):
             rest = ~covered
             new[rest] = weighted_average(inputs.client_states[:, rest], p.to(device)).to(torch.float64)
-        weights = None if self.layerwise else betas[0]
+        weights = None if self.options.layerwise else betas[0]
         diagnostics: dict[str, Any] = {
             "prior_weights": as_weight_list(p, inputs.client_ids),
             "steps": dict(zip(names, steps)),

@@ -12,15 +12,13 @@ are matched to their clients' weights by client id (the repo's permuted keys are
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 
 def sign_agreement(updates: torch.Tensor) -> torch.Tensor:
@@ -54,6 +52,20 @@ def rlr_aggregate(
     return new, lr
 
 
+@dataclass(frozen=True)
+class RLROptions:
+    """RLR's options: the sign-agreement threshold θ and the server learning rate."""
+
+    threshold: float = 4.0
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise ValueError(f"rlr_threshold: got {self.threshold}; must be >= 0")
+        if not self.server_lr > 0:
+            raise ValueError(f"rlr_server_lr: got {self.server_lr}; must be > 0")
+
+
 class RLR:
     """Sign-agreement learning rate: coordinates without enough agreement are moved against the mean update."""
 
@@ -61,22 +73,15 @@ class RLR:
     description: ClassVar[str] = "RLR: per-coordinate server lr flipped where update signs disagree (spec §6.6)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, threshold: float = 4.0, server_lr: float = 1.0) -> None:
-        if not threshold >= 0:
-            raise ValueError(f"rlr_threshold: got {threshold}; must be >= 0")
-        if not server_lr > 0:
-            raise ValueError(f"rlr_server_lr: got {server_lr}; must be > 0")
-        self.threshold = threshold
-        self.server_lr = server_lr
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> RLR:
-        return cls(threshold=cfg.rlr_threshold, server_lr=cfg.rlr_server_lr)
+    def __init__(self, options: RLROptions | None = None) -> None:
+        self.options = options if options is not None else RLROptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         p = fedavg_weights(inputs.num_samples, "samples")
         mask = inputs.layout.param_mask(inputs.client_states.device)
-        new, lr = rlr_aggregate(inputs.global_state, inputs.client_states, p, mask, self.threshold, self.server_lr)
+        new, lr = rlr_aggregate(
+            inputs.global_state, inputs.client_states, p, mask, self.options.threshold, self.options.server_lr
+        )
         return Aggregate(
             global_state=finite_global(new, self.name),
             weights=p,

@@ -15,14 +15,12 @@ mean of the clients' buffers (integer counters likewise); ``False`` leaves every
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, finite_global, weighted_average
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 
 def clipped_sign_sum(
@@ -47,6 +45,27 @@ def rsa_step(
     return (x - alpha * (lam * acc.to(torch.float64) + wd * x)).to(global_params.dtype)
 
 
+@dataclass(frozen=True)
+class RSAOptions:
+    """RSA's options (``rsa_*``; ``lam`` is ``rsa_lambda``)."""
+
+    alpha: float = 0.05
+    lam: float = 0.1
+    wd: float = 0.001
+    clip: float = 3.0
+    update_bn_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        for field, value, ok, allowed in (
+            ("rsa_alpha", self.alpha, self.alpha > 0, "> 0"),
+            ("rsa_lambda", self.lam, self.lam >= 0, ">= 0"),
+            ("rsa_wd", self.wd, self.wd >= 0, ">= 0"),
+            ("rsa_clip", self.clip, self.clip > 0, "> 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{field}: got {value}; must be {allowed}")
+
+
 class RSA:
     """Sign-based server step with a saturating accumulator; no client weights."""
 
@@ -54,55 +73,28 @@ class RSA:
     description: ClassVar[str] = "RSA: server step on the clipped sum of signs of model differences (spec §6.9)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        alpha: float = 0.05,
-        lam: float = 0.1,
-        wd: float = 0.001,
-        clip: float = 3.0,
-        update_bn_buffers: bool = True,
-    ) -> None:
-        for field, value, ok, allowed in (
-            ("rsa_alpha", alpha, alpha > 0, "> 0"),
-            ("rsa_lambda", lam, lam >= 0, ">= 0"),
-            ("rsa_wd", wd, wd >= 0, ">= 0"),
-            ("rsa_clip", clip, clip > 0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{field}: got {value}; must be {allowed}")
-        self.alpha = alpha
-        self.lam = lam
-        self.wd = wd
-        self.clip = clip
-        self.update_bn_buffers = update_bn_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> RSA:
-        return cls(
-            alpha=cfg.rsa_alpha,
-            lam=cfg.rsa_lambda,
-            wd=cfg.rsa_wd,
-            clip=cfg.rsa_clip,
-            update_bn_buffers=cfg.rsa_update_bn_buffers,
-        )
+    def __init__(self, options: RSAOptions | None = None) -> None:
+        self.options = options if options is not None else RSAOptions()
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         mask = inputs.layout.param_mask(inputs.client_states.device)
         order = sorted(range(inputs.n), key=lambda i: inputs.client_ids[i])
         x_g = inputs.global_state[mask]
         params = inputs.client_states if bool(mask.all()) else inputs.client_states[:, mask]
-        acc = clipped_sign_sum(x_g, params, self.clip, order)
-        if self.update_bn_buffers:
+        acc = clipped_sign_sum(x_g, params, self.options.clip, order)
+        if self.options.update_bn_buffers:
             uniform = torch.full((inputs.n,), 1.0 / inputs.n, dtype=torch.float64)
             new = weighted_average(inputs.client_states, uniform.to(inputs.client_states.device))
         else:
             new = inputs.global_state.clone()
-        new[mask] = rsa_step(x_g, acc, self.alpha, self.lam, self.wd)
+        new[mask] = rsa_step(x_g, acc, self.options.alpha, self.options.lam, self.options.wd)
         return Aggregate(
             global_state=finite_global(new, self.name),
             weights=None,
             accepted=inputs.client_ids,
             diagnostics={
-                "saturated_fraction": float((acc.abs() >= self.clip).to(torch.float64).mean()) if acc.numel() else 0.0,
+                "saturated_fraction": float((acc.abs() >= self.options.clip).to(torch.float64).mean())
+                if acc.numel()
+                else 0.0,
             },
         )

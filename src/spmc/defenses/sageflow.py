@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +64,21 @@ def sageflow_weights(
     return a / total, False
 
 
+@dataclass(frozen=True)
+class SageflowOptions:
+    """Sageflow's options: the entropy threshold, the loss exponent δ, and optional sample-size weighting."""
+
+    eth: float = 2.0
+    delta: float = 1.0
+    size_weight: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.eth) and self.eth > 0):
+            raise ValueError(f"sageflow_eth: got {self.eth}; must be a finite number > 0 (max entropy is ln C)")
+        if not (math.isfinite(self.delta) and self.delta >= 0):
+            raise ValueError(f"sageflow_delta: got {self.delta}; must be a finite number >= 0")
+
+
 class Sageflow:
     """Entropy-filtered, inverse-loss-weighted averaging of the local models on the server's clean data."""
 
@@ -73,18 +86,8 @@ class Sageflow:
     description: ClassVar[str] = "Sageflow: drop high-entropy local models, weight the rest by 1/loss^delta (spec §6.3)"
     needs_server_data: ClassVar[bool] = True
 
-    def __init__(self, eth: float = 2.0, delta: float = 1.0, size_weight: bool = False) -> None:
-        if not (math.isfinite(eth) and eth > 0):
-            raise ValueError(f"sageflow_eth: got {eth}; must be a finite number > 0 (max entropy is ln C)")
-        if not (math.isfinite(delta) and delta >= 0):
-            raise ValueError(f"sageflow_delta: got {delta}; must be a finite number >= 0")
-        self.eth = eth
-        self.delta = delta
-        self.size_weight = size_weight
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> Sageflow:
-        return cls(eth=cfg.sageflow_eth, delta=cfg.sageflow_delta, size_weight=cfg.sageflow_size_weight)
+    def __init__(self, options: SageflowOptions | None = None) -> None:
+        self.options = options if options is not None else SageflowOptions()
 
     def check_server_data(self, samples: int, batch_size: int) -> None:
         """Raise unless the server's validation split holds one full batch (checked before a run starts)."""
@@ -96,12 +99,18 @@ class Sageflow:
         losses = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
         entropies = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
         w, fallback = sageflow_weights(
-            losses, entropies, self.eth, self.delta, inputs.num_samples if self.size_weight else None
+            losses,
+            entropies,
+            self.options.eth,
+            self.options.delta,
+            inputs.num_samples if self.options.size_weight else None,
         )
         if fallback:
-            log.warning("round %d: Sageflow kept no client (entropy >= %g); uniform weights", inputs.round, self.eth)
+            log.warning(
+                "round %d: Sageflow kept no client (entropy >= %g); uniform weights", inputs.round, self.options.eth
+            )
         ids = inputs.client_ids
-        kept = sageflow_kept(losses, entropies, self.eth).tolist()
+        kept = sageflow_kept(losses, entropies, self.options.eth).tolist()
         accepted = tuple(cid for cid, wk in zip(ids, w.tolist()) if wk > 0)
         return Aggregate(
             global_state=weighted_average(inputs.client_states, w.to(inputs.client_states.device)),

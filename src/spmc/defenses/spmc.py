@@ -17,21 +17,18 @@ overflows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.defenses.linalg import column_slices
 
 WeightFn = Literal["softmax", "sigmoid"]
 ScoreRef = Literal["loo", "global"]
 ScoreSpace = Literal["params", "updates"]
 LooPrior = Literal["uniform", "samples"]
-
-_BLOCK = 1 << 16
 
 
 def _row_scales(vectors: torch.Tensor) -> torch.Tensor:
@@ -40,8 +37,8 @@ def _row_scales(vectors: torch.Tensor) -> torch.Tensor:
     Raises ``ValueError`` when a row holds inf or NaN.
     """
     c = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        c = torch.maximum(c, vectors[:, start : start + _BLOCK].abs().amax(dim=1).to(torch.float64))
+    for cols in column_slices(vectors.shape[1]):
+        c = torch.maximum(c, vectors[:, cols].abs().amax(dim=1).to(torch.float64))
     c = c.cpu()
     bad = (~torch.isfinite(c)).nonzero().flatten().tolist()
     if bad:
@@ -57,9 +54,7 @@ def _others_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def loo_cosine_scores(
-    vectors: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-5
-) -> torch.Tensor:
+def loo_cosine_scores(vectors: torch.Tensor, prior: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """s_k = ⟨a_k, b_k⟩ / (‖a_k‖·‖b_k‖ + ε), b_k = Σ_{j≠k} w_j a_j / Σ_{j≠k} w_j (spec §3.2-§3.3), float64 [n].
 
     ``vectors`` is [n, d] of any float dtype; ``prior`` w defaults to uniform weights. n = 1 has no coalition and
@@ -103,8 +98,8 @@ def loo_cosine_scores(
     dot = torch.zeros(n, dtype=torch.float64, device=dev)
     q = torch.zeros(n, dtype=torch.float64, device=dev)
     nb = torch.zeros(n, dtype=torch.float64, device=dev)
-    for start in range(0, vectors.shape[1], _BLOCK):
-        u = vectors[:, start : start + _BLOCK].to(torch.float64) / c_safe[:, None]
+    for cols in column_slices(vectors.shape[1]):
+        u = vectors[:, cols].to(torch.float64) / c_safe[:, None]
         o = _others_sum(u * coef[:, None])
         o[top] = coef_top @ u
         dot += (u * o).sum(dim=1)
@@ -137,9 +132,7 @@ def spmc_weights(scores: torch.Tensor, temperature: float = 1.0, fn: WeightFn = 
     raise ValueError(f"spmc_weight_fn: unknown value {fn!r}; allowed: softmax, sigmoid")
 
 
-def marginal_teachers(
-    global_state: torch.Tensor, client_states: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def marginal_teachers(global_state: torch.Tensor, client_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """teacher_k = Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j, the α-weighted leave-one-out model of every client (spec §4.1).
 
     Equal to (θ_g − α_k θ_k)/(1 − α_k) for θ_g = Σ α_j θ_j, but formed directly: the coalition sums come from prefix
@@ -168,15 +161,44 @@ def marginal_teachers(
     inv_rest = torch.where(alone, torch.zeros_like(rest), 1.0 / torch.where(alone, torch.ones_like(rest), rest))
     inv_rest = inv_rest.to(dev)[:, None]
     teachers = torch.empty_like(client_states)
-    for start in range(0, client_states.shape[1], _BLOCK):
-        block = client_states[:, start : start + _BLOCK].to(torch.float64)
+    for cols in column_slices(client_states.shape[1]):
+        block = client_states[:, cols].to(torch.float64)
         scale = block.abs().amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         mean = _others_sum(block / scale * coef) * inv_rest * scale
-        teachers[:, start : start + _BLOCK] = mean.to(client_states.dtype)
+        teachers[:, cols] = mean.to(client_states.dtype)
     alone_idx = alone.nonzero().flatten().tolist()
     if alone_idx:
         teachers[alone_idx] = global_state.to(client_states.dtype)
     return teachers
+
+
+@dataclass(frozen=True)
+class SPMCOptions:
+    """SPMC's server options (``spmc_temperature``, ``spmc_weight_fn``, ``spmc_score_*``, ``spmc_loo_prior``)."""
+
+    temperature: float = 1.0
+    weight_fn: WeightFn = "softmax"
+    score_ref: ScoreRef = "loo"
+    score_space: ScoreSpace = "params"
+    loo_prior: LooPrior = "uniform"
+    score_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        spmc_weights(torch.zeros(1), self.temperature, self.weight_fn)
+        for field, value, allowed in (
+            ("spmc_score_ref", self.score_ref, ("loo", "global")),
+            ("spmc_score_space", self.score_space, ("params", "updates")),
+            ("spmc_loo_prior", self.loo_prior, ("uniform", "samples")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{field}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+        if self.score_ref == "global" and self.score_space == "updates":
+            raise ValueError(
+                "spmc_score_ref: 'global' compares client models with the global model and needs "
+                "spmc_score_space = 'params' (the global model has no update of its own)"
+            )
+        if self.score_eps < 0:
+            raise ValueError(f"spmc_score_eps: got {self.score_eps}; must be >= 0")
 
 
 class SPMC:
@@ -186,47 +208,8 @@ class SPMC:
     description: ClassVar[str] = "SPMC: softmax of leave-one-out cosine scores, no attacker count (spec §3)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        weight_fn: WeightFn = "softmax",
-        score_ref: ScoreRef = "loo",
-        score_space: ScoreSpace = "params",
-        loo_prior: LooPrior = "uniform",
-        score_eps: float = 1e-5,
-    ) -> None:
-        spmc_weights(torch.zeros(1), temperature, weight_fn)
-        for field, value, allowed in (
-            ("spmc_score_ref", score_ref, ("loo", "global")),
-            ("spmc_score_space", score_space, ("params", "updates")),
-            ("spmc_loo_prior", loo_prior, ("uniform", "samples")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{field}: unknown value {value!r}; allowed: {', '.join(allowed)}")
-        if score_ref == "global" and score_space == "updates":
-            raise ValueError(
-                "spmc_score_ref: 'global' compares client models with the global model and needs "
-                "spmc_score_space = 'params' (the global model has no update of its own)"
-            )
-        if score_eps < 0:
-            raise ValueError(f"spmc_score_eps: got {score_eps}; must be >= 0")
-        self.temperature = temperature
-        self.weight_fn = weight_fn
-        self.score_ref = score_ref
-        self.score_space = score_space
-        self.loo_prior = loo_prior
-        self.score_eps = score_eps
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> SPMC:
-        return cls(
-            temperature=cfg.spmc_temperature,
-            weight_fn=cfg.spmc_weight_fn,
-            score_ref=cfg.spmc_score_ref,
-            score_space=cfg.spmc_score_space,
-            loo_prior=cfg.spmc_loo_prior,
-            score_eps=cfg.spmc_score_eps,
-        )
+    def __init__(self, options: SPMCOptions | None = None) -> None:
+        self.options = options if options is not None else SPMCOptions()
 
     def scores(self, inputs: RoundInputs) -> torch.Tensor:
         """s_k on vec_P of the states (or of the updates), against the LOO coalition or the global model (D4)."""
@@ -235,12 +218,12 @@ class SPMC:
             vectors, reference = inputs.client_states, inputs.global_state
         else:
             vectors, reference = inputs.client_states[:, mask], inputs.global_state[mask]
-        if self.score_space == "updates":
+        if self.options.score_space == "updates":
             vectors = vectors - reference
-        if self.score_ref == "global":
-            return reference_cosine_scores(vectors, reference, self.score_eps)
-        prior = inputs.num_samples if self.loo_prior == "samples" else None
-        return loo_cosine_scores(vectors, prior, self.score_eps)
+        if self.options.score_ref == "global":
+            return reference_cosine_scores(vectors, reference, self.options.score_eps)
+        prior = inputs.num_samples if self.options.loo_prior == "samples" else None
+        return loo_cosine_scores(vectors, prior, self.options.score_eps)
 
     def aggregate(self, inputs: RoundInputs) -> Aggregate:
         if inputs.n == 1:
@@ -248,7 +231,7 @@ class SPMC:
             s = torch.zeros(1, dtype=torch.float64)
         else:
             s = self.scores(inputs)
-            w = spmc_weights(s, self.temperature, self.weight_fn)
+            w = spmc_weights(s, self.options.temperature, self.options.weight_fn)
         return Aggregate(
             global_state=weighted_average(inputs.client_states, w),
             weights=w,

@@ -14,15 +14,14 @@ n − k − 1 closest-to-median values are not the original rule, spec §6.11).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
 from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
 from spmc.defenses.median import coordinate_median, coordinatewise
-
-if TYPE_CHECKING:
-    from spmc.config import Experiment
+from spmc.threat import ThreatModel, resolve_count
 
 TrimMode = Literal["trim_extremes", "closest_to_median"]
 TRIM_MODES: tuple[str, ...] = ("trim_extremes", "closest_to_median")
@@ -65,6 +64,21 @@ def trimmed_rule(values: torch.Tensor, k: int, mode: TrimMode = "trim_extremes")
     raise ValueError(f"tm_mode: unknown value {mode!r}; allowed: {', '.join(TRIM_MODES)}")
 
 
+@dataclass(frozen=True)
+class TrimmedMeanOptions:
+    """The trimmed mean's options: k trimmed per side (None: m = ⌊γK⌋), the rule, integer counters left out."""
+
+    k: int | None = None
+    mode: TrimMode = "trim_extremes"
+    exclude_int_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 0:
+            raise ValueError(f"trimmed_mean_k: got {self.k}; must be an integer >= 0 (or None for m)")
+        if self.mode not in TRIM_MODES:
+            raise ValueError(f"tm_mode: unknown value {self.mode!r}; allowed: {', '.join(TRIM_MODES)}")
+
+
 class TrimmedMean:
     """Coordinate-wise trimmed mean of the client states."""
 
@@ -72,19 +86,9 @@ class TrimmedMean:
     description: ClassVar[str] = "TrimmedMean: per coordinate drop the k largest and k smallest, average (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
 
-    def __init__(self, k: int = 1, mode: TrimMode = "trim_extremes", exclude_int_buffers: bool = True) -> None:
-        if k < 0:
-            raise ValueError(f"trimmed_mean_k: got {k}; must be an integer >= 0 (or None for m)")
-        if mode not in TRIM_MODES:
-            raise ValueError(f"tm_mode: unknown value {mode!r}; allowed: {', '.join(TRIM_MODES)}")
-        self.k = k
-        self.mode = mode
-        self.exclude_int_buffers = exclude_int_buffers
-
-    @classmethod
-    def from_config(cls, cfg: Experiment) -> TrimmedMean:
-        k = cfg.trimmed_mean_k if cfg.trimmed_mean_k is not None else cfg.num_malicious
-        return cls(k=k, mode=cfg.tm_mode, exclude_int_buffers=cfg.exclude_int_buffers)
+    def __init__(self, options: TrimmedMeanOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options if options is not None else TrimmedMeanOptions()
+        self.k = resolve_count(self.options.k, threat)
 
     def check_clients(self, n: int) -> None:
         """Raise unless a round of n clients keeps some value: n > 2k (checked before a run starts)."""
@@ -100,9 +104,9 @@ class TrimmedMean:
         if n <= 2 * self.k:
             raise ValueError(f"trimmed_mean_k: trimming k = {self.k} from each side needs n > 2k clients; got n = {n}")
         states = inputs.client_states
-        robust = stat_mask(inputs.layout, self.exclude_int_buffers, states.device)
+        robust = stat_mask(inputs.layout, self.options.exclude_int_buffers, states.device)
         return Aggregate(
-            global_state=coordinatewise(states, robust, lambda v: trimmed_rule(v, self.k, self.mode)),
+            global_state=coordinatewise(states, robust, lambda v: trimmed_rule(v, self.k, self.options.mode)),
             weights=None,
             accepted=inputs.client_ids,
         )

@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from spmc.config import Experiment
-from spmc.defenses import Defense, build_defense
+from spmc.config import Experiment, build_defense
+from spmc.defenses import Defense
 from spmc.defenses.server_data import ServerData
 from spmc.flower.convert import arrays_to_state, state_to_arrays
 from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
