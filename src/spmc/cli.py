@@ -22,9 +22,10 @@ from spmc.attacks import ATTACKS
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
+from spmc.guard import InvalidUpdateError
 from spmc.models import MODELS
 from spmc.plugins import plugin_origin
-from spmc.simulation import InvalidUpdateError, RunResult, load_run_config, run_experiment
+from spmc.simulation import RunResult, load_run_config, run_experiment
 from spmc.sweep import SweepOutcome, load_grid, run_sweep
 
 CLIENTS = {
