@@ -248,7 +248,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_written(tmp_path: Path, monkey
     assert main(args) == 1
     assert _one_error_line(capsys) == f"error: {out / 'metrics.jsonl'}: No space left on device"
     assert [r["round"] for r in read_metrics_file(out / "metrics.jsonl")][0] == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["next_round"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
     assert load_run_config(out).num_clients == 4
 
 

@@ -130,7 +130,7 @@ def load_final_model(run_dir: str | Path, cfg: Experiment) -> nn.Module:
     payload = RunStore(run_dir).load_checkpoint()
     if payload is None or "global_state" not in payload:
         raise DataError(f"{path}: no 'global_state' entry")
-    done = int(payload.get("next_round", cfg.rounds))
+    done = int(payload.get("round", cfg.rounds))
     if done < cfg.rounds:
         log.warning("%s: the checkpoint holds the model after round %d of %d", path, done, cfg.rounds)
     if cfg.defense == "finetuning" and not cfg.finetune_broadcast:
