@@ -58,7 +58,7 @@ def test_step_is_fedavgs_mean_of_the_kept_states_and_drops_a_refused_state(caplo
         out = server.step(0, [STATES[0], bad, STATES[1]], [0, 1, 2], [1.0, 5.0, 3.0])
     assert out.refused.keys() == {1} and out.kept_ids == (0, 2) and "client 1's state" in caplog.text
     assert torch.allclose(server.global_state, torch.tensor([2.0, 2.0, 2.0]))  # (s0 + s1) / 2: FedAvg is uniform
-    assert out.record() == {"accepted": [0, 2]}
+    assert out.record() == {"accepted": [0, 2], "weights": {"0": 0.5, "2": 0.5}}
 
 
 def test_every_state_refused_leaves_the_global_model_unchanged() -> None:
