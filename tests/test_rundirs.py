@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import spmc.simulation
+import spmc.federation
 import spmc.store
 from spmc import make_experiment
 from spmc.cli import main
@@ -91,7 +91,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path: Path, monkeypatch:
     def no_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("data loaded before the run directory was locked")
 
-    monkeypatch.setattr(spmc.simulation, "build_federated_data", no_data)
+    monkeypatch.setattr(spmc.federation, "build_federated_data", no_data)
     with pytest.raises(RunLockedError):
         Simulation(smoke(), tmp_path / "run")
     holder.unlock()
@@ -196,7 +196,7 @@ def test_resume_refuses_a_truncated_checkpoint(cut: Path, capsys: pytest.Capture
 
 def test_resume_refuses_a_forged_checkpoint(cut: Path) -> None:
     payload = torch.load(cut / "checkpoint.pt", weights_only=True)
-    payload["teacher_ids"] = torch.tensor([0, 1, 2, 7])
+    payload["teachers"]["7"] = payload["teachers"].pop("3")
     torch.save(payload, cut / "checkpoint.pt")
     with pytest.raises(spmc.store.RunDirError, match="does not fit this run"):
         Simulation(load_run_config(cut), cut).run(resume=True)
@@ -215,7 +215,7 @@ def test_out_that_is_a_file_fails_before_data_loading(tmp_path: Path, monkeypatc
     def no_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("data loaded before the run directory was checked")
 
-    monkeypatch.setattr(spmc.simulation, "build_federated_data", no_data)
+    monkeypatch.setattr(spmc.federation, "build_federated_data", no_data)
     (tmp_path / "file").write_text("x")
     assert main(["run", "-p", "smoke", "-q", "--out", str(tmp_path / "file")]) == 1
     assert _one_error_line(capsys) == f"error: {tmp_path / 'file'}: exists and is not a directory"
@@ -248,7 +248,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_written(tmp_path: Path, monkey
     assert main(args) == 1
     assert _one_error_line(capsys) == f"error: {out / 'metrics.jsonl'}: No space left on device"
     assert [r["round"] for r in read_metrics_file(out / "metrics.jsonl")][0] == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["next_round"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
     assert load_run_config(out).num_clients == 4
 
 

@@ -153,6 +153,7 @@ class SequentialEngine:
     """The reference engine: clients trained one after another on one reusable model (and teacher) object."""
 
     name = "sequential"
+    kernel = "torch"
 
     def __init__(self, model: nn.Module, layout: ParamLayout, cfg: OptimConfig) -> None:
         self.model = model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from spmc.plugins import DATASET, load_entry_points
 
@@ -23,6 +24,9 @@ class DatasetInfo:
     ``mean``/``std`` are the per-channel Normalize statistics of the 3-channel input; ``hflip`` says whether
     client training uses RandomHorizontalFlip(0.5); ``model`` is the default backbone (spec §1.1, §1.2).
     ``train_size`` is the number of official training images (None: set by the configuration, ``synthetic``).
+    ``server_augmentation`` is what the server's clean split is augmented with when a defense trains on it (spec §5,
+    D38): ``train`` (the clients' training transform) or ``strong`` (:func:`spmc.data.strong_aug.strong_augment`).
+    ``class_names`` are readable class names (empty: the class index is its name, as for digits).
     """
 
     name: str
@@ -33,22 +37,47 @@ class DatasetInfo:
     model: str
     num_classes: int = 10
     train_size: int | None = None
+    server_augmentation: Literal["train", "strong"] = "train"
+    class_names: tuple[str, ...] = ()
 
 
-def _mnist_like(name: str, description: str, train_size: int | None) -> DatasetInfo:
+FMNIST_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+CIFAR10_CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _mnist_like(name: str, description: str, train_size: int | None, class_names: tuple[str, ...] = ()) -> DatasetInfo:
     """MNIST statistics on 3 channels, no flip, SimpleCNN (spec §1.1, §1.2, D16)."""
-    return DatasetInfo(name, description, MNIST_MEAN, MNIST_STD, hflip=False, model="simplecnn", train_size=train_size)
+    return DatasetInfo(
+        name,
+        description,
+        MNIST_MEAN,
+        MNIST_STD,
+        hflip=False,
+        model="simplecnn",
+        train_size=train_size,
+        class_names=class_names,
+    )
 
 
 _CIFAR10_DESCRIPTION = "CIFAR-10 (50k/10k), from the python pickle batches"
 
 DATASETS: dict[str, DatasetInfo] = {
-    "fmnist": _mnist_like("fmnist", "Fashion-MNIST, full (60k/10k), from IDX files", 60_000),
+    "fmnist": _mnist_like("fmnist", "Fashion-MNIST, full (60k/10k), from IDX files", 60_000, FMNIST_CLASSES),
     "mnist": _mnist_like("mnist", "MNIST, full (60k/10k), from IDX files", 60_000),
     "cifar10": DatasetInfo(
-        "cifar10", _CIFAR10_DESCRIPTION, CIFAR10_MEAN, CIFAR10_STD, True, "resnet10", train_size=50_000
+        "cifar10",
+        _CIFAR10_DESCRIPTION,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        True,
+        "resnet10",
+        train_size=50_000,
+        server_augmentation="strong",
+        class_names=CIFAR10_CLASSES,
     ),
-    "fmnist-sample": _mnist_like("fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default", 6_000),
+    "fmnist-sample": _mnist_like(
+        "fmnist-sample", "Fashion-MNIST sample shipped with spmc (6k/1k), default", 6_000, FMNIST_CLASSES
+    ),
     "synthetic": _mnist_like("synthetic", "Synthetic 10-class 28x28 images from a seed (for tests)", None),
 }
 load_entry_points("spmc.datasets", DATASETS, DATASET)

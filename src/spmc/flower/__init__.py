@@ -9,7 +9,7 @@ from spmc.flower.convert import MalformedUpdate, arrays_to_state, flatten_metric
 from spmc.flower.options import FLOWER_DEFAULTS, FlowerOptions, parse_run_config
 from spmc.flower.server_app import ServerEvaluator, build_server, build_strategy, make_server_app, run_server
 from spmc.flower.strategy import DefenseStrategy
-from spmc.simulation import coalition_teachers
+from spmc.server import coalition_teachers
 
 __all__ = [
     "FLOWER_DEFAULTS",

@@ -1,9 +1,9 @@
 """SPMC's client side over Flower: a ClientApp that trains one partition with spmc's trainers.
 
 The node config gives ``partition-id`` and ``num-partitions`` (Flower's simulation sets them; a SuperNode gets them
-from ``--node-config``). The partition, its poisoning and the seeds are exactly those of the engine: the data come
-from :func:`spmc.simulation.build_federated_data` with ``num_clients = num-partitions`` (cached per process), and
-round ``r`` (1-based) trains with the seed the engine uses for round ``r − 1``.
+from ``--node-config``). The partition, its poisoning and the seeds are exactly those of the engine: the node builds
+the :class:`~spmc.federation.Federation` with ``num_clients = num-partitions`` (cached per process), and round ``r``
+(1-based) trains the task the engine gives its client in round ``r − 1``.
 
 A node is malicious when its partition id is among the last ⌊γK⌋ (spec §2.1), unless its node config says
 otherwise with ``malicious = true|false``. Malicious nodes run the configured client procedure, or plain SGD under
@@ -23,15 +23,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from spmc.config import ConfigError, Experiment
-from spmc.data import DATASETS
+from spmc.config import ConfigError, Experiment, optim_config
+from spmc.federation import Federation
 from spmc.flower.convert import arrays_to_state, state_to_arrays
 from spmc.flower.options import UserValue, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TEACHER_KEY
-from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import SEED_CLIENT, FederatedData, build_federated_data, derive_seed, optim_config, resolve_device
-from spmc.training import ClientData, ClientTask, SequentialEngine
+from spmc.training import ClientData, SequentialEngine
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +78,7 @@ class ClientSetup:
     layout: ParamLayout
     engine: SequentialEngine
     device: torch.device
+    federation: Federation
 
 
 def malicious_ids(cfg: Experiment, partition_id: int, flag: bool | None) -> tuple[tuple[int, ...], bool]:
@@ -94,21 +93,11 @@ def malicious_ids(cfg: Experiment, partition_id: int, flag: bool | None) -> tupl
 
 
 @functools.lru_cache(maxsize=2)
-def federated_data(cfg_json: str, malicious: tuple[int, ...]) -> FederatedData:
-    """Every partition's data exactly as the engine builds it (cached per process), with ``malicious`` poisoned."""
-    cfg = Experiment.model_validate_json(cfg_json)
-    return build_federated_data(cfg, resolve_device(cfg.device), malicious)
-
-
-@functools.lru_cache(maxsize=2)
-def trainer(cfg_json: str) -> tuple[ParamLayout, SequentialEngine]:
-    """The model layout and a sequential trainer for ``cfg`` (cached per process)."""
-    cfg = Experiment.model_validate_json(cfg_json)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model = build_model(cfg.resolved_model, DATASETS[cfg.dataset].num_classes).to(resolve_device(cfg.device))
-    layout = ParamLayout.from_module(model)
-    return layout, SequentialEngine(model, layout, optim_config(cfg))
+def federation(cfg_json: str, malicious: tuple[int, ...]) -> tuple[Federation, SequentialEngine]:
+    """Every partition's data exactly as the engine builds it, with ``malicious`` poisoned, and a sequential
+    trainer over the federation's model (cached per process)."""
+    fed = Federation.build(Experiment.model_validate_json(cfg_json), malicious)
+    return fed, SequentialEngine(fed.model, fed.layout, optim_config(fed.cfg))
 
 
 def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = None) -> ClientSetup:
@@ -120,23 +109,24 @@ def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = N
     cfg = with_num_clients(cfg, k)
     cfg_json = cfg.model_dump_json()
     ids, malicious = malicious_ids(cfg, pid, node_malicious_flag(context.node_config))
-    layout, engine = trainer(cfg_json)
+    fed, engine = federation(cfg_json, ids)
     return ClientSetup(
         cfg=cfg,
         partition_id=pid,
         malicious=malicious,
-        method="plain" if malicious and cfg.malicious_client == "plain" else cfg.client,
-        data=federated_data(cfg_json, ids).clients[pid],
-        layout=layout,
+        method=fed.method_for(pid),
+        data=fed.data.clients[pid],
+        layout=fed.layout,
         engine=engine,
-        device=resolve_device(cfg.device),
+        device=fed.device,
+        federation=fed,
     )
 
 
 def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | None = None) -> Message:
     """Train the node's partition from the received global arrays (with its teacher under the SPMC client)."""
     setup = client_setup(context, overrides)
-    cfg, pid = setup.cfg, setup.partition_id
+    pid = setup.partition_id
     content = msg.content
     start = arrays_to_state(setup.layout, content.array_records[ARRAYS_KEY]).to(setup.device)
     config = content.config_records.get(CONFIG_KEY, ConfigRecord())
@@ -149,14 +139,7 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
             log.warning("teacher sent for client %s, but this is partition %d; using the global model", sent_for, pid)
         elif TEACHER_KEY in content.array_records:
             teacher = arrays_to_state(setup.layout, content.array_records[TEACHER_KEY]).to(setup.device)
-    task = ClientTask(
-        client_id=pid,
-        data=setup.data,
-        method=setup.method,  # type: ignore[arg-type]
-        epochs=cfg.local_epochs(cfg.client),
-        seed=derive_seed(cfg.seed, SEED_CLIENT, t, pid),
-        teacher=teacher,
-    )
+    task = setup.federation.task(t, pid, teacher)
     started = time.perf_counter()
     result = setup.engine.train_client(start, task)
     seconds = time.perf_counter() - started

@@ -17,20 +17,12 @@ from flwr.serverapp.strategy import Result
 from spmc.config import Experiment, build_defense
 from spmc.defenses import Defense
 from spmc.defenses.server_data import ServerData
+from spmc.federation import FederatedData, Federation, update_guard
 from spmc.flower.convert import arrays_to_state, state_to_arrays
 from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
 from spmc.flower.strategy import DefenseStrategy
 from spmc.metrics import final_metrics
-from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.simulation import (
-    FederatedData,
-    build_federated_data,
-    evaluate_state,
-    make_server_data,
-    resolve_device,
-    update_guard,
-)
 from spmc.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -47,21 +39,25 @@ class ServerSetup:
     defense: Defense
     server_data: ServerData | None
     initial_state: torch.Tensor
+    federation: Federation
 
 
 def build_server(cfg: Experiment) -> ServerSetup:
-    """Data (for evaluation and the defenses' server split), θ^0 and the defense, exactly as the engine builds them."""
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = build_federated_data(cfg, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
-    layout = ParamLayout.from_module(model)
+    """The :class:`~spmc.federation.Federation` (evaluation sets, the defenses' server split, θ^0) and the defense,
+    exactly as the simulator builds them."""
+    federation = Federation.build(cfg)
     defense = build_defense(cfg)
-    server_data = make_server_data(cfg, data, model, layout) if defense.needs_server_data else None
-    initial = layout.flatten(model).cpu()
-    return ServerSetup(cfg, data, model, layout, defense, server_data, initial)
+    server_data = federation.server_data() if defense.needs_server_data else None
+    return ServerSetup(
+        cfg,
+        federation.data,
+        federation.model,
+        federation.layout,
+        defense,
+        server_data,
+        federation.initial_state.cpu(),
+        federation,
+    )
 
 
 class ServerEvaluator:
@@ -72,8 +68,7 @@ class ServerEvaluator:
 
     def evaluate_state(self, state: torch.Tensor) -> dict[str, float]:
         """accuracy, asr (per ``asr_exclude_target_class``), asr_all and asr_excl_target of a flat state, in %."""
-        s = self.setup
-        return evaluate_state(s.model, s.layout, s.data, s.cfg, state)
+        return self.setup.federation.evaluate(state)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord(self.evaluate_state(arrays_to_state(self.setup.layout, arrays)))  # type: ignore[arg-type]

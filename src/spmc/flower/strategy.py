@@ -1,6 +1,6 @@
 """A Flower strategy (Message API) that runs any defense of spmc's registry on the replies of a round.
 
-One round, as in :meth:`spmc.simulation.Simulation.run_round`:
+One round, on the same server core as the simulator (:class:`spmc.server.ServerCore`):
 
 ```
 nodes  ← the connected nodes (a seeded sample of ⌈p·n⌉ when participation p < 1)
@@ -8,7 +8,7 @@ send   ← every node: the global arrays, and with the SPMC client its own teach
 replies← what arrives before the round time-out; error replies and time-outs are logged and left out
 check  ← each reply must hold one state of the model (names, shapes, numbers), a finite state, a positive
          ``num-examples`` and at most one reply per client id; anything else is rejected and logged
-θ_g    ← defense.aggregate(states sorted by client id)        (integer counters rounded, as in the engine)
+guard  ← the update guard (:meth:`ServerCore.step`), then θ_g ← defense.aggregate(states sorted by client id)
 teacher_k ← α-weighted leave-one-out model of every aggregated client (uniform α over the accepted clients when
          the defense gives no weights)
 ```
@@ -19,12 +19,14 @@ is asked for its partition id with a ``query`` message before it is sent a teach
 
 :meth:`DefenseStrategy.start` runs the rounds like Flower's own ``Strategy.start`` (server-side evaluation with
 ``evaluate_fn``; no client-side evaluation) and, given a :class:`~spmc.store.RunStore`, appends every round's
-record to ``metrics.jsonl`` and rewrites ``checkpoint.pt`` atomically (global state, teachers, node → client map,
-defense state), so that a stopped run resumes after its last completed round.
+record to ``metrics.jsonl`` and rewrites ``checkpoint.pt`` atomically in the simulator's format
+(:meth:`ServerCore.checkpoint`, plus the node → client map), so that a stopped run resumes after its last completed
+round.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -39,13 +41,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from spmc.config import ConfigError
-from spmc.defenses import Aggregate, Defense, RoundInputs
+from spmc.defenses import Defense
 from spmc.flower.convert import MalformedUpdate, arrays_to_state, finite_number, metric_record, state_to_arrays
-from spmc.guard import UpdateGuard, finalise_global, guard_states
-from spmc.metrics import detection_scores
+from spmc.guard import InvalidUpdateError, UpdateGuard
 from spmc.params import ParamLayout
-from spmc.simulation import SEED_PARTICIPATION, InvalidUpdateError, coalition_teachers, derive_seed
-from spmc.store import RunStore
+from spmc.server import RoundOutcome, ServerCore, sample_participants
+from spmc.store import RunDirError, RunStore, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ ARRAYS_KEY = "arrays"
 TEACHER_KEY = "teacher"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
-CHECKPOINT_FORMAT = 1
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -121,18 +121,25 @@ class DefenseStrategy(Strategy):
         self.participation = participation
         self.seed = seed
         self.on_invalid_update = on_invalid_update
-        self.guard = UpdateGuard() if guard is None else guard
-        self.server_data = server_data
+        self.core = ServerCore(
+            defense,
+            layout,
+            torch.zeros(layout.dim) if initial_state is None else initial_state,
+            guard=UpdateGuard() if guard is None else guard,
+            on_invalid_update=on_invalid_update,
+            server_data=server_data,
+            learns_from_teacher=lambda k: send_teachers,
+        )
+        self._has_state = initial_state is not None
         self.store = store
         self.resume = resume
         self.config_json = config_json
+        self.config_hash = config_hash(json.loads(config_json)) if config_json else ""
         self.min_nodes = max(1, min_nodes)
         self.connect_timeout = connect_timeout
         self.identify_timeout = identify_timeout
         self.poll_interval = poll_interval
-        self.global_state: torch.Tensor | None = initial_state
         self.eval_state: torch.Tensor | None = None
-        self.teachers: dict[int, torch.Tensor] = {}
         self.node_clients: dict[int, int] = {}
         self.last_record: dict[str, Any] = {}
         self.round_timeout: float | None = None
@@ -141,6 +148,21 @@ class DefenseStrategy(Strategy):
         self._reply_seconds: dict[str, float] = {}
         self._sampled: list[int] = []
         self._unanswered: list[int] = []
+
+    @property
+    def global_state(self) -> torch.Tensor | None:
+        """θ_g (on the CPU), held by the server core; None before the first round or checkpoint."""
+        return self.core.global_state if self._has_state else None
+
+    @global_state.setter
+    def global_state(self, state: torch.Tensor) -> None:
+        self.core.global_state = state
+        self._has_state = True
+
+    @property
+    def teachers(self) -> dict[int, torch.Tensor]:
+        """teacher_k of every client aggregated so far, held by the server core."""
+        return self.core.teachers
 
     # ------------------------------------------------------------------ Flower's Strategy interface
 
@@ -183,41 +205,35 @@ class DefenseStrategy(Strategy):
         """Check the replies, run the defense on the valid states and update the teachers."""
         t = server_round - 1
         updates, rejected, failed = self._collect(t, replies)
-        updates, refused = self._guard(t, updates)
-        rejected += refused
         failed += self._unanswered
         self._unanswered = []
         if rejected and self.on_invalid_update == "stop":
             raise InvalidUpdateError(f"round {t}: rejected updates from {rejected}; stopping (on_invalid_update)")
+        if self.global_state is None and updates:
+            raise RuntimeError("aggregate_train before any global state: call configure_train or start first")
+        updates.sort(key=lambda u: u.client_id)
+        ids = [u.client_id for u in updates]
+        outcome = self.core.step(t, [u.state for u in updates], ids, [u.num_samples for u in updates])
+        rejected += list(outcome.refused)
+        aggregated = [u for u in updates if u.client_id in outcome.kept_ids]
         record: dict[str, Any] = {
             "num_sampled": len(self._sampled),
-            "num_aggregated": len(updates),
+            "num_aggregated": len(aggregated),
             "num_rejected": len(rejected),
             "num_failed": len(failed),
             "rejected": rejected,
             "failed_nodes": failed,
         }
-        if not updates:
+        if outcome.aggregate is None:
             log.error("round %d: no valid update arrived; the global model is unchanged", t)
             self.last_record = record
             return None, metric_record(record)
-        if self.global_state is None:
-            raise RuntimeError("aggregate_train before any global state: call configure_train or start first")
-        updates.sort(key=lambda u: u.client_id)
-        ids = tuple(u.client_id for u in updates)
-        states = torch.stack([u.state for u in updates])
-        counts = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
-        server_data = self.server_data if self.defense.needs_server_data else None
-        agg = self.defense.aggregate(RoundInputs(self.global_state, states, ids, counts, self.layout, t, server_data))
-        new_global = finalise_global(agg.global_state, self.layout, self.defense.name, t).cpu()
-        if self.send_teachers:
-            self.teachers.update(coalition_teachers(agg, states, ids))
-        self.global_state = new_global
-        self.eval_state = None if agg.eval_state is None else agg.eval_state.detach().cpu()
-        self.node_clients.update({u.node_id: u.client_id for u in updates})
-        record.update(self._round_record(agg, updates))
+        eval_state = outcome.aggregate.eval_state
+        self.eval_state = None if eval_state is None else eval_state.detach().cpu()
+        self.node_clients.update({u.node_id: u.client_id for u in aggregated})
+        record.update(self._round_record(outcome, aggregated))
         self.last_record = record
-        return state_to_arrays(self.layout, new_global), metric_record(record)
+        return state_to_arrays(self.layout, self.core.global_state), metric_record(record)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -339,11 +355,7 @@ class DefenseStrategy(Strategy):
             log.warning(
                 "only %d of %d wanted nodes connected after %.0fs; going on", len(nodes), need, self.connect_timeout
             )
-        if self.participation >= 1.0 or not nodes:
-            return nodes
-        size = max(1, math.ceil(self.participation * len(nodes) - 1e-9))
-        rng = np.random.default_rng(derive_seed(self.seed, SEED_PARTICIPATION, server_round - 1))
-        return sorted(int(n) for n in rng.choice(nodes, size=size, replace=False))
+        return sample_participants(nodes, self.participation, self.seed, server_round - 1)
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes never seen before for their partition id (a ``query`` message), so they get their teacher."""
@@ -397,19 +409,6 @@ class DefenseStrategy(Strategy):
             updates.append(update)
         return updates, rejected, failed
 
-    def _guard(self, t: int, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], list[int]]:
-        """The update guard (:mod:`spmc.guard`) over the round's parsed updates: those it passes, the refused ids."""
-        if self.global_state is None or not updates:
-            return updates, []
-        mask = self.layout.stat_mask(self.global_state.device)
-        problems = guard_states(self.global_state, [u.state for u in updates], mask, self.guard)
-        for u, problem in zip(updates, problems):
-            if problem is not None:
-                log.warning("round %d: update from client %d (node %d) refused: %s", t, u.client_id, u.node_id, problem)
-        return [u for u, p in zip(updates, problems) if p is None], [
-            u.client_id for u, p in zip(updates, problems) if p is not None
-        ]
-
     def _parse(self, node: int, content: RecordDict) -> ClientUpdate:
         """A reply's update, or :class:`MalformedUpdate` naming what is wrong with it."""
         arrays = _single(dict(content.array_records), ARRAYS_KEY, "ArrayRecord")
@@ -434,64 +433,45 @@ class DefenseStrategy(Strategy):
             train_seconds=math.nan if train_seconds is None else train_seconds,
         )
 
-    def _round_record(self, agg: Aggregate, updates: list[ClientUpdate]) -> dict[str, Any]:
+    def _round_record(self, outcome: RoundOutcome, updates: list[ClientUpdate]) -> dict[str, Any]:
         """What the round decided, for ``metrics.jsonl`` and (flattened) the train MetricRecord."""
-        ids = [u.client_id for u in updates]
-        accepted = list(agg.accepted) if agg.accepted is not None else ids
         losses = [u.train_loss for u in updates if not math.isnan(u.train_loss)]
+        reported = any(u.malicious is not None for u in updates)  # simulation bookkeeping; the defense never sees it
+        malicious = [u.client_id for u in updates if u.malicious] if reported else None
         record: dict[str, Any] = {
-            "clients": ids,
-            "accepted": accepted,
+            "clients": [u.client_id for u in updates],
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             "client_loss": {str(u.client_id): u.train_loss for u in updates},
             "client_train_seconds": {str(u.client_id): u.train_seconds for u in updates},
             "client_reply_seconds": {str(u.client_id): u.reply_seconds for u in updates},
-            **agg.diagnostics,
+            **outcome.record(malicious),
         }
-        if any(u.malicious is not None for u in updates):  # simulation bookkeeping; the defense never sees it
-            malicious = [u.client_id for u in updates if u.malicious]
+        if malicious is not None:
             record["reported_malicious"] = malicious
-            if len(accepted) < len(ids):
-                record["detection"] = detection_scores(accepted, ids, malicious)
         return record
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self, server_round: int) -> dict[str, Any]:
-        """Everything needed to resume after ``server_round``: global state, teachers, node → client map and the
-        defense's own state (where it has ``state_dict``)."""
+        """Everything needed to resume after ``server_round``: the server core's checkpoint (the simulator's format:
+        global state, teachers, defense state, config hash) and the node → client map."""
         if self.global_state is None:
             raise RuntimeError("no global state to checkpoint")
-        defense_state = self.defense.state_dict() if hasattr(self.defense, "state_dict") else None
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "round": server_round,
-            "global_state": self.global_state.clone(),
-            "teachers": {str(k): v.detach().cpu().clone() for k, v in self.teachers.items()},
-            "node_clients": {str(n): c for n, c in self.node_clients.items()},
-            "defense": self.defense.name,
-            "defense_state": defense_state,
-            "layout": [e.name for e in self.layout.entries],
-            "config": self.config_json,
-        }
+        node_clients = {str(n): c for n, c in self.node_clients.items()}
+        return self.core.checkpoint(server_round, self.config_hash, node_clients=node_clients)
 
     def load_state_dict(self, payload: dict[str, Any]) -> int:
-        """Restore a :meth:`state_dict`; returns the last completed round. Refuses another model or defense."""
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"checkpoint: format {payload.get('format')!r}; expected {CHECKPOINT_FORMAT}")
-        if payload["layout"] != [e.name for e in self.layout.entries]:
-            raise ConfigError("checkpoint: it holds another model's state; use another out-dir or resume = false")
-        if payload["defense"] != self.defense.name:
-            raise ConfigError(f"checkpoint: written by defense {payload['defense']!r}, not {self.defense.name!r}")
-        if self.config_json and payload.get("config") not in ("", self.config_json):
-            log.warning("checkpoint: written with another configuration; resuming with the current one")
-        self.global_state = payload["global_state"].clone()
-        self.layout.check(self.global_state)
-        self.teachers = {int(k): v.clone() for k, v in payload["teachers"].items()}
-        self.node_clients = {int(n): int(c) for n, c in payload["node_clients"].items()}
-        if payload.get("defense_state") is not None and hasattr(self.defense, "load_state_dict"):
-            self.defense.load_state_dict(payload["defense_state"])
-        return int(payload["round"])
+        """Restore a :meth:`state_dict`; returns the last completed round. Refuses another model or defense (a
+        checkpoint of another configuration is resumed with a warning: the number of rounds may grow)."""
+        where = str(self.store.checkpoint_path) if self.store is not None else "checkpoint"
+        try:
+            done = self.core.restore(payload, self.config_hash, where=where, strict_config=False)
+            node_clients = {int(n): int(c) for n, c in payload["node_clients"].items()}
+        except (RunDirError, KeyError, ValueError, TypeError, AttributeError) as err:
+            raise ConfigError(str(err) if isinstance(err, RunDirError) else f"{where}: {err!r}") from None
+        self._has_state = True
+        self.node_clients = node_clients
+        return done
 
     def _resume(self) -> int:
         """Rounds already done according to the store's checkpoint (0 for a fresh run, which clears the log)."""

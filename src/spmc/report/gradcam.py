@@ -36,17 +36,12 @@ from spmc.store import RunStore, read_json_file
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "fmnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
-    "cifar10": ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-}
-CLASS_NAMES["fmnist-sample"] = CLASS_NAMES["fmnist"]
-
-
 def class_name(dataset: str, idx: int) -> str:
-    """Readable name of class ``idx`` of ``dataset`` (the digit itself for MNIST and the synthetic set)."""
-    names = CLASS_NAMES.get(dataset)
-    return names[idx] if names is not None and 0 <= idx < len(names) else str(idx)
+    """Readable name of class ``idx`` of ``dataset`` (:attr:`DatasetInfo.class_names`; the digit itself for MNIST
+    and the synthetic set)."""
+    info = DATASETS.get(dataset)
+    names = info.class_names if info is not None else ()
+    return names[idx] if 0 <= idx < len(names) else str(idx)
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -135,7 +130,7 @@ def load_final_model(run_dir: str | Path, cfg: Experiment) -> nn.Module:
     payload = RunStore(run_dir).load_checkpoint()
     if payload is None or "global_state" not in payload:
         raise DataError(f"{path}: no 'global_state' entry")
-    done = int(payload.get("next_round", cfg.rounds))
+    done = int(payload.get("round", cfg.rounds))
     if done < cfg.rounds:
         log.warning("%s: the checkpoint holds the model after round %d of %d", path, done, cfg.rounds)
     if cfg.defense == "finetuning" and not cfg.finetune_broadcast:

@@ -1,0 +1,324 @@
+"""What a run is built from, for both drivers (:class:`spmc.simulation.Simulation` and the Flower apps).
+
+```
+raw      ← load(dataset)                                   (spec §1.1)
+pool,val ← server_split(raw.train)                         (spec §1.2: the server's clean validation split)
+parts    ← Dirichlet(β) partition of pool over K clients   (spec §1.3)
+client_k ← parts[k], poisoned when k is malicious          (spec §2: last ⌊γK⌋ ids unless overridden)
+test     ← clean test set; backdoor ← triggered test set   (spec §1.6, §2.4)
+θ⁰       ← build_model(seed)
+```
+
+Every random stream is derived from (seed, purpose, round, client) by :func:`derive_seed`, so a Flower node that
+builds its own :class:`Federation` poisons, shuffles and trains exactly as the simulator does.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from spmc import batched
+from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
+from spmc.batched import BatchedEngine
+from spmc.config import Experiment, optim_config
+from spmc.data import (
+    DATASETS,
+    DatasetInfo,
+    Preprocessor,
+    dirichlet_partition,
+    load_dataset,
+    server_split,
+    to_unit_float,
+)
+from spmc.data.strong_aug import strong_augment
+from spmc.defenses.server_data import ServerData
+from spmc.guard import UpdateGuard
+from spmc.models import build_model
+from spmc.params import ParamLayout
+from spmc.training import ClientData, ClientResult, ClientTask, SequentialEngine, accuracy
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (experiment seed, purpose, round, client id), independent of visiting order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+# Purposes for derive_seed, so that streams never collide (the Flower apps derive the same streams).
+SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error naming the field."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: got 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def update_guard(cfg: Experiment) -> UpdateGuard:
+    """The update guard's thresholds of ``cfg`` (:mod:`spmc.guard`)."""
+    return UpdateGuard(cfg.update_guard, cfg.update_guard_max_abs, cfg.update_guard_norm_ratio)
+
+
+class Engine(Protocol):
+    """Trains the clients of one round from the global state: :class:`SequentialEngine` or :class:`BatchedEngine`.
+
+    ``name`` and ``kernel`` (the first block's kernel: ``torch`` or ``native``) go into the run's summary."""
+
+    name: str
+    kernel: str
+
+    def train_round(self, start: torch.Tensor, tasks: list[ClientTask]) -> list[ClientResult]: ...
+
+
+def build_engine(cfg: Experiment, model: torch.nn.Module, layout: ParamLayout, device: torch.device) -> Engine:
+    """The configured engine; ``auto`` takes the batched one wherever it applies (SimpleCNN)."""
+    can_batch = batched.supports(model, layout)
+    if cfg.engine == "batched" and not can_batch:
+        raise ValueError(
+            f"engine: 'batched' supports SimpleCNN only; model {cfg.resolved_model!r} needs 'sequential' or 'auto'"
+        )
+    if cfg.engine == "batched" or (cfg.engine == "auto" and can_batch):
+        return BatchedEngine(layout, optim_config(cfg), kernel=cfg.kernel, device=device)
+    log.info("engine: sequential (model %s is not stacked)", cfg.resolved_model)
+    return SequentialEngine(model, layout, optim_config(cfg))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class FederatedData:
+    """Everything the round loop reads: client data, sample counts, evaluation sets (all on the run's device)."""
+
+    info: DatasetInfo
+    clients: dict[int, ClientData]
+    num_samples: dict[int, int]
+    malicious: tuple[int, ...]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    backdoor_x: torch.Tensor
+    backdoor_y: torch.Tensor
+    backdoor_not_target: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    val_transform: Transform
+
+
+@dataclass(frozen=True)
+class Poisoning:
+    """How malicious clients poison their data (spec §2): the attack's keyword arguments and the poisoned mask over
+    the whole training set (None when no client is malicious)."""
+
+    attack_kw: dict[str, Any]
+    mask: torch.Tensor | None
+
+
+def attack_kwargs(cfg: Experiment, info: DatasetInfo) -> dict[str, Any]:
+    """The keyword arguments of :func:`poison_batch` for ``cfg``: attack, trigger values (in normalised space),
+    target label and semantic noise."""
+    return {
+        "attack": cfg.attack,
+        "values": trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels),
+        "target": cfg.target_label,
+        "noise_std": cfg.semantic_noise_std,
+    }
+
+
+def poisoning(
+    cfg: Experiment, info: DatasetInfo, labels: torch.Tensor, malicious: Sequence[int], device: torch.device
+) -> Poisoning:
+    """The attack's arguments and, when some client is malicious, the seeded mask of poisoned samples (spec §2.2)."""
+    mask = None
+    if malicious:
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_POISON))
+        mask = poison_mask(labels, cfg.poison_rate, gen, cfg.attack, cfg.semantic_source_label).to(device)
+    return Poisoning(attack_kwargs(cfg, info), mask)
+
+
+def client_data(
+    cfg: Experiment, k: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, pre: Preprocessor,
+    attack_kw: dict[str, Any],
+) -> ClientData:  # fmt: skip
+    """Client ``k``'s data: benign (``mask`` None) with the training transform, else poisoned — once, after a
+    static augmentation (``poison_static_aug``), or on the fly per batch."""
+    if mask is None:
+
+        def benign(
+            xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return pre.train(xb, g, grey_view=True), yb  # never written into: a stride-0 view is safe
+
+        return ClientData(x, y, transform=benign)
+    if cfg.poison_static_aug:
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_STATIC_AUG, k))
+        xs, ys = poison_batch(pre.train(x, gen), y, mask, generator=gen, **attack_kw)
+        return ClientData(xs.contiguous(), ys, final=True)
+
+    def on_the_fly(
+        xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return poison_batch(pre.train(xb, g), yb, mask[ib], generator=g, **attack_kw)
+
+    return ClientData(x, y, transform=on_the_fly)
+
+
+def server_transform(info: DatasetInfo, pre: Preprocessor) -> Transform:
+    """The augmentation of the server's clean split (:attr:`DatasetInfo.server_augmentation`)."""
+    if info.server_augmentation == "strong":
+        return functools.partial(strong_augment, mean=info.mean, std=info.std)
+    return pre.train
+
+
+def build_federated_data(
+    cfg: Experiment, device: torch.device, malicious: Sequence[int] | None = None
+) -> FederatedData:
+    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets.
+
+    ``malicious`` overrides the last-⌊γK⌋ rule (a Flower node configured as malicious, for instance)."""
+    info = DATASETS[cfg.dataset]
+    raw = load_dataset(
+        cfg.dataset, cfg.data_dir, synthetic_size=(cfg.synthetic_train_size, cfg.synthetic_test_size), seed=cfg.seed
+    )
+    pre = Preprocessor(info)
+    train01 = to_unit_float(raw.train_images).to(device)
+    labels = raw.train_labels.to(device)
+    pool, val = server_split(int(labels.shape[0]), cfg.val_fraction)
+    parts = dirichlet_partition(
+        raw.train_labels[torch.as_tensor(pool)].numpy(), cfg.num_clients, cfg.beta, cfg.min_client_size, cfg.seed
+    )
+    bad = cfg.malicious_ids if malicious is None else tuple(sorted(malicious))
+    poison = poisoning(cfg, info, raw.train_labels, bad, device)
+    clients: dict[int, ClientData] = {}
+    for k, part in enumerate(parts):
+        idx = torch.as_tensor(pool[part], dtype=torch.long, device=device)
+        mask = poison.mask[idx] if (poison.mask is not None and k in bad) else None
+        clients[k] = client_data(cfg, k, train01[idx], labels[idx], mask, pre, poison.attack_kw)
+    num_samples = {k: len(d) for k, d in clients.items()}
+    small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
+    if small and cfg.drop_last:
+        log.warning("clients with fewer samples than one batch take no step (spec D30): %s", small)
+    log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(bad))
+    test_x = pre.test(to_unit_float(raw.test_images).to(device))
+    test_y = raw.test_labels.to(device)
+    bd_x, bd_y, bd_not_target = backdoor_test_set(
+        test_x,
+        test_y,
+        attack="base" if cfg.attack == "none" else cfg.attack,
+        values=poison.attack_kw["values"],
+        target=cfg.target_label,
+        source_label=cfg.semantic_source_label,
+        noise_std=cfg.semantic_noise_std,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST)),
+    )
+    val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
+    return FederatedData(
+        info, clients, num_samples, bad, test_x, test_y, bd_x, bd_y, bd_not_target,
+        val_x=train01[val_idx], val_y=labels[val_idx], val_transform=server_transform(info, pre),
+    )  # fmt: skip
+
+
+def evaluate_state(
+    model: torch.nn.Module, layout: ParamLayout, data: FederatedData, cfg: Experiment, state: torch.Tensor
+) -> dict[str, float]:
+    """A_t on the clean test set and ASR_t on the triggered set (spec §1.6, §2.4), with and without target-class
+    images; ``asr`` is the one ``asr_exclude_target_class`` picks. ``model`` is overwritten with ``state``."""
+    layout.load(model, state)
+    bs = cfg.eval_batch_size
+    keep = data.backdoor_not_target
+    asr_all = accuracy(model, data.backdoor_x, data.backdoor_y, bs)
+    asr_excl = accuracy(model, data.backdoor_x[keep], data.backdoor_y[keep], bs)
+    return {
+        "accuracy": accuracy(model, data.test_x, data.test_y, bs),
+        "asr": asr_excl if cfg.asr_exclude_target_class else asr_all,
+        "asr_all": asr_all,
+        "asr_excl_target": asr_excl,
+    }
+
+
+def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
+    """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38)."""
+    return ServerData(
+        x=data.val_x,
+        y=data.val_y,
+        transform=data.val_transform,
+        model=copy.deepcopy(model),
+        layout=layout,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=derive_seed(cfg.seed, SEED_SERVER),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ federation
+
+
+@dataclass
+class Federation:
+    """Everything a run is built from: data (split, partition, poisoning, test sets), the model, its layout and θ⁰.
+
+    Built the same way by the simulator, the Flower ServerApp and every Flower ClientApp (:meth:`build`)."""
+
+    cfg: Experiment
+    device: torch.device
+    data: FederatedData
+    model: torch.nn.Module
+    layout: ParamLayout
+    initial_state: torch.Tensor
+
+    @classmethod
+    def build(cls, cfg: Experiment, malicious: Sequence[int] | None = None) -> Federation:
+        """Data first, then θ⁰ from ``torch.manual_seed(cfg.seed)``; ``malicious`` overrides the last-⌊γK⌋ ids."""
+        device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        data = build_federated_data(cfg, device, malicious)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
+        layout = ParamLayout.from_module(model)
+        return cls(cfg, device, data, model, layout, layout.flatten(model))
+
+    def method_for(self, client_id: int) -> str:
+        """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
+        if client_id in self.data.malicious and self.cfg.malicious_client == "plain":
+            return "plain"
+        return self.cfg.client
+
+    def task(self, t: int, client_id: int, teacher: torch.Tensor | None) -> ClientTask:
+        """Client ``client_id``'s training task in round ``t`` (its teacher is used by the SPMC client only)."""
+        method = self.method_for(client_id)
+        return ClientTask(
+            client_id=client_id,
+            data=self.data.clients[client_id],
+            method=method,  # type: ignore[arg-type]
+            epochs=self.cfg.local_epochs(self.cfg.client),
+            seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, client_id),
+            teacher=teacher if method == "spmc" else None,
+        )
+
+    def server_data(self) -> ServerData:
+        """The server's clean split for defenses that need it (:func:`make_server_data`)."""
+        return make_server_data(self.cfg, self.data, self.model, self.layout)
+
+    def evaluate(self, state: torch.Tensor) -> dict[str, float]:
+        """:func:`evaluate_state` of ``state`` (the federation's model is overwritten)."""
+        return evaluate_state(self.model, self.layout, self.data, self.cfg, state)
+
+    def engine(self) -> Engine:
+        """The configured engine over this federation's model (:func:`build_engine`)."""
+        return build_engine(self.cfg, self.model, self.layout, self.device)
