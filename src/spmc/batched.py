@@ -25,8 +25,8 @@ channels to 16 anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from spmc.training import ClientResult, ClientTask, OptimConfig, batches
 _CONVS = ("conv1", "conv2")
 _LINEARS = ("fc1", "fc2", "l1", "l2", "cls")
 _RELU_AFTER = {"fc1", "fc2", "l1"}
+_TensorPair = tuple[torch.Tensor, torch.Tensor]
 
 
 def supports(model: torch.nn.Module, layout: ParamLayout) -> bool:
@@ -55,14 +56,17 @@ class GroupedConv(torch.autograd.Function):
     small groups; ∂L/∂w is oneDNN's weight gradient.
     """
 
+    # torch's Function.apply is untyped: each Function here declares the signature of its forward (less ctx)
+    apply: ClassVar[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.groups = groups
         return F.conv2d(x, w, groups=groups)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, w = ctx.saved_tensors
         g = ctx.groups
         grad_x = grad_w = None
@@ -87,14 +91,22 @@ class SharedInputBlock(torch.autograd.Function):
     ∂L/∂w_s is the convolution's weight gradient of that, routed back through the pooling's argmax.
     """
 
+    apply: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], _TensorPair]]
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor, groups: int
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w_s: torch.Tensor,
+        b_s: torch.Tensor,
+        w_t: torch.Tensor,
+        b_t: torch.Tensor,
+        groups: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         c, o = groups, w_s.shape[0] // groups
         w = torch.stack([w_s.view(c, o, *w_s.shape[1:]), w_t.view(c, o, *w_t.shape[1:])], dim=1)
         conv = F.conv2d(x, w.reshape(2 * c * o, *w_s.shape[1:]), groups=c)
-        pooled, idx = F.max_pool2d_with_indices(conv, 2)
+        pooled, idx = F.max_pool2d_with_indices(conv, (2, 2))
         batch, _, h, wd = pooled.shape
 
         def half(src: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,13 +125,13 @@ class SharedInputBlock(torch.autograd.Function):
         return h_s, h_t
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
+    def backward(
+        ctx: Any, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
     ) -> tuple[None, torch.Tensor, torch.Tensor, None, None, None]:
         x, w_s, h_s, idx = ctx.saved_tensors
         grad = grad_s * (h_s > 0)
         grad_b = grad.sum(dim=(0, 2, 3))
-        grad_conv = F.max_unpool2d(grad, idx, 2, output_size=ctx.conv_size)
+        grad_conv = F.max_unpool2d(grad, idx, (2, 2), output_size=ctx.conv_size)
         grad_w = torch.ops.aten.convolution_backward(
             grad_conv, x, w_s, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.groups, [False, True, False]
         )[1]
@@ -135,9 +147,11 @@ class NativeFirstBlock(torch.autograd.Function):
     space; ∂L/∂w_s routes that through each pooling window's argmax to the convolution's weight gradient.
     """
 
+    apply: ClassVar[Callable[[native.ImageBatch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], _TensorPair]]
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
+    def forward(
+        ctx: Any,
         x: native.ImageBatch,
         w_s: torch.Tensor,
         b_s: torch.Tensor,
@@ -145,7 +159,7 @@ class NativeFirstBlock(torch.autograd.Function):
         b_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         w = w_s if w_t.numel() == 0 else torch.cat([w_s, w_t], dim=1)
-        pooled, arg = native.conv1_pool_forward(native.load(), x, w, argmax=True)
+        pooled, arg = native.conv1_pool_forward(native.require(), x, w, argmax=True)
         channels = pooled.permute(0, 1, 4, 2, 3)  # [nch, B, C·6, 14, 14], channels_last per block
         h_s = channels[0].add_(b_s.reshape(1, -1, 1, 1)).relu_()
         h_t = channels[1].add_(b_t.reshape(1, -1, 1, 1)).relu_() if w_t.numel() else w_t.new_empty(0)
@@ -156,12 +170,12 @@ class NativeFirstBlock(torch.autograd.Function):
         return h_s, h_t
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
+    def backward(
+        ctx: Any, grad_s: torch.Tensor, _grad_t: torch.Tensor | None
     ) -> tuple[None, torch.Tensor, torch.Tensor, None, None]:
         h_s, arg = ctx.saved_tensors
         grad_w, grad_b = native.conv1_pool_backward(
-            native.load(), ctx.images, grad_s.permute(0, 2, 3, 1), h_s.permute(0, 2, 3, 1), arg
+            native.require(), ctx.images, grad_s.permute(0, 2, 3, 1), h_s.permute(0, 2, 3, 1), arg
         )
         return None, grad_w, grad_b.view(ctx.bias_shape), None, None
 
@@ -172,19 +186,35 @@ class NativeSecondBlock(torch.autograd.Function):
     scatters from them instead of two dense convolutions (oneDNN pads the 6 channels per client of ∂L/∂a to 16).
     The forward pass is torch's (grouped convolution, channels_last)."""
 
+    apply: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
+
     @staticmethod
-    def forward(ctx, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         conv = F.conv2d(a, w.reshape(-1, *w.shape[2:]), groups=w.shape[0])
-        pooled, idx = F.max_pool2d_with_indices(conv, 2)
+        pooled, idx = F.max_pool2d_with_indices(conv, (2, 2))
         h = pooled.add_(b.reshape(1, -1, 1, 1)).relu_()
         ctx.save_for_backward(a, w, h, idx)
         return h
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, w, h, idx = ctx.saved_tensors
-        grad_a, grad_w, grad_b = native.conv2_pool_backward(native.load(), a, w, grad, h, idx)
+        grad_a, grad_w, grad_b = native.conv2_pool_backward(native.require(), a, w, grad, h, idx)
         return grad_a, grad_w, grad_b.view(h.shape[1] // 16, 16)
+
+
+def _torch_input(x: torch.Tensor | native.ImageBatch) -> torch.Tensor:
+    """The first block's input for torch's kernel: a tensor [B, C·3, 32, 32]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batched engine: torch's kernel takes a tensor [B, C·3, 32, 32], got {type(x).__name__}")
+    return x
+
+
+def _native_input(x: torch.Tensor | native.ImageBatch) -> native.ImageBatch:
+    """The first block's input for the native kernel: a :class:`spmc.native.ImageBatch`."""
+    if not isinstance(x, native.ImageBatch):
+        raise TypeError(f"batched engine: the native kernel takes a spmc.native.ImageBatch, got {type(x).__name__}")
+    return x
 
 
 class StackedSimpleCNN:
@@ -208,8 +238,8 @@ class StackedSimpleCNN:
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor | native.ImageBatch) -> torch.Tensor:
         """Logits [C, B, classes]."""
         if not self.native:
-            return self._layers(params, x, _CONVS)
-        h, _ = self._native_block(params, None, x)
+            return self._layers(params, _torch_input(x), _CONVS)
+        h, _ = self._native_block(params, None, _native_input(x))
         return self._layers(params, h, _CONVS[1:])
 
     def forward_with_teacher(
@@ -219,10 +249,10 @@ class StackedSimpleCNN:
         c = params["conv1.weight"].shape[0]
         w_s, w_t = params["conv1.weight"], teacher["conv1.weight"]
         if self.native:
-            h_s, h_t = self._native_block(params, teacher, x)
+            h_s, h_t = self._native_block(params, teacher, _native_input(x))
         else:
             h_s, h_t = SharedInputBlock.apply(
-                x,
+                _torch_input(x),
                 w_s.reshape(-1, *w_s.shape[2:]),
                 params["conv1.bias"].reshape(-1),
                 w_t.reshape(-1, *w_t.shape[2:]),
@@ -333,7 +363,7 @@ class BatchedEngine:
     ) -> None:
         self.layout = layout
         self.cfg = cfg
-        self.kernel = resolve_kernel(kernel, torch.device(device))
+        self.kernel: str = resolve_kernel(kernel, torch.device(device))
         self.net = StackedSimpleCNN(layout, native=self.kernel == "native")
         self.channels_last = channels_last
         self.numels = [e.numel for e in layout.entries]
@@ -377,7 +407,8 @@ class BatchedEngine:
         steps = torch.zeros(c, dtype=torch.long)
         while True:
             step = [_next_or_none(it) for it in iters]
-            active = [k for k, item in enumerate(step) if item is not None]
+            present = [(k, item) for k, item in enumerate(step) if item is not None]
+            active = [k for k, _ in present]
             if not active:
                 break
             # Only the clients that still have a batch are computed; the others keep their state and momentum.
@@ -389,7 +420,7 @@ class BatchedEngine:
             params = {name: t.requires_grad_(True) for name, t in self.net.tensors(sub).items()}
             leaves = list(params.values())
             # drop_last = false: clients' last partial batches are padded, and their losses masked (mean over real)
-            padded, mask = pad_batches([step[k] for k in active])
+            padded, mask = pad_batches([item for _, item in present])
             x, y = self._gather(padded, device)
             if teachers is None:
                 logits = self.net.forward(params, x)

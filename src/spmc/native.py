@@ -118,6 +118,14 @@ def load() -> ctypes.CDLL | None:
     return None
 
 
+def require() -> ctypes.CDLL:
+    """The compiled kernel library (:func:`load`); RuntimeError where it is not available."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("native kernel: not available (see the log of spmc.native)")
+    return lib
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the library's functions."""
     lib.conv1_pool_forward.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
@@ -147,6 +155,8 @@ def self_test(lib: ctypes.CDLL) -> str | None:
     dp = torch.randn(2, 14, 14, 12, generator=gen)
     x = ImageBatch.stack(images, lib)
     pooled, arg = conv1_pool_forward(lib, x, w, argmax=True)
+    if arg is None:
+        return "forward's argmax"
     h = pooled[0].relu()
     grad_w, grad_b = conv1_pool_backward(lib, x, dp, h, arg)
     w64 = w.double().requires_grad_(True)
@@ -156,31 +166,34 @@ def self_test(lib: ctypes.CDLL) -> str | None:
             return f"forward, client {g}"
         mask = (h[..., 6 * g : 6 * g + 6] > 0).permute(0, 3, 1, 2)
         (ref * mask * dp[..., 6 * g : 6 * g + 6].permute(0, 3, 1, 2)).sum().backward()
-    if not torch.allclose(grad_w.double(), w64.grad, atol=1e-3, rtol=1e-4):
+    if w64.grad is None or not torch.allclose(grad_w.double(), w64.grad, atol=1e-3, rtol=1e-4):
         return "weight gradient"
     if not torch.allclose(grad_b, (dp * (h > 0)).view(2, 14, 14, 2, 6).sum(dim=(0, 1, 2)), atol=1e-4):
         return "bias gradient"
     a = torch.rand(2, 12, 14, 14, generator=gen).contiguous(memory_format=torch.channels_last)
     w2 = torch.randn(2, 16, 6, 5, 5, generator=gen)
     b2 = torch.randn(2, 16, generator=gen)
-    pooled2, idx = F.max_pool2d_with_indices(F.conv2d(a, w2.reshape(32, 6, 5, 5), groups=2), 2)
+    pooled2, idx = F.max_pool2d_with_indices(F.conv2d(a, w2.reshape(32, 6, 5, 5), groups=2), (2, 2))
     h2 = (pooled2 + b2.reshape(1, -1, 1, 1)).relu()
     dh = torch.randn(2, 32, 5, 5, generator=gen)
     a64, w64 = a.double().requires_grad_(True), w2.double().requires_grad_(True)
     ref2 = F.max_pool2d(F.conv2d(a64, w64.reshape(32, 6, 5, 5), groups=2), 2)
     (ref2 * (h2 > 0) * dh).sum().backward()
     got = conv2_pool_backward(lib, a, w2, dh, h2, idx)
-    if not (
-        torch.allclose(got[0].double(), a64.grad, atol=1e-3) and torch.allclose(got[1].double(), w64.grad, atol=1e-3)
+    if (
+        a64.grad is None
+        or w64.grad is None
+        or not torch.allclose(got[0].double(), a64.grad, atol=1e-3)
+        or not torch.allclose(got[1].double(), w64.grad, atol=1e-3)
     ):
         return "second block's backward"
     if not torch.allclose(got[2], (dh * (h2 > 0)).sum(dim=(0, 2, 3)).view(2, 16), atol=1e-4):
         return "second block's bias gradient"
-    images = torch.rand(3, 3, 32, 32, generator=gen)
+    batch = torch.rand(3, 3, 32, 32, generator=gen)
     oy, ox = torch.tensor([0, 4, 8]), torch.tensor([8, 0, 3])
     flip = torch.tensor([True, False, True])
-    crop = crop_flip_normalize(lib, images, oy, ox, flip, 4, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
-    padded = F.pad(images, (4, 4, 4, 4))
+    crop = crop_flip_normalize(lib, batch, oy, ox, flip, 4, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    padded = F.pad(batch, (4, 4, 4, 4))
     want = torch.stack([padded[i, :, int(oy[i]) : int(oy[i]) + 32, int(ox[i]) : int(ox[i]) + 32] for i in range(3)])
     want = torch.where(flip.view(3, 1, 1, 1), want.flip(-1), want)
     want = (want - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
@@ -212,9 +225,7 @@ class ImageBatch:
         if len(shape) != 4 or shape[1:] != (3, 32, 32) or any(tuple(x.shape) != shape for x in images):
             got = [tuple(x.shape) for x in images]
             raise ValueError(f"native kernel: every client's images must be [batch, 3, 32, 32], got {got}")
-        lib = lib or load()
-        if lib is None:
-            raise RuntimeError("native kernel: not available (see the log of spmc.native)")
+        lib = lib or require()
         groups, batch = len(images), shape[0]
         # a batch expanded from one channel (stride 0) is grey by construction: only that channel is read
         src = [(x[:, :1] if x.stride(1) == 0 else x).detach().to(torch.float32).contiguous() for x in images]
