@@ -50,7 +50,8 @@ def safe_norms(rows: torch.Tensor) -> torch.Tensor:
     x = rows.to(torch.float64)
     scale = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (x / safe.unsqueeze(1)).norm(dim=1) * scale
+    norms: torch.Tensor = (x / safe.unsqueeze(1)).norm(dim=1) * scale
+    return norms
 
 
 def state_problem(state: torch.Tensor, dim: int) -> str | None:

@@ -35,10 +35,12 @@ class SimpleCNN(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         x = F.relu(self.l1(x))
-        return self.l2(x)
+        features: torch.Tensor = self.l2(x)
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls(self.features(x))
+        logits: torch.Tensor = self.cls(self.features(x))
+        return logits
 
 
 class BasicBlock(nn.Module):
@@ -84,7 +86,8 @@ class ResNet10(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x))
+        logits: torch.Tensor = self.linear(self.features(x))
+        return logits
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {

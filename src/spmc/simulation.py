@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spmc.config import ConfigError, Experiment, build_defense, make_experiment
+from spmc.config import ConfigError, Experiment, build_defense, make_experiment, optim_config
 from spmc.federation import (
     SEED_CLIENT,
     SEED_PARTICIPATION,
@@ -40,7 +40,6 @@ from spmc.federation import (
     derive_seed,
     evaluate_state,
     make_server_data,
-    optim_config,
     resolve_device,
     update_guard,
 )

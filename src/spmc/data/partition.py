@@ -53,7 +53,8 @@ def _proportions(rng: np.random.RandomState, sizes: list[int], n: int, beta: flo
         logger.debug("degenerate Dirichlet draw (beta=%g); using a uniform split over uncapped clients", beta)
         q = below_cap / max(int(below_cap.sum()), 1)
         return q.astype(np.float64)
-    return q / total
+    proportions: np.ndarray = q / total
+    return proportions
 
 
 def dirichlet_partition(

@@ -30,7 +30,7 @@ generator's state and the batch; one-channel batches are copied to 3 channels fi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -212,7 +212,7 @@ def color_jitter(
     applied = _rand((b,), generator, x.device) < p
     u = _rand((b, 4), generator, x.device)
     order = _rand((b, 4), generator, x.device).argsort(dim=1)
-    ops = []
+    ops: list[tuple[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]] = []
     for k, (value, fn) in enumerate(
         ((brightness, adjust_brightness), (contrast, adjust_contrast), (saturation, adjust_saturation))
     ):
@@ -222,9 +222,9 @@ def color_jitter(
     if hue > 0:
         ops.append((3, adjust_hue, -hue + 2.0 * hue * u[:, 3]))
     for step in range(4):
-        for k, fn, factor in ops:
+        for k, adjust, factor in ops:
             sel = (applied & (order[:, step] == k)).view(-1, 1, 1, 1)
-            x = torch.where(sel, fn(x, factor), x)
+            x = torch.where(sel, adjust(x, factor), x)
     return x
 
 

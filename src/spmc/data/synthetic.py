@@ -65,7 +65,7 @@ def class_prototypes(margin: int = _MAX_SHIFT) -> np.ndarray:
 
 def synthetic_images(labels: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     """Draw one uint8 [N, 28, 28] image per label (formula in the module docstring), vectorised."""
-    n = labels.shape[0]
+    n = int(labels.shape[0])
     protos = class_prototypes()
     amp = rng.uniform(0.7, 1.0, size=(n, 1, 1))
     dy = rng.randint(0, 2 * _MAX_SHIFT + 1, size=n)
@@ -74,7 +74,8 @@ def synthetic_images(labels: np.ndarray, rng: np.random.RandomState) -> np.ndarr
     rows = dy[:, None] + np.arange(_SIZE)  # [N, 28]
     cols = dx[:, None] + np.arange(_SIZE)
     windows = protos[labels[:, None, None], rows[:, :, None], cols[:, None, :]]  # [N, 28, 28]
-    return np.rint(np.clip(amp * windows + noise, 0.0, 1.0) * 255.0).astype(np.uint8)
+    images: np.ndarray = np.rint(np.clip(amp * windows + noise, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return images
 
 
 def make_synthetic(

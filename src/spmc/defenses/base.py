@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from spmc.defenses.linalg import column_slices
+from spmc.defenses.server_data import ServerData
 from spmc.params import ParamLayout
 
 
@@ -31,7 +32,7 @@ class RoundInputs:
     num_samples: torch.Tensor
     layout: ParamLayout
     round: int
-    server_data: Any = None
+    server_data: ServerData | None = None
 
     def __post_init__(self) -> None:
         if self.client_states.dim() != 2:

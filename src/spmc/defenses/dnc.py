@@ -54,7 +54,8 @@ def dnc_outlier_scores(sample: torch.Tensor) -> torch.Tensor:
     u = sample.to(torch.float64)
     centred = u - u.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return ((centred @ vh[0]) ** 2).cpu()
+    scores: torch.Tensor = ((centred @ vh[0]) ** 2).cpu()
+    return scores
 
 
 def dnc_keep(

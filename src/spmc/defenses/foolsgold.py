@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def normalized_updates(updates: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
     """û_k = Δ_k / (‖Δ_k‖ + ε), norms accumulated in float64, returned in the updates' dtype [n, m]."""
-    norms = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64) + eps
+    norms: torch.Tensor = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64) + eps
     return updates / norms.to(updates.dtype).unsqueeze(1)
 
 

@@ -116,7 +116,8 @@ def reference_cosine_scores(vectors: torch.Tensor, reference: torch.Tensor, eps:
     """s_k = ⟨a_k, r⟩ / (‖a_k‖·‖r‖ + ε) against one reference vector (``spmc_score_ref = global``, D4), float64."""
     a = vectors.to(torch.float64)
     r = reference.to(torch.float64)
-    return ((a @ r) / (a.norm(dim=1) * r.norm() + eps)).cpu()
+    scores: torch.Tensor = ((a @ r) / (a.norm(dim=1) * r.norm() + eps)).cpu()
+    return scores
 
 
 def spmc_weights(scores: torch.Tensor, temperature: float = 1.0, fn: WeightFn = "softmax") -> torch.Tensor:

@@ -65,11 +65,12 @@ def _number(value: Any) -> int | float | None:
 
 def _numbers(values: list[Any]) -> list[int] | list[float] | None:
     items = [_number(v) for v in values]
-    if not items or any(v is None for v in items):
+    numbers = [v for v in items if v is not None]
+    if not items or len(numbers) != len(items):
         return None
-    if all(isinstance(v, int) for v in items):
-        return [int(v) for v in items]  # type: ignore[arg-type]
-    return [float(v) for v in items]  # type: ignore[arg-type]
+    if all(isinstance(v, int) for v in numbers):
+        return [int(v) for v in numbers]
+    return [float(v) for v in numbers]
 
 
 def flatten_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, MetricValue]:
@@ -98,7 +99,7 @@ def flatten_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, Me
 
 def metric_record(values: Mapping[str, Any], prefix: str = "") -> MetricRecord:
     """:func:`flatten_metrics` as a MetricRecord."""
-    return MetricRecord(flatten_metrics(values, prefix))  # type: ignore[arg-type]
+    return MetricRecord(flatten_metrics(values, prefix))
 
 
 def finite_number(value: Any) -> float | None:

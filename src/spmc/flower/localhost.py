@@ -66,7 +66,7 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def stop_processes(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
     """SIGTERM to the process group of every process, SIGKILL to whatever is left after ``grace`` s (also the
     children of a leader that exited), then wait for the leaders."""
     for proc in procs:
@@ -124,9 +124,9 @@ class LocalDeployment:
             raise ValueError(f"node_configs has {len(self.node_configs)} entries for {num_nodes} nodes")
         self.threads = threads
         self.port = 0
-        self.superlink: subprocess.Popen | None = None
-        self.nodes: list[subprocess.Popen | None] = []
-        self._others: list[subprocess.Popen] = []
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.nodes: list[subprocess.Popen[bytes] | None] = []
+        self._others: list[subprocess.Popen[bytes]] = []
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
 
@@ -144,7 +144,7 @@ class LocalDeployment:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         try:
@@ -183,7 +183,7 @@ class LocalDeployment:
         )
         self.nodes = [self._start_node(i) for i in range(self.num_nodes)]
 
-    def _start_node(self, i: int) -> subprocess.Popen:
+    def _start_node(self, i: int) -> subprocess.Popen[bytes]:
         node_config = f"partition-id={i} num-partitions={self.num_nodes} {self.node_configs[i]}".strip()
         return self._spawn(
             f"supernode-{i}",
@@ -204,7 +204,9 @@ class LocalDeployment:
         path.write_text("".join(f"{key} = {toml_value(v)}\n" for key, v in run_config.items()))
         return ["flwr", "run", str(self.app_dir), CONNECTION, "--stream", "--run-config", str(path)]
 
-    def submit(self, run_config: Mapping[str, bool | int | float | str], name: str = "flwr-run") -> subprocess.Popen:
+    def submit(
+        self, run_config: Mapping[str, bool | int | float | str], name: str = "flwr-run"
+    ) -> subprocess.Popen[bytes]:
         """Start ``flwr run --stream`` in the background (output in ``logs/NAME.log``)."""
         proc = self._spawn(name, self._run_args(run_config))
         self._others.append(proc)

@@ -264,7 +264,7 @@ class DefenseStrategy(Strategy):
         self.global_state = arrays_to_state(self.layout, initial_arrays)
         done = self._resume()
         if done:
-            arrays = state_to_arrays(self.layout, self.global_state)
+            arrays = state_to_arrays(self.layout, self.core.global_state)
             result.arrays = arrays
             log.info("resuming after round %d of %d", done, num_rounds)
         elif evaluate_fn is not None and (initial := evaluate_fn(0, arrays)) is not None:
@@ -326,9 +326,9 @@ class DefenseStrategy(Strategy):
         replies: list[Message] = []
         while pending:
             for reply in grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    self._reply_node[reply.metadata.reply_to_message_id] = node
+                sender = pending.pop(reply.metadata.reply_to_message_id, None)
+                if sender is not None:
+                    self._reply_node[reply.metadata.reply_to_message_id] = sender
                     self._reply_seconds[reply.metadata.reply_to_message_id] = time.monotonic() - pushed_at
                     replies.append(reply)
             if not pending or time.monotonic() >= deadline:

@@ -69,7 +69,8 @@ SUMMARY_KEYS: tuple[str, ...] = ("A", "R", "V", "dataset", "defense", "client", 
 
 
 def _json_defaults() -> dict[str, Any]:
-    return json.loads(Experiment.model_construct().model_dump_json())
+    defaults: dict[str, Any] = json.loads(Experiment.model_construct().model_dump_json())
+    return defaults
 
 
 def natural_client(defense: str) -> str:
