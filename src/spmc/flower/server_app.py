@@ -18,7 +18,7 @@ from spmc.config import Experiment, build_defense
 from spmc.defenses import Defense
 from spmc.defenses.server_data import ServerData
 from spmc.federation import FederatedData, Federation, update_guard
-from spmc.flower.convert import arrays_to_state, state_to_arrays
+from spmc.flower.convert import MetricValue, arrays_to_state, state_to_arrays
 from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
 from spmc.flower.strategy import DefenseStrategy
 from spmc.metrics import final_metrics
@@ -71,7 +71,8 @@ class ServerEvaluator:
         return self.setup.federation.evaluate(state)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(self.evaluate_state(arrays_to_state(self.setup.layout, arrays)))  # type: ignore[arg-type]
+        metrics: dict[str, MetricValue] = dict(self.evaluate_state(arrays_to_state(self.setup.layout, arrays)))
+        return MetricRecord(metrics)
 
 
 def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | None = None) -> DefenseStrategy:
