@@ -100,3 +100,13 @@ def test_shared_input_block_equals_two_blocks_and_its_gradient_is_the_students()
     torch.testing.assert_close(h_t, block(w_t, b_t))
     assert not h_t.requires_grad
     assert torch.autograd.gradcheck(lambda w, b: SharedInputBlock.apply(x, w, b, w_t, b_t, groups)[0], (w_s, b_s))
+
+
+def test_stacked_model_refuses_the_other_kernels_input() -> None:
+    layout = ParamLayout.from_module(SimpleCNN())
+    params = StackedSimpleCNN(layout).tensors(torch.zeros(2, layout.dim))
+    images = native.ImageBatch(torch.zeros(2 * 3 * 32 * 32), torch.tensor([0, 3 * 32 * 32]), torch.tensor([3, 3]), 1)
+    with pytest.raises(TypeError, match="torch's kernel takes a tensor"):
+        StackedSimpleCNN(layout).forward(params, images)
+    with pytest.raises(TypeError, match="native kernel takes a spmc.native.ImageBatch, got Tensor"):
+        StackedSimpleCNN(layout, native=True).forward(params, torch.zeros(1, 6, 32, 32))

@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -118,6 +119,20 @@ def test_flatten_metrics_keeps_numbers_only() -> None:
         }
     )
     assert flat == {"weights.0": 0.25, "weights.3": 0.75, "ok": 1, "ids": [1, 2], "norms": [1.0, 2.0]}
+
+
+def test_flatten_metrics_lists_are_all_ints_or_all_floats() -> None:
+    flat = flatten_metrics(
+        {
+            "ints": [np.int64(1), True, 3],
+            "mixed": [1, 2.5, np.float32(0.5)],
+            "holes": [1.0, None],
+            "empty": [],
+        }
+    )
+    assert flat == {"ints": [1, 1, 3], "mixed": [1.0, 2.5, 0.5]}
+    assert [type(v) for v in flat["ints"]] == [int, int, int]
+    assert [type(v) for v in flat["mixed"]] == [float, float, float]
 
 
 def test_run_config_maps_to_experiment_and_flower_options() -> None:

@@ -175,6 +175,17 @@ def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         native.load.cache_clear()
 
 
+def test_require_returns_the_library_or_refuses(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native.require() is lib
+    monkeypatch.setenv("SPMC_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="native kernel: not available"):
+            native.require()
+    finally:
+        native.load.cache_clear()
+
+
 def test_failed_build_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
