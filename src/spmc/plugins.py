@@ -164,7 +164,8 @@ def _model(obj: Any, name: str) -> Callable[[int], nn.Module]:
     """A callable ``factory(num_classes) -> torch.nn.Module`` (a module class or a function)."""
     if not callable(obj):
         raise TypeError(f"got {type(obj).__name__}, expected a callable factory(num_classes) -> nn.Module")
-    return obj
+    factory: Callable[[int], nn.Module] = obj
+    return factory
 
 
 #: What each group's entry points point to.
