@@ -285,9 +285,10 @@ class Federation:
         attacking = self.attack.attacking(t, client_id)
         benign = client_id in self.data.malicious and not attacking
         method = self.cfg.client if benign else self.method_for(client_id)
+        data = self.data.clients[client_id]
         return ClientTask(
             client_id=client_id,
-            data=self.data.clean.get(client_id, self.data.clients[client_id]) if benign else self.data.clients[client_id],
+            data=self.data.clean.get(client_id, data) if benign else data,
             method=method,  # type: ignore[arg-type]
             epochs=self.cfg.local_epochs(self.cfg.client),
             seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, client_id),

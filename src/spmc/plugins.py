@@ -148,7 +148,8 @@ def _attack(obj: Any, name: str) -> type[Attack]:
     from spmc.attacks.base import Attack as Base
 
     if not isinstance(obj, type) or not issubclass(obj, Base):
-        raise TypeError(f"got {getattr(obj, '__qualname__', type(obj).__name__)}, expected a subclass of spmc.attacks.Attack")
+        what = getattr(obj, "__qualname__", type(obj).__name__)
+        raise TypeError(f"got {what}, expected a subclass of spmc.attacks.Attack")
     if not isinstance(getattr(obj, "description", None), str):
         raise TypeError(f"{obj.__qualname__}.description must be a string")
     hooks = getattr(obj, "hooks", None)

@@ -77,5 +77,5 @@ def backdoor_test_set(
     """The triggered test set (spec §2.4): every test image triggered and labelled τ_bd (base), or every class-3
     image with noise (semantic). Returns images, labels, and a mask of rows whose true class is not τ_bd (for
     the ``asr_exclude_target_class`` variant, D14)."""
-    settings = AttackSettings(target=target, values=tuple(values.items()), source_label=source_label, noise_std=noise_std)
+    settings = AttackSettings(target, tuple(values.items()), source_label, noise_std)
     return data_attack(attack, settings).test_set(x, y, generator)

@@ -163,7 +163,9 @@ class Crafter:
             return list(states)
         good = [i for i, k in enumerate(ids) if k not in self.attackers]
         full = self.knowledge == "full"
-        benign = torch.stack([states[i] for i in good]) if (full and good) else global_state.new_zeros(0, len(global_state))
+        benign = global_state.new_zeros(0, len(global_state))
+        if full and good:
+            benign = torch.stack([states[i] for i in good])
         inputs = CraftingInputs(
             round=t,
             global_state=global_state,
