@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 import spmc
@@ -40,6 +41,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from spmc.attacks.base import Attack
 from spmc.data.registry import MNIST_MEAN, MNIST_STD, DatasetInfo
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 
@@ -75,8 +77,19 @@ class NoAggregate:
         return cls()
 
 
-class Flip:
-    description = "label flip of the acme package"
+class Flip(Attack):
+    """y → C − 1 − y on an attacker's poisoned samples (data hook)."""
+
+    name: ClassVar[str] = "acme-flip"
+    description: ClassVar[str] = "label flip of the acme package"
+    hooks: ClassVar[frozenset[str]] = frozenset({"data"})
+
+    def poison(self, x, y, mask, generator=None):
+        return x, torch.where(mask, 9 - y, y)
+
+
+class NotAnAttack:
+    description = "a description but no Attack base"
 
 
 def acme_net(num_classes: int) -> nn.Module:
@@ -104,6 +117,7 @@ Bad Name = acme_plugin:UniformMean
 acme-flip = acme_plugin:Flip
 base = acme_plugin:Flip
 silent = acme_plugin:NOT_CALLABLE
+plain-class = acme_plugin:NotAnAttack
 
 [spmc.datasets]
 acme-data = acme_plugin:ACME_DATA
@@ -193,17 +207,22 @@ def test_a_second_plugin_of_the_same_name_does_not_replace_the_first(
 
 
 def test_attack_dataset_and_model_plugins(plugin_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    attacks = {"base": "built-in"}
+    attacks: dict[str, object] = {"base": "built-in"}
     datasets: dict[str, object] = {}
     models: dict[str, object] = {}
     with caplog.at_level(logging.WARNING, logger="spmc.plugins"):
         assert load_entry_points("spmc.attacks", attacks, ATTACK) == ["acme-flip"]
         assert load_entry_points("spmc.datasets", datasets, DATASET) == ["acme-data"]
         assert load_entry_points("spmc.models", models, MODEL) == ["acme-net"]
-    assert attacks == {"base": "built-in", "acme-flip": "label flip of the acme package"}
+    assert list(attacks) == ["base", "acme-flip"] and attacks["base"] == "built-in"
+    flip = attacks["acme-flip"]
+    assert isinstance(flip, type) and flip.description == "label flip of the acme package"
+    _, y = flip().poison(torch.zeros(2, 3, 32, 32), torch.tensor([0, 4]), torch.tensor([True, False]))
+    assert y.tolist() == [9, 4]
     assert getattr(datasets["acme-data"], "description", None) == "Acme IDX images"
     text = warnings_of(caplog)
-    assert "'silent'" in text and "without a 'description' string" in text
+    assert "'silent'" in text and "expected a subclass of spmc.attacks.Attack" in text
+    assert "'plain-class'" in text and "got NotAnAttack" in text
     assert "'renamed'" in text and "DatasetInfo.name is 'not-mine'" in text
     assert "'number'" in text and "expected a callable" in text
 

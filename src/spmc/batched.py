@@ -35,7 +35,7 @@ from spmc import native
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
 from spmc.purify import project_rows, segment_ids
-from spmc.training import ClientResult, ClientTask, OptimConfig, batches
+from spmc.training import ClientResult, ClientTask, OptimConfig, TrainingHook, batches
 
 _CONVS = ("conv1", "conv2")
 _LINEARS = ("fc1", "fc2", "l1", "l2", "cls")
@@ -319,6 +319,14 @@ def _flat(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
 
+def _training_hook(tasks: list[ClientTask]) -> TrainingHook | None:
+    """The one training hook of the round's attackers (None when no task has one)."""
+    hooks = [t.training for t in tasks if t.training is not None]
+    if any(h != hooks[0] for h in hooks[1:]):
+        raise ValueError("training hooks: the tasks of one round carry different hooks; one per round is allowed")
+    return hooks[0] if hooks else None
+
+
 def _next_or_none(it: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
     return next(it, None)
 
@@ -405,6 +413,8 @@ class BatchedEngine:
         iters = [batches(t.data, t.epochs, cfg.batch_size, g, cfg.drop_last) for t, g in zip(tasks, gens)]
         loss_sum = torch.zeros(c, device=device)
         steps = torch.zeros(c, dtype=torch.long)
+        hook = _training_hook(tasks)
+        hooked = [t.training is not None for t in tasks]
         while True:
             step = [_next_or_none(it) for it in iters]
             present = [(k, item) for k, item in enumerate(step) if item is not None]
@@ -443,6 +453,13 @@ class BatchedEngine:
                 if cfg.spmc_kd_grad_weight:
                     projected = projected + cfg.spmc_kd_grad_weight * g_kd
                 grad = torch.where(spmc[idx].unsqueeze(1), projected, g_ce)
+            attackers = None
+            if hook is not None:  # the attackers' rows among the active ones (spec ATTACKS.md §A2.2)
+                pos = [j for j, k in enumerate(active) if hooked[k]]
+                if pos:
+                    attackers = torch.tensor(pos, device=device)
+                    with torch.no_grad():
+                        grad[attackers] = hook.gradient(grad[attackers], sub[attackers].detach(), start)
             with torch.no_grad():
                 if everyone:  # in place, no gather/scatter of the [C, d] rows
                     momentum.mul_(cfg.momentum).add_(grad).add_(rows, alpha=cfg.weight_decay)
@@ -451,6 +468,9 @@ class BatchedEngine:
                     buf = cfg.momentum * momentum[idx] + grad + cfg.weight_decay * sub
                     momentum[idx] = buf
                     rows[idx] = sub - cfg.lr * buf
+                if attackers is not None:
+                    moved = idx[attackers]
+                    rows[moved] = hook.project(rows[moved], start)
                 loss_sum[idx] += ce.detach()
         final = rows
         return [

@@ -228,7 +228,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, str]] = {
         "defenses": _with_origin("spmc.defenses", {name: cls.description for name, cls in DEFENSES.items()}),
         "clients": CLIENTS,
-        "attacks": _with_origin("spmc.attacks", ATTACKS),
+        "attacks": _with_origin("spmc.attacks", {name: cls.description for name, cls in ATTACKS.items()}),
         "datasets": _with_origin("spmc.datasets", {name: info.description for name, info in DATASETS.items()}),
         "models": _with_origin("spmc.models", {name: _first_line(f.__doc__) for name, f in MODELS.items()}),
         "presets": PRESET_DESCRIPTIONS,

@@ -12,9 +12,9 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -65,6 +65,9 @@ from spmc.defenses import (
     TrimmedMeanOptions,
 )
 from spmc.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from spmc.attacks import AttackPlan
 from spmc.training import OptimConfig
 
 if sys.version_info >= (3, 11):
@@ -168,7 +171,19 @@ class Experiment(BaseModel):
     fedavg_weighting: Literal["uniform", "samples"] = "uniform"
     exclude_int_buffers: bool = True
 
-    attack: Literal["base", "semantic", "none"] = "base"
+    attack: str = Field("base", description="data-poisoning attack of the registry (badnets = base, semantic, none)")
+    update_attack: str = Field(
+        "none", description="update (model-poisoning) attack of the registry, with a crafting hook; none = no attack"
+    )
+    attacker_pool: Literal["fixed", "random"] = Field(
+        "fixed", description="attackers: the last ⌊gamma·num_clients⌋ ids, or a seeded random subset drawn once"
+    )
+    attack_start: int = Field(0, ge=0, description="first attack round")
+    attack_end: int | None = Field(None, ge=0, description="last attack round (None: the last round)")
+    attack_every: int = Field(1, ge=1, description="attack every N-th round from attack_start")
+    attacker_knowledge: Literal["full", "partial"] = Field(
+        "full", description="update attacks see the benign states (full) or estimate them from their clean data"
+    )
     gamma: float = Field(0.3, ge=0.0, lt=1.0)
     poison_rate: float = Field(0.3, ge=0.0, le=1.0)
     target_label: int = Field(2, ge=0)
@@ -264,6 +279,25 @@ class Experiment(BaseModel):
             raise ValueError(f"unknown defense; allowed: {', '.join(sorted(DEFENSES))}")
         return v
 
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, v: str) -> str:
+        from spmc.attacks import ATTACKS
+
+        if v not in ATTACKS:
+            raise ValueError(f"unknown attack; allowed: {', '.join(sorted(ATTACKS))}")
+        return v
+
+    @field_validator("update_attack")
+    @classmethod
+    def _known_update_attack(cls, v: str) -> str:
+        from spmc.attacks import ATTACKS
+
+        allowed = sorted(k for k, a in ATTACKS.items() if "crafting" in a.hooks)
+        if v != "none" and v not in allowed:
+            raise ValueError(f"unknown update attack; allowed: {', '.join(['none', *allowed])}")
+        return v
+
     @field_validator("trigger_channels", mode="before")
     @classmethod
     def _channels_list(cls, v: Any) -> Any:
@@ -295,6 +329,13 @@ class Experiment(BaseModel):
         for field in ("target_label", "semantic_source_label"):
             if getattr(self, field) >= 10:
                 raise ValueError(f"{field} = {getattr(self, field)} is not a class of a 10-class dataset (0-9)")
+        if self.attack_end is not None and self.attack_end < self.attack_start:
+            raise ValueError(
+                f"attack_end = {self.attack_end} is before attack_start = {self.attack_start}; allowed: None or "
+                f">= attack_start"
+            )
+        if self.attacker_knowledge == "partial":
+            raise ValueError("attacker_knowledge = 'partial' is not implemented yet; allowed: 'full'")
         if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
             raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self
@@ -317,8 +358,14 @@ class Experiment(BaseModel):
 
     @property
     def malicious_ids(self) -> tuple[int, ...]:
-        """The last m client ids (spec §2.1)."""
-        return threat_model(self).malicious_ids
+        """The m attackers (spec §2.1, ATTACKS.md §A1): the last m ids (``attacker_pool = fixed``) or a seeded
+        random m-subset (``random``); none without an attack."""
+        from spmc.attacks import attacker_pool
+
+        threat = threat_model(self)
+        if not threat.attack_active:
+            return ()
+        return attacker_pool(self.num_clients, self.gamma, self.attacker_pool, self.seed)
 
     def local_epochs(self, client: str) -> int:
         return self.spmc_local_epochs if client == "spmc" else self.baseline_local_epochs
@@ -422,9 +469,35 @@ def data_split_sizes(cfg: Experiment) -> tuple[int, int, int]:
 
 
 def threat_model(cfg: Experiment) -> ThreatModel:
-    """The threat model of ``cfg``: K = ``num_clients``, γ = ``gamma``, an attack unless ``attack = 'none'``,
-    the experiment seed."""
-    return ThreatModel(num_clients=cfg.num_clients, gamma=cfg.gamma, attack_active=cfg.attack != "none", seed=cfg.seed)
+    """The threat model of ``cfg``: K = ``num_clients``, γ = ``gamma``, an attack unless ``attack`` and
+    ``update_attack`` are both ``'none'``, the experiment seed."""
+    active = cfg.attack != "none" or cfg.update_attack != "none"
+    return ThreatModel(num_clients=cfg.num_clients, gamma=cfg.gamma, attack_active=active, seed=cfg.seed)
+
+
+def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> AttackPlan:
+    """The run's :class:`spmc.attacks.AttackPlan` composed from the flat options: the data attack ``attack`` with
+    the trigger (in the dataset's normalised space), target, source class and noise; the update attack
+    ``update_attack``; the attackers (``attackers`` overrides :attr:`Experiment.malicious_ids`); the schedule
+    ``attack_start`` / ``attack_end`` / ``attack_every``; ``attacker_knowledge``."""
+    from spmc.attacks import ATTACKS, AttackPlan, AttackSchedule, AttackSettings, trigger_values
+    from spmc.data import DATASETS
+
+    info = DATASETS[cfg.dataset]
+    values = trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels)
+    settings = AttackSettings(
+        target=cfg.target_label,
+        values=tuple(values.items()),
+        source_label=cfg.semantic_source_label,
+        noise_std=cfg.semantic_noise_std,
+    )
+    return AttackPlan(
+        data=ATTACKS[cfg.attack](settings),
+        update=None if cfg.update_attack == "none" else ATTACKS[cfg.update_attack](settings),
+        attackers=cfg.malicious_ids if attackers is None else tuple(sorted(attackers)),
+        schedule=AttackSchedule(cfg.attack_start, cfg.attack_end, cfg.attack_every),
+        knowledge=cfg.attacker_knowledge,
+    )
 
 
 #: How each built-in defense is composed from the flat options (``krum_f`` → ``KrumOptions.f``, ...). A defense

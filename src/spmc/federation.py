@@ -19,16 +19,16 @@ import copy
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from spmc import batched
-from spmc.attacks.backdoor import backdoor_test_set, poison_batch, poison_mask, trigger_values
+from spmc.attacks import Attack, AttackPlan, Crafter
 from spmc.batched import BatchedEngine
-from spmc.config import Experiment, optim_config
+from spmc.config import Experiment, build_attack, optim_config
 from spmc.data import (
     DATASETS,
     DatasetInfo,
@@ -116,62 +116,40 @@ class FederatedData:
     val_x: torch.Tensor
     val_y: torch.Tensor
     val_transform: Transform
+    clean: dict[int, ClientData] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Poisoning:
-    """How malicious clients poison their data (spec §2): the attack's keyword arguments and the poisoned mask over
-    the whole training set (None when no client is malicious)."""
-
-    attack_kw: dict[str, Any]
-    mask: torch.Tensor | None
+def poison_mask(cfg: Experiment, attack: Attack, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The data attack's seeded mask of poisoned samples over the whole training set (spec §2.2)."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_POISON))
+    return attack.poison_mask(labels, cfg.poison_rate, gen).to(device)
 
 
-def attack_kwargs(cfg: Experiment, info: DatasetInfo) -> dict[str, Any]:
-    """The keyword arguments of :func:`poison_batch` for ``cfg``: attack, trigger values (in normalised space),
-    target label and semantic noise."""
-    return {
-        "attack": cfg.attack,
-        "values": trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels),
-        "target": cfg.target_label,
-        "noise_std": cfg.semantic_noise_std,
-    }
+def benign_data(x: torch.Tensor, y: torch.Tensor, pre: Preprocessor) -> ClientData:
+    """A benign client's data: the training transform per batch."""
+
+    def benign(
+        xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return pre.train(xb, g, grey_view=True), yb  # never written into: a stride-0 view is safe
+
+    return ClientData(x, y, transform=benign)
 
 
-def poisoning(
-    cfg: Experiment, info: DatasetInfo, labels: torch.Tensor, malicious: Sequence[int], device: torch.device
-) -> Poisoning:
-    """The attack's arguments and, when some client is malicious, the seeded mask of poisoned samples (spec §2.2)."""
-    mask = None
-    if malicious:
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_POISON))
-        mask = poison_mask(labels, cfg.poison_rate, gen, cfg.attack, cfg.semantic_source_label).to(device)
-    return Poisoning(attack_kwargs(cfg, info), mask)
-
-
-def client_data(
-    cfg: Experiment, k: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, pre: Preprocessor,
-    attack_kw: dict[str, Any],
-) -> ClientData:  # fmt: skip
-    """Client ``k``'s data: benign (``mask`` None) with the training transform, else poisoned — once, after a
-    static augmentation (``poison_static_aug``), or on the fly per batch."""
-    if mask is None:
-
-        def benign(
-            xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return pre.train(xb, g, grey_view=True), yb  # never written into: a stride-0 view is safe
-
-        return ClientData(x, y, transform=benign)
+def poisoned_data(
+    cfg: Experiment, k: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pre: Preprocessor, attack: Attack
+) -> ClientData:
+    """Attacker ``k``'s data, poisoned by the data hook of ``attack`` — once, after a static augmentation
+    (``poison_static_aug``), or on the fly per batch."""
     if cfg.poison_static_aug:
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_STATIC_AUG, k))
-        xs, ys = poison_batch(pre.train(x, gen), y, mask, generator=gen, **attack_kw)
+        xs, ys = attack.poison(pre.train(x, gen), y, mask, gen)
         return ClientData(xs.contiguous(), ys, final=True)
 
     def on_the_fly(
         xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return poison_batch(pre.train(xb, g), yb, mask[ib], generator=g, **attack_kw)
+        return attack.poison(pre.train(xb, g), yb, mask[ib], g)
 
     return ClientData(x, y, transform=on_the_fly)
 
@@ -200,13 +178,19 @@ def build_federated_data(
     parts = dirichlet_partition(
         raw.train_labels[torch.as_tensor(pool)].numpy(), cfg.num_clients, cfg.beta, cfg.min_client_size, cfg.seed
     )
-    bad = cfg.malicious_ids if malicious is None else tuple(sorted(malicious))
-    poison = poisoning(cfg, info, raw.train_labels, bad, device)
+    plan = build_attack(cfg, malicious)
+    bad = plan.attackers
+    poisons = "data" in plan.data.hooks and bool(bad)
+    mask = poison_mask(cfg, plan.data, raw.train_labels, device) if poisons else None
     clients: dict[int, ClientData] = {}
+    clean: dict[int, ClientData] = {}
     for k, part in enumerate(parts):
         idx = torch.as_tensor(pool[part], dtype=torch.long, device=device)
-        mask = poison.mask[idx] if (poison.mask is not None and k in bad) else None
-        clients[k] = client_data(cfg, k, train01[idx], labels[idx], mask, pre, poison.attack_kw)
+        x, y = train01[idx], labels[idx]
+        clients[k] = benign_data(x, y, pre)
+        if mask is not None and k in bad:
+            clean[k] = clients[k]  # the same tensors: outside attack rounds an attacker trains on clean data
+            clients[k] = poisoned_data(cfg, k, x, y, mask[idx], pre, plan.data)
     num_samples = {k: len(d) for k, d in clients.items()}
     small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
     if small and cfg.drop_last:
@@ -214,20 +198,13 @@ def build_federated_data(
     log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(bad))
     test_x = pre.test(to_unit_float(raw.test_images).to(device))
     test_y = raw.test_labels.to(device)
-    bd_x, bd_y, bd_not_target = backdoor_test_set(
-        test_x,
-        test_y,
-        attack="base" if cfg.attack == "none" else cfg.attack,
-        values=poison.attack_kw["values"],
-        target=cfg.target_label,
-        source_label=cfg.semantic_source_label,
-        noise_std=cfg.semantic_noise_std,
-        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST)),
+    bd_x, bd_y, bd_not_target = plan.data.test_set(
+        test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST))
     )
     val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
     return FederatedData(
         info, clients, num_samples, bad, test_x, test_y, bd_x, bd_y, bd_not_target,
-        val_x=train01[val_idx], val_y=labels[val_idx], val_transform=server_transform(info, pre),
+        val_x=train01[val_idx], val_y=labels[val_idx], val_transform=server_transform(info, pre), clean=clean,
     )  # fmt: skip
 
 
@@ -280,10 +257,12 @@ class Federation:
     model: torch.nn.Module
     layout: ParamLayout
     initial_state: torch.Tensor
+    attack: AttackPlan
 
     @classmethod
     def build(cls, cfg: Experiment, malicious: Sequence[int] | None = None) -> Federation:
-        """Data first, then θ⁰ from ``torch.manual_seed(cfg.seed)``; ``malicious`` overrides the last-⌊γK⌋ ids."""
+        """Data first, then θ⁰ from ``torch.manual_seed(cfg.seed)``; ``malicious`` overrides the configured
+        attackers (:attr:`Experiment.malicious_ids`)."""
         device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -291,7 +270,7 @@ class Federation:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
         layout = ParamLayout.from_module(model)
-        return cls(cfg, device, data, model, layout, layout.flatten(model))
+        return cls(cfg, device, data, model, layout, layout.flatten(model), build_attack(cfg, data.malicious))
 
     def method_for(self, client_id: int) -> str:
         """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
@@ -300,16 +279,31 @@ class Federation:
         return self.cfg.client
 
     def task(self, t: int, client_id: int, teacher: torch.Tensor | None) -> ClientTask:
-        """Client ``client_id``'s training task in round ``t`` (its teacher is used by the SPMC client only)."""
-        method = self.method_for(client_id)
+        """Client ``client_id``'s training task in round ``t`` (its teacher is used by the SPMC client only). An
+        attacker outside attack rounds trains like a benign client on its clean data (ATTACKS.md §A1); in attack
+        rounds it trains on its poisoned data with the attacks' training hooks."""
+        attacking = self.attack.attacking(t, client_id)
+        benign = client_id in self.data.malicious and not attacking
+        method = self.cfg.client if benign else self.method_for(client_id)
+        data = self.data.clients[client_id]
         return ClientTask(
             client_id=client_id,
-            data=self.data.clients[client_id],
+            data=self.data.clean.get(client_id, data) if benign else data,
             method=method,  # type: ignore[arg-type]
             epochs=self.cfg.local_epochs(self.cfg.client),
             seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, client_id),
             teacher=teacher if method == "spmc" else None,
+            training=self.attack.training() if attacking else None,
         )
+
+    def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
+        """The training attacks' per-round preparation before the local training of round ``t``
+        (:meth:`spmc.attacks.AttackPlan.prepare_round`)."""
+        self.attack.prepare_round(t, global_state, ids)
+
+    def crafter(self) -> Crafter | None:
+        """The update attack's crafting step for :class:`spmc.server.ServerCore` (None without one)."""
+        return self.attack.crafter()
 
     def server_data(self) -> ServerData:
         """The server's clean split for defenses that need it (:func:`make_server_data`)."""

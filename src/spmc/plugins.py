@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 if TYPE_CHECKING:
     from torch import nn
 
+    from spmc.attacks.base import Attack
     from spmc.data.registry import DatasetInfo
     from spmc.defenses.base import Defense
 
@@ -140,13 +141,21 @@ def _defense(obj: Any, name: str) -> type[Defense]:
     return obj
 
 
-def _attack(obj: Any, name: str) -> str:
-    """The description of an attack object (a class or module with a ``description`` string): today's ``ATTACKS``
-    maps a name to its description only."""
-    description = getattr(obj, "description", None)
-    if not isinstance(description, str):
-        raise TypeError(f"got {type(obj).__name__} without a 'description' string")
-    return description
+def _attack(obj: Any, name: str) -> type[Attack]:
+    """A subclass of :class:`spmc.attacks.base.Attack` with a ``description`` string and ``hooks`` a subset of
+    data, training, crafting."""
+    from spmc.attacks.base import HOOKS
+    from spmc.attacks.base import Attack as Base
+
+    if not isinstance(obj, type) or not issubclass(obj, Base):
+        what = getattr(obj, "__qualname__", type(obj).__name__)
+        raise TypeError(f"got {what}, expected a subclass of spmc.attacks.Attack")
+    if not isinstance(getattr(obj, "description", None), str):
+        raise TypeError(f"{obj.__qualname__}.description must be a string")
+    hooks = getattr(obj, "hooks", None)
+    if not isinstance(hooks, frozenset) or not hooks <= set(HOOKS):
+        raise TypeError(f"{obj.__qualname__}.hooks must be a frozenset of {', '.join(HOOKS)}; got {hooks!r}")
+    return obj
 
 
 def _dataset(obj: Any, name: str) -> DatasetInfo:
@@ -170,6 +179,6 @@ def _model(obj: Any, name: str) -> Callable[[int], nn.Module]:
 
 #: What each group's entry points point to.
 DEFENSE: PluginKind[type[Defense]] = PluginKind("a defense class (spmc.defenses.base.Defense)", _defense)
-ATTACK: PluginKind[str] = PluginKind("an attack with a description", _attack)
+ATTACK: PluginKind[type[Attack]] = PluginKind("an attack class (spmc.attacks.Attack)", _attack)
 DATASET: PluginKind[DatasetInfo] = PluginKind("a DatasetInfo", _dataset)
 MODEL: PluginKind[Callable[[int], nn.Module]] = PluginKind("a model factory", _model)

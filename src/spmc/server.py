@@ -3,8 +3,8 @@
 
 ```
 S_t       ← sample_participants(pool, p, seed, t)              (all of the pool at p = 1, else ⌈p·|pool|⌉ seeded)
+crafting  ← the update attack's crafting hook rewrites the attackers' states (ATTACKS.md §A2.3; attack rounds)
 screen    ← update guard over the states: refused ones are logged and dropped, or stop the run (spec.guard)
-crafting  ← (seam) model-poisoning attacks rewrite the malicious rows here; none do yet
 θ_g, α    ← defense.aggregate(states, ids, counts)
 θ_g       ← finalise_global(θ_g)                                (integer counters rounded; non-finite refused)
 teacher_k ← Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j                        (spec §4.1; when a client learns from a teacher)
@@ -32,6 +32,9 @@ from spmc.params import ParamLayout
 from spmc.store import RunDirError
 
 log = logging.getLogger(__name__)
+
+#: The crafting step (:class:`spmc.attacks.Crafter`): (round, θ_g, states, ids) → states with the attackers' replaced.
+Crafting = Callable[[int, torch.Tensor, Sequence[torch.Tensor], Sequence[int]], list[torch.Tensor]]
 
 #: The version of the checkpoint payload (:meth:`ServerCore.checkpoint`), written by both drivers.
 CHECKPOINT_FORMAT = 2
@@ -104,6 +107,7 @@ class ServerCore:
     server_data: ServerData | None = None
     learns_from_teacher: Callable[[int], bool] = lambda k: False
     teachers: dict[int, torch.Tensor] = field(default_factory=dict)
+    crafter: Crafting | None = None
 
     def screen(self, t: int, states: Sequence[torch.Tensor], ids: Sequence[int]) -> dict[int, str]:
         """The update guard (:mod:`spmc.guard`): ``{client id: why}`` for every refused state, logged. Under
@@ -123,8 +127,11 @@ class ServerCore:
 
     def step(self, t: int, states: Sequence[torch.Tensor], ids: Sequence[int], counts: Sequence[float]) -> RoundOutcome:
         """One server round over the clients' returned states (ids sorted, one state and sample count each):
-        screen → crafting → defense → finalise_global → teachers. When every state is refused the global model
-        and the teachers stay as they are and the outcome has no aggregate."""
+        crafting → screen → defense → finalise_global → teachers. A crafted state passes the guard like any
+        other. When every state is refused the global model and the teachers stay as they are and the outcome has
+        no aggregate."""
+        if self.crafter is not None:
+            states = self.crafter(t, self.global_state, states, ids)
         refused = self.screen(t, states, ids)
         keep = [i for i, k in enumerate(ids) if k not in refused]
         outcome = RoundOutcome(tuple(ids), refused)
@@ -132,8 +139,6 @@ class ServerCore:
             return outcome
         kept_ids = tuple(ids[i] for i in keep)
         stacked = torch.stack([states[i] for i in keep])
-        # Attack crafting seam (issue 12 §3): a model-poisoning attack rewrites the malicious rows of `stacked`
-        # here, after the guard and before the defense. No attack does yet.
         weights = torch.tensor([float(counts[i]) for i in keep], dtype=torch.float64)
         server_data = self.server_data if self.defense.needs_server_data else None
         agg = self.defense.aggregate(

@@ -129,6 +129,7 @@ class Simulation:
             server_data=self.server_data,
             learns_from_teacher=lambda k: self.method_for(k) == "spmc",
             teachers=dict.fromkeys(range(cfg.num_clients), initial),
+            crafter=self.federation.crafter(),
         )
 
     @property
@@ -168,6 +169,7 @@ class Simulation:
         """Train, aggregate (:meth:`ServerCore.step`) and evaluate round ``t``; returns its metrics record."""
         started = time.perf_counter()
         ids = self.participants(t)
+        self.federation.prepare_round(t, self.global_state, ids)
         results = self.engine.train_round(self.global_state, self.tasks(t, ids))
         counts = [float(self.data.num_samples[k]) for k in ids]
         outcome = self.core.step(t, [r.state for r in results], ids, counts)

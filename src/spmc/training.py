@@ -17,9 +17,10 @@ n_k mod B samples (as PyTorch's ``DataLoader(drop_last=False)``).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,20 @@ class OptimConfig:
     spmc_teacher_bn_mode: Literal["train", "eval"] = "train"
 
 
+class TrainingHook(Protocol):
+    """An attack's training hook (spec ATTACKS.md §A2.2) on the stacked rows [m, d] of the attackers it trains:
+    ``gradient`` transforms the gradient rows of a local step before momentum and weight decay, ``project``
+    the states after the step; both see θ_g (the round's start). :class:`spmc.attacks.base.TrainingHooks`."""
+
+    def gradient(self, grad: torch.Tensor, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor: ...
+
+    def project(self, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class ClientTask:
-    """What one client does in one round."""
+    """What one client does in one round; ``training`` is the attack's training hook of an attacker in an attack
+    round (None for everyone else)."""
 
     client_id: int
     data: ClientData
@@ -84,6 +96,7 @@ class ClientTask:
     epochs: int
     seed: int
     teacher: torch.Tensor | None = None
+    training: TrainingHook | None = None
 
 
 @dataclass
@@ -116,11 +129,19 @@ def _sgd(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def plain_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One SGD step on the mean cross-entropy (spec §1.4); returns the detached loss."""
+StepHook = Callable[[], None]
+
+
+def plain_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, before_step: StepHook | None = None
+) -> torch.Tensor:
+    """One SGD step on the mean cross-entropy (spec §1.4); returns the detached loss. ``before_step`` runs between
+    the backward pass and the SGD step (an attack's gradient hook)."""
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
+    if before_step is not None:
+        before_step()
     opt.step()
     return loss.detach()
 
@@ -132,8 +153,10 @@ def spmc_step(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: OptimConfig,
+    before_step: StepHook | None = None,
 ) -> torch.Tensor:
-    """One SPMC step (spec §4.2-§4.4): project ∇L_CE away from a conflicting ∇L_KD per tensor, then SGD."""
+    """One SPMC step (spec §4.2-§4.4): project ∇L_CE away from a conflicting ∇L_KD per tensor, then SGD
+    (``before_step`` runs just before it, as in :func:`plain_step`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     logits = model(x)
     with torch.no_grad():
@@ -145,6 +168,8 @@ def spmc_step(
     grads = project_conflicting(g_ce, g_kd, cfg.spmc_lambda, cfg.spmc_proj_norm_power, cfg.spmc_proj_granularity)
     for p, g, gk in zip(params, grads, g_kd):
         p.grad = g + cfg.spmc_kd_grad_weight * gk if cfg.spmc_kd_grad_weight else g
+    if before_step is not None:
+        before_step()
     opt.step()
     return ce.detach()
 
@@ -178,15 +203,33 @@ class SequentialEngine:
         gen = torch.Generator().manual_seed(task.seed)
         total = torch.zeros((), device=start.device)
         steps = 0
+        hook = task.training
+        before_step = None if hook is None else functools.partial(self._gradient_hook, hook, start)
         for x, y in batches(task.data, task.epochs, self.cfg.batch_size, gen, self.cfg.drop_last):
             if task.method == "spmc":
-                loss = spmc_step(self.model, self.teacher, opt, x, y, self.cfg)
+                loss = spmc_step(self.model, self.teacher, opt, x, y, self.cfg, before_step)
             else:
-                loss = plain_step(self.model, opt, x, y)
+                loss = plain_step(self.model, opt, x, y, before_step)
+            if hook is not None:
+                self.layout.load(self.model, hook.project(self.layout.flatten(self.model).unsqueeze(0), start)[0])
             total += loss
             steps += 1
         mean_loss = float(total) / steps if steps else float("nan")
         return ClientResult(task.client_id, self.layout.flatten(self.model), mean_loss, steps)
+
+    def _gradient_hook(self, hook: TrainingHook, start: torch.Tensor) -> None:
+        """The model's gradients as one row [1, d] of the layout (zero at buffers), through ``hook.gradient``, and
+        back into the parameters' ``.grad``."""
+        params = dict(self.model.named_parameters())
+        row = torch.zeros(1, self.layout.dim, device=start.device)
+        for e in self.layout.params:
+            grad = params[e.name].grad
+            if grad is not None:
+                row[0, e.slice] = grad.reshape(-1)
+        rows = self.layout.flatten(self.model).unsqueeze(0)
+        new = hook.gradient(row, rows, start)
+        for e in self.layout.params:
+            params[e.name].grad = new[0, e.slice].reshape(e.shape).clone()
 
     def train_round(self, start: torch.Tensor, tasks: list[ClientTask]) -> list[ClientResult]:
         return [self.train_client(start, task) for task in tasks]

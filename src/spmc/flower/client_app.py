@@ -139,6 +139,7 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
             log.warning("teacher sent for client %s, but this is partition %d; using the global model", sent_for, pid)
         elif TEACHER_KEY in content.array_records:
             teacher = arrays_to_state(setup.layout, content.array_records[TEACHER_KEY]).to(setup.device)
+    setup.federation.prepare_round(t, start, [pid])
     task = setup.federation.task(t, pid, teacher)
     started = time.perf_counter()
     result = setup.engine.train_client(start, task)

@@ -95,6 +95,7 @@ def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | No
         identify_timeout=opts.identify_timeout,
         poll_interval=opts.poll_interval,
         initial_state=setup.initial_state.clone(),
+        crafter=setup.federation.crafter(),
     )
 
 

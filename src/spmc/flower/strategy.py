@@ -45,7 +45,7 @@ from spmc.defenses import Defense
 from spmc.flower.convert import MalformedUpdate, arrays_to_state, finite_number, metric_record, state_to_arrays
 from spmc.guard import InvalidUpdateError, UpdateGuard
 from spmc.params import ParamLayout
-from spmc.server import RoundOutcome, ServerCore, sample_participants
+from spmc.server import Crafting, RoundOutcome, ServerCore, sample_participants
 from spmc.store import RunDirError, RunStore, config_hash
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class DefenseStrategy(Strategy):
         identify_timeout: float = 30.0,
         poll_interval: float = 0.2,
         initial_state: torch.Tensor | None = None,
+        crafter: Crafting | None = None,
     ) -> None:
         if defense.needs_server_data and server_data is None:
             raise ConfigError(f"defense {defense.name!r} needs server data (spec §5); pass server_data")
@@ -129,6 +130,7 @@ class DefenseStrategy(Strategy):
             on_invalid_update=on_invalid_update,
             server_data=server_data,
             learns_from_teacher=lambda k: send_teachers,
+            crafter=crafter,
         )
         self._has_state = initial_state is not None
         self.store = store

@@ -1,0 +1,246 @@
+"""The attack interface (spec ATTACKS.md §A1, §A2): an :class:`Attack` implements any subset of three hooks.
+
+1. **data** (``"data" in hooks``): which training samples of an attacker are poisoned and how, and the test set of
+   the attack success rate;
+2. **training** (``"training" in hooks``): :meth:`Attack.prepare_round` once before the attackers' local training
+   of an attack round, then per local step :meth:`Attack.gradient` on the attackers' stacked gradient rows
+   g ∈ R^{m×d} (before momentum and weight decay) and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the
+   SGD step;
+3. **crafting** (``"crafting" in hooks``): after local training, :meth:`Attack.craft` replaces the attackers'
+   states θ_M ∈ R^{m×d}, seeing θ_g, the round and (under ``attacker_knowledge = full``) the benign states.
+
+The schedule of §A1: round t is an attack round when start ≤ t ≤ end and (t − start) mod every = 0; outside attack
+rounds an attacker trains like a benign client on clean data. Nothing here imports :mod:`spmc.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from spmc.threat import num_attackers
+
+Hook = Literal["data", "training", "crafting"]
+HOOKS: tuple[Hook, ...] = ("data", "training", "crafting")
+Knowledge = Literal["full", "partial"]
+
+#: Purpose of the seed stream of the random attacker pool (distinct from the federation's purposes 1-6).
+SEED_ATTACKER_POOL = 7
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """What the built-in attacks are configured with: the target label τ_bd, the trigger's value per channel in
+    normalised space, the semantic attack's source class and noise σ."""
+
+    target: int = 2
+    values: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    source_label: int = 3
+    noise_std: float = 0.05
+
+    @property
+    def trigger(self) -> dict[int, float]:
+        """The trigger's value per channel, as :func:`spmc.attacks.backdoor.apply_trigger` takes it."""
+        return dict(self.values)
+
+
+@dataclass(frozen=True)
+class AttackSchedule:
+    """Attack rounds: start ≤ t ≤ end (end None: the last round) and (t − start) mod every = 0 (§A1)."""
+
+    start: int = 0
+    end: int | None = None
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            raise ValueError(f"attack_start: got {self.start!r}; must be >= 0")
+        if self.end is not None and self.end < self.start:
+            raise ValueError(f"attack_end: got {self.end!r}; must be None or >= attack_start = {self.start}")
+        if self.every < 1:
+            raise ValueError(f"attack_every: got {self.every!r}; must be >= 1")
+
+    def active(self, t: int) -> bool:
+        """Whether round ``t`` is an attack round."""
+        if t < self.start or (self.end is not None and t > self.end):
+            return False
+        return (t - self.start) % self.every == 0
+
+
+@dataclass(frozen=True)
+class CraftingInputs:
+    """What the colluding attackers see when they craft (§A2.3): the round, θ_g, their own trained states [m, d]
+    and ids, and the benign states [n, d] and ids (empty under ``attacker_knowledge = partial``)."""
+
+    round: int
+    global_state: torch.Tensor
+    attacker_states: torch.Tensor
+    attacker_ids: tuple[int, ...]
+    benign_states: torch.Tensor
+    benign_ids: tuple[int, ...]
+
+
+class Attack:
+    """Base of every attack: ``name``, ``description``, the ``hooks`` it implements and their defaults (no
+    poisoning, identity gradient and projection, the attackers' states unchanged)."""
+
+    name: ClassVar[str] = "none"
+    description: ClassVar[str] = "no attack: every client is benign"
+    hooks: ClassVar[frozenset[Hook]] = frozenset()
+
+    def __init__(self, settings: AttackSettings | None = None) -> None:
+        self.settings = settings if settings is not None else AttackSettings()
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def poison_mask(self, labels: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+        """Which samples of the whole training set get poisoned (only attackers' samples are used)."""
+        return torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+
+    def poison(
+        self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised batch with the rows where ``mask`` is True poisoned (``x`` may be written in place)."""
+        return x, y
+
+    def test_set(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attack's test set: images, labels and the mask of rows whose true class is not the target."""
+        return x, y, y != self.settings.target
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def prepare_round(self, t: int, global_state: torch.Tensor, attacker_ids: Sequence[int]) -> None:
+        """Called once before the attackers' local training of attack round ``t`` (e.g. a trigger optimisation)."""
+
+    def gradient(self, grad: torch.Tensor, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor:
+        """The attackers' gradient rows [m, d] of one local step (rows: their states before the step)."""
+        return grad
+
+    def project(self, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor:
+        """The attackers' states [m, d] after one local step, projected (e.g. onto a ball around θ_g)."""
+        return rows
+
+    # -------------------------------------------------------------------------------------------- crafting
+
+    def craft(self, inputs: CraftingInputs) -> torch.Tensor:
+        """The attackers' states [m, d] sent to the server."""
+        return inputs.attacker_states
+
+
+def attacker_pool(num_clients: int, gamma: float, pool: str, seed: int) -> tuple[int, ...]:
+    """The m = ⌊γK⌋ attackers (§A1): ``fixed`` = the last m ids, ``random`` = a seeded m-subset drawn once."""
+    m = num_attackers(gamma, num_clients)
+    if pool == "fixed":
+        return tuple(range(num_clients - m, num_clients))
+    if pool == "random":
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), SEED_ATTACKER_POOL]))
+        return tuple(sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False)))
+    raise ValueError(f"attacker_pool: unknown value {pool!r}; allowed: fixed, random")
+
+
+@dataclass
+class Crafter:
+    """The crafting step of a run (§A2.3), called by :meth:`spmc.server.ServerCore.step` before the update guard:
+    in attack rounds, the participating attackers' states are replaced by ``attack.craft``."""
+
+    attack: Attack
+    attackers: frozenset[int]
+    schedule: AttackSchedule = AttackSchedule()
+    knowledge: Knowledge = "full"
+
+    def __call__(
+        self, t: int, global_state: torch.Tensor, states: Sequence[torch.Tensor], ids: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """``states`` with the attackers' rows crafted (unchanged outside attack rounds or without attackers)."""
+        bad = [i for i, k in enumerate(ids) if k in self.attackers]
+        if not bad or not self.schedule.active(t):
+            return list(states)
+        good = [i for i, k in enumerate(ids) if k not in self.attackers]
+        full = self.knowledge == "full"
+        benign = global_state.new_zeros(0, len(global_state))
+        if full and good:
+            benign = torch.stack([states[i] for i in good])
+        inputs = CraftingInputs(
+            round=t,
+            global_state=global_state,
+            attacker_states=torch.stack([states[i] for i in bad]),
+            attacker_ids=tuple(ids[i] for i in bad),
+            benign_states=benign,
+            benign_ids=tuple(ids[i] for i in good) if full else (),
+        )
+        crafted = self.attack.craft(inputs)
+        if crafted.shape != inputs.attacker_states.shape:
+            raise ValueError(
+                f"attack {self.attack.name!r}: craft returned shape {tuple(crafted.shape)}; "
+                f"expected {tuple(inputs.attacker_states.shape)}"
+            )
+        out = list(states)
+        for row, i in enumerate(bad):
+            out[i] = crafted[row]
+        return out
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """The training hooks of a run's attacks, chained in order (:class:`spmc.training.TrainingHook`)."""
+
+    attacks: tuple[Attack, ...]
+
+    def gradient(self, grad: torch.Tensor, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor:
+        """g ← a.gradient(g) for every attack a."""
+        for attack in self.attacks:
+            grad = attack.gradient(grad, rows, global_state)
+        return grad
+
+    def project(self, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor:
+        """θ ← a.project(θ) for every attack a."""
+        for attack in self.attacks:
+            rows = attack.project(rows, global_state)
+        return rows
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """A run's attack: the data attack (``attack``; :class:`NoAttack`-like when none), the update attack
+    (``update_attack``), the attackers, the schedule and the attackers' knowledge (§A1)."""
+
+    data: Attack
+    update: Attack | None = None
+    attackers: tuple[int, ...] = ()
+    schedule: AttackSchedule = AttackSchedule()
+    knowledge: Knowledge = "full"
+
+    @property
+    def attacks(self) -> tuple[Attack, ...]:
+        """The data attack, then the update attack."""
+        return (self.data,) if self.update is None else (self.data, self.update)
+
+    def attacking(self, t: int, client_id: int) -> bool:
+        """Whether ``client_id`` attacks in round ``t`` (an attacker in an attack round)."""
+        return client_id in self.attackers and self.schedule.active(t)
+
+    def training(self) -> TrainingHooks | None:
+        """The chained training hooks, or None when no attack has one."""
+        hooked = tuple(a for a in self.attacks if "training" in a.hooks)
+        return TrainingHooks(hooked) if hooked else None
+
+    def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
+        """:meth:`Attack.prepare_round` of every training attack, when some of ``ids`` attacks in round ``t``."""
+        attackers = [k for k in ids if self.attacking(t, k)]
+        if not attackers:
+            return
+        for attack in self.attacks:
+            if "training" in attack.hooks:
+                attack.prepare_round(t, global_state, attackers)
+
+    def crafter(self) -> Crafter | None:
+        """The crafting step of the update attack (None when it has no crafting hook or there are no attackers)."""
+        if self.update is None or "crafting" not in self.update.hooks or not self.attackers:
+            return None
+        return Crafter(self.update, frozenset(self.attackers), self.schedule, self.knowledge)

@@ -1,0 +1,18 @@
+"""The attack registry: name → :class:`spmc.attacks.base.Attack` subclass (one file per attack, like the defenses).
+
+Adding an attack: one new file with the formula and its source on top, one line here, its test, its doc row.
+"""
+
+from __future__ import annotations
+
+from spmc.attacks.badnets import BadNets
+from spmc.attacks.base import Attack
+from spmc.attacks.none import NoAttack
+from spmc.attacks.semantic import Semantic
+
+ATTACKS: dict[str, type[Attack]] = {
+    "badnets": BadNets,
+    "base": BadNets,  # the paper's name; an alias of badnets
+    "semantic": Semantic,
+    "none": NoAttack,
+}
