@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/spmc demo
 
+# ruff, then mypy strict on src/spmc (the files and options are in pyproject.toml's [tool.mypy]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/mypy
 
-# mypy strict on src/spmc (the files and options are in pyproject.toml's [tool.mypy]).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 

@@ -468,7 +468,7 @@ class BatchedEngine:
                     buf = cfg.momentum * momentum[idx] + grad + cfg.weight_decay * sub
                     momentum[idx] = buf
                     rows[idx] = sub - cfg.lr * buf
-                if attackers is not None:
+                if attackers is not None and hook is not None:
                     moved = idx[attackers]
                     rows[moved] = hook.project(rows[moved], start)
                 loss_sum[idx] += ce.detach()

@@ -43,7 +43,7 @@ from spmc.defenses.server_data import ServerData
 from spmc.guard import UpdateGuard
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.training import ClientData, ClientResult, ClientTask, SequentialEngine, accuracy
+from spmc.training import ClientData, ClientMethod, ClientResult, ClientTask, SequentialEngine, accuracy
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Federation:
         layout = ParamLayout.from_module(model)
         return cls(cfg, device, data, model, layout, layout.flatten(model), build_attack(cfg, data.malicious))
 
-    def method_for(self, client_id: int) -> str:
+    def method_for(self, client_id: int) -> ClientMethod:
         """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
         if client_id in self.data.malicious and self.cfg.malicious_client == "plain":
             return "plain"
@@ -289,7 +289,7 @@ class Federation:
         return ClientTask(
             client_id=client_id,
             data=self.data.clean.get(client_id, data) if benign else data,
-            method=method,  # type: ignore[arg-type]
+            method=method,
             epochs=self.cfg.local_epochs(self.cfg.client),
             seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, client_id),
             teacher=teacher if method == "spmc" else None,

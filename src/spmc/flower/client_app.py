@@ -36,13 +36,19 @@ log = logging.getLogger(__name__)
 
 def _as_int(node_config: Mapping[str, UserValue], key: str) -> int:
     value = node_config.get(key)
-    try:
-        number = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = None
-    if number is None or isinstance(value, bool) or number < 0 or str(number) != str(value).strip():
+    number = _whole(value)
+    if number is None or number < 0:
         raise ConfigError(f"node config: {key} = {value!r}; expected a non-negative integer (--node-config)")
     return number
+
+
+def _whole(value: object) -> int | None:
+    """An int, or a string of one (``"3"``, `` 3 ``), as an int; anything else (bools, floats, text) None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
 
 
 def node_partition(node_config: Mapping[str, UserValue]) -> tuple[int, int]:
@@ -130,12 +136,15 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
     content = msg.content
     start = arrays_to_state(setup.layout, content.array_records[ARRAYS_KEY]).to(setup.device)
     config = content.config_records.get(CONFIG_KEY, ConfigRecord())
-    t = int(config.get("server-round", 1)) - 1  # type: ignore[arg-type]
+    server_round = _whole(config.get("server-round", 1))
+    if server_round is None:
+        raise ConfigError(f"server-round = {config.get('server-round')!r}; expected an integer")
+    t = server_round - 1
     teacher = None
     if setup.method == "spmc":
         teacher = start
         sent_for = config.get("teacher-client-id")
-        if TEACHER_KEY in content.array_records and sent_for is not None and int(sent_for) != pid:  # type: ignore[arg-type]
+        if TEACHER_KEY in content.array_records and sent_for is not None and _whole(sent_for) != pid:
             log.warning("teacher sent for client %s, but this is partition %d; using the global model", sent_for, pid)
         elif TEACHER_KEY in content.array_records:
             teacher = arrays_to_state(setup.layout, content.array_records[TEACHER_KEY]).to(setup.device)
