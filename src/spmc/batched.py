@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from spmc import native
 from spmc.models import SimpleCNN
 from spmc.params import ParamLayout
-from spmc.purify import project_rows, segment_ids
+from spmc.purify import distillation_terms, project_rows, segment_ids
 from spmc.training import ClientResult, ClientTask, OptimConfig, TrainingHook, batches
 
 _CONVS = ("conv1", "conv2")
@@ -444,8 +444,7 @@ class BatchedEngine:
             if teachers is None:
                 grad = _flat(torch.autograd.grad(ce.sum(), leaves))
             else:
-                target = torch.softmax(teacher_logits / cfg.spmc_kd_T, dim=-1)
-                kd = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+                kd = distillation_terms(logits, teacher_logits, cfg.spmc_kd_T)
                 kd = (kd.mean(dim=1) if mask is None else (kd * mask).sum(dim=1) / mask.sum(dim=1)) * cfg.spmc_kd_T**2
                 g_kd = _flat(torch.autograd.grad(kd.sum(), leaves, retain_graph=True))
                 g_ce = _flat(torch.autograd.grad(ce.sum(), leaves))

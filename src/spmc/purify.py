@@ -29,8 +29,16 @@ def distillation_loss(
     Only the teacher is divided by T, as in the reference code; at T = 1 its gradient in z is
     (softmax(z) − softmax(z̃))/B.
     """
-    target = torch.softmax(teacher_logits.detach() / temperature, dim=1)
-    return -(target * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean() * temperature**2
+    return distillation_terms(student_logits, teacher_logits, temperature).mean() * temperature**2
+
+
+def distillation_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """−Σ_c softmax(z̃/T)_c · log softmax(z)_c for every sample (classes on the last axis): the summands of
+    :func:`distillation_loss` before the mean and the T² factor, for engines that average per client or mask."""
+    target = torch.softmax(teacher_logits.detach() / temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits, dim=-1)).sum(dim=-1)
 
 
 def _segment_sums(
