@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -92,6 +92,14 @@ class ConfigError(ValueError):
 
 
 REPO_PROFILE_DEFAULTS: dict[str, Any] = {"baseline_local_epochs": 1, "exclude_int_buffers": False}
+
+
+def _registered(value: str, names: Iterable[str], kind: str, extra: tuple[str, ...] = ()) -> str:
+    """``value`` if it is one of ``extra`` or a registered name, else a ValueError listing what is allowed."""
+    allowed = [*extra, *sorted(names)]
+    if value not in allowed:
+        raise ValueError(f"unknown {kind}; allowed: {', '.join(allowed)}")
+    return value
 
 
 class Experiment(BaseModel):
@@ -259,44 +267,34 @@ class Experiment(BaseModel):
     def _known_dataset(cls, v: str) -> str:
         from spmc.data import DATASETS
 
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset; allowed: {', '.join(sorted(DATASETS))}")
-        return v
+        return _registered(v, DATASETS, "dataset")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
         from spmc.models import MODELS
 
-        if v != "auto" and v not in MODELS:
-            raise ValueError(f"unknown model; allowed: auto, {', '.join(sorted(MODELS))}")
-        return v
+        return _registered(v, MODELS, "model", extra=("auto",))
 
     @field_validator("defense")
     @classmethod
     def _known_defense(cls, v: str) -> str:
-        if v not in DEFENSES:
-            raise ValueError(f"unknown defense; allowed: {', '.join(sorted(DEFENSES))}")
-        return v
+        return _registered(v, DEFENSES, "defense")
 
     @field_validator("attack")
     @classmethod
     def _known_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        if v not in ATTACKS:
-            raise ValueError(f"unknown attack; allowed: {', '.join(sorted(ATTACKS))}")
-        return v
+        return _registered(v, ATTACKS, "attack")
 
     @field_validator("update_attack")
     @classmethod
     def _known_update_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        allowed = sorted(k for k, a in ATTACKS.items() if "crafting" in a.hooks)
-        if v != "none" and v not in allowed:
-            raise ValueError(f"unknown update attack; allowed: {', '.join(['none', *allowed])}")
-        return v
+        crafting = [k for k, a in ATTACKS.items() if "crafting" in a.hooks]
+        return _registered(v, crafting, "update attack", extra=("none",))
 
     @field_validator("trigger_channels", mode="before")
     @classmethod
