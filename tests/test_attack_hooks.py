@@ -191,6 +191,8 @@ def test_random_attacker_pool_is_seeded_and_deterministic() -> None:
         ({"attack": "nope"}, "attack"),
         ({"update_attack": "badnets"}, "update_attack"),
         ({"attack_start": 3, "attack_end": 2}, "attack_end = 2 is before attack_start = 3"),
+        ({"attack_end": 50}, r"attack_end = 50 is not a round of the run \(rounds = 50: rounds 0 … 49\)"),
+        ({"attack_start": 60}, r"attack_start = 60 is not a round of the run \(rounds = 50"),
         ({"attack_every": 0}, "attack_every"),
         ({"attacker_pool": "some"}, "attacker_pool"),
         ({"attacker_knowledge": "partial"}, "not implemented yet"),

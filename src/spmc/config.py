@@ -332,6 +332,14 @@ class Experiment(BaseModel):
                 f"attack_end = {self.attack_end} is before attack_start = {self.attack_start}; allowed: None or "
                 f">= attack_start"
             )
+        for field in ("attack_start", "attack_end"):
+            value = getattr(self, field)
+            if value is not None and value >= self.rounds:
+                none = " or None" if field == "attack_end" else ""
+                raise ValueError(
+                    f"{field} = {value} is not a round of the run (rounds = {self.rounds}: rounds 0 … "
+                    f"{self.rounds - 1}); allowed: 0 … {self.rounds - 1}{none}"
+                )
         if self.attacker_knowledge == "partial":
             raise ValueError("attacker_knowledge = 'partial' is not implemented yet; allowed: 'full'")
         if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
