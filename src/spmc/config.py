@@ -64,6 +64,7 @@ from spmc.defenses import (
     TrimmedMean,
     TrimmedMeanOptions,
 )
+from spmc.options import build_method
 from spmc.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -490,6 +491,7 @@ def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> Att
     from spmc.data import DATASETS
 
     info = DATASETS[cfg.dataset]
+    threat = threat_model(cfg)
     values = trigger_values(cfg.trigger_space, info.mean, info.std, cfg.trigger_channels)
     settings = AttackSettings(
         target=cfg.target_label,
@@ -498,8 +500,10 @@ def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> Att
         noise_std=cfg.semantic_noise_std,
     )
     return AttackPlan(
-        data=ATTACKS[cfg.attack](settings),
-        update=None if cfg.update_attack == "none" else ATTACKS[cfg.update_attack](settings),
+        data=build_method(ATTACKS[cfg.attack], cfg, settings=settings, threat=threat),
+        update=None
+        if cfg.update_attack == "none"
+        else build_method(ATTACKS[cfg.update_attack], cfg, settings=settings, threat=threat),
         attackers=cfg.malicious_ids if attackers is None else tuple(sorted(attackers)),
         schedule=AttackSchedule(cfg.attack_start, cfg.attack_end, cfg.attack_every),
         knowledge=cfg.attacker_knowledge,

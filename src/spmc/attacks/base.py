@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from spmc.threat import num_attackers
+from spmc.threat import ThreatModel, num_attackers
 
 Hook = Literal["data", "training", "crafting"]
 HOOKS: tuple[Hook, ...] = ("data", "training", "crafting")
@@ -86,14 +86,26 @@ class CraftingInputs:
 
 class Attack:
     """Base of every attack: ``name``, ``description``, the ``hooks`` it implements and their defaults (no
-    poisoning, identity gradient and projection, the attackers' states unchanged)."""
+    poisoning, identity gradient and projection, the attackers' states unchanged).
+
+    An attack with options declares ``options_type``, a frozen dataclass whose fields are declared with
+    :func:`spmc.options.option` (the configuration key, its help) and whose ``__post_init__`` validates them; it
+    receives an instance as ``options`` (the defaults when None). ``threat`` is the run's threat model (K, γ, m).
+    """
 
     name: ClassVar[str] = "none"
     description: ClassVar[str] = "no attack: every client is benign"
     hooks: ClassVar[frozenset[Hook]] = frozenset()
+    options_type: ClassVar[type[Any] | None] = None
 
-    def __init__(self, settings: AttackSettings | None = None) -> None:
+    def __init__(
+        self, settings: AttackSettings | None = None, options: Any = None, threat: ThreatModel | None = None
+    ) -> None:
         self.settings = settings if settings is not None else AttackSettings()
+        if options is None and self.options_type is not None:
+            options = self.options_type()
+        self.options = options
+        self.threat = threat if threat is not None else ThreatModel()
 
     # ------------------------------------------------------------------------------------------------ data
 
