@@ -57,6 +57,7 @@ class BadNets(Attack):
         "pixel-pattern backdoor of Table 2: 12 trigger entries in channel 0, relabel to the target (spec §2.2)"
     )
     hooks: ClassVar[frozenset[Hook]] = frozenset({"data"})
+    targeted: ClassVar[bool] = True
 
     def poison_mask(self, labels: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
         """u_i < ρ with u_i ~ U[0, 1) for every index i."""

@@ -96,6 +96,9 @@ class Attack:
     name: ClassVar[str] = "none"
     description: ClassVar[str] = "no attack: every client is benign"
     hooks: ClassVar[frozenset[Hook]] = frozenset()
+    #: A backdoor (data) attack with its own test-time trigger: runs report A and R = 100 − ASR on its test set.
+    #: False for untargeted attacks (label flip, Byzantine updates): runs report A and ΔA, R is blank (§A1).
+    targeted: ClassVar[bool] = False
     options_type: ClassVar[type[Any] | None] = None
 
     def __init__(

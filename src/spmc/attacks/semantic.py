@@ -22,6 +22,7 @@ class Semantic(Attack):
     name: ClassVar[str] = "semantic"
     description: ClassVar[str] = "semantic backdoor: noisy class-3 images relabelled to the target (spec §2.3)"
     hooks: ClassVar[frozenset[Hook]] = frozenset({"data"})
+    targeted: ClassVar[bool] = True
 
     def poison_mask(self, labels: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
         """u_i < ρ and y_i = s."""
