@@ -36,6 +36,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 #: A third-party package: a defense (uniform mean of the states), an attack, a dataset and a model, plus entries
 #: that are broken in every way the loader must survive.
 PLUGIN_MODULE = '''
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -44,6 +45,16 @@ from torch import nn
 from spmc.attacks.base import Attack
 from spmc.data.registry import MNIST_MEAN, MNIST_STD, DatasetInfo
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.options import option
+
+
+@dataclass(frozen=True)
+class UniformMeanOptions:
+    rounding: int = option(6, "acme_rounding", "digits of the weights in the diagnostics, 0 … 12")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rounding <= 12:
+            raise ValueError(f"acme_rounding: got {self.rounding!r}; allowed: 0 … 12")
 
 
 class UniformMean:
@@ -52,6 +63,10 @@ class UniformMean:
     name: ClassVar[str] = "acme"
     description: ClassVar[str] = "Acme uniform mean [bold]of[/bold] the client states"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[UniformMeanOptions]] = UniformMeanOptions
+
+    def __init__(self, options: UniformMeanOptions | None = None) -> None:
+        self.options = options if options is not None else UniformMeanOptions()
 
     @classmethod
     def from_config(cls, cfg):
@@ -272,10 +287,31 @@ def test_spmc_run_with_a_plugin_defense_and_model(plugin_path: Path, tmp_path: P
     summary = json.loads((out / "summary.json").read_text())
     assert {"A", "R", "V"} <= set(summary)
     config = json.loads((out / "config.json").read_text())
-    assert (config["defense"], config["model"]) == ("acme", "acme-net")
+    assert (config["defense"], config["model"], config["acme_rounding"]) == ("acme", "acme-net", 6)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         weights = json.loads(line)["weights"]
         assert list(weights.values()) == pytest.approx([0.25] * 4)  # FedAvg would weigh by sample count
+
+
+def test_a_plugin_declares_its_options_next_to_it(plugin_path: Path, tmp_path: Path) -> None:
+    """The plug-in's option key is listed, set by ``--set``, checked by the plug-in's own dataclass, recorded."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(SRC)]), "COLUMNS": "200"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "spmc", "list", "--options"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and "acme_rounding" in listed.stdout
+    base = [sys.executable, "-m", "spmc", "run", "--preset", "smoke", "--defense", "acme", "-q"]
+    bad = subprocess.run([*base, "--set", "acme_rounding=13"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: invalid configuration: acme_rounding: got 13; allowed: 0 … 12"
+    ), bad.stderr[-500:]
+    out = tmp_path / "run"
+    good = subprocess.run(
+        [*base, "--set", "acme_rounding=3", "--out", str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["acme_rounding"] == 3
 
 
 def test_the_guide_example_defense_registers_and_passes_its_own_tests(
