@@ -344,3 +344,19 @@ def test_the_guide_example_defense_registers_and_passes_its_own_tests(
     assert len(tests) == 2
     for test in tests:
         test()
+
+
+def test_the_guide_example_attack_crafts_with_its_option() -> None:
+    from spmc.attacks import CraftingInputs
+
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    code = next(block for block in blocks if "class Boost(Attack)" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(GUIDE), "exec"), namespace)  # noqa: S102
+    boost = namespace["Boost"](options=namespace["BoostOptions"](3.0))
+    g = torch.tensor([1.0, 1.0])
+    attackers = torch.tensor([[2.0, 0.0]])
+    inputs = CraftingInputs(0, g, attackers, (9,), torch.zeros(0, 2), ())
+    assert boost.craft(inputs).tolist() == [[4.0, -2.0]]
+    with pytest.raises(ValueError, match="boost_factor: got -1.0"):
+        namespace["BoostOptions"](-1.0)
