@@ -99,6 +99,9 @@ class Attack:
     #: A backdoor (data) attack with its own test-time trigger: runs report A and R = 100 − ASR on its test set.
     #: False for untargeted attacks (label flip, Byzantine updates): runs report A and ΔA, R is blank (§A1).
     targeted: ClassVar[bool] = False
+    #: An update attack that carries a data attack's backdoor (model replacement, PGD, Neurotoxin, the adaptive
+    #: attacks): the robustness matrix pairs it with ``badnets``; the others (Byzantine) run alone, untargeted.
+    carries_backdoor: ClassVar[bool] = False
     options_type: ClassVar[type[Any] | None] = None
 
     def __init__(
