@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from spmc.config import Experiment, build_defense, threat_model
+from spmc.cli import main
+from spmc.config import Experiment, build_defense, resolve, threat_model
 from spmc.defenses import DEFENSES
 from spmc.options import build_method, merged_specs, option_specs, options_from
 from spmc.threat import ThreatModel
@@ -289,3 +291,47 @@ def test_build_method_equals_build_defense_with_non_default_values() -> None:
         for key, value in EXPECTED[name].items():
             spec = next(s for s in option_specs(_options_type(name)) if s.key == key)
             assert getattr(built.options, spec.name) == values.get(key, value), (name, key)
+
+
+#: ``--set KEY=VALUE`` pairs the command line refuses (exit 2, before a run directory exists), naming the key.
+CLI_BAD = [
+    ("krum", "krum_f=-1"),
+    ("multikrum", "multikrum_select=0"),
+    ("dnc", "dnc_subdim=0"),
+    ("dnc", 'dnc_combine="both"'),
+    ("fedcpa", "fedcpa_top_rate=1.5"),
+    ("spmc", "spmc_temperature=NaN"),
+    ("rlr", "rlr_server_lr=Infinity"),
+    ("crfl", "crfl_sigma=-0.1"),
+    ("bulyan", "bulyan_f=true"),
+    ("trimmed_mean", "tm_mode=winsorize"),
+]
+
+
+@pytest.mark.parametrize(("defense", "item"), CLI_BAD)
+def test_cli_refuses_a_bad_defense_option_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], defense: str, item: str
+) -> None:
+    out = tmp_path / "run"
+    code = main(["run", "-q", "--preset", "smoke", "--defense", defense, "--out", str(out), "--set", item])
+    assert code == 2
+    printed = capsys.readouterr()
+    key = item.partition("=")[0]
+    assert f"{key}: got" in printed.out + printed.err
+    assert not out.exists()
+
+
+def test_toml_keys_of_today_still_configure_the_defenses(tmp_path: Path) -> None:
+    f = tmp_path / "exp.toml"
+    f.write_text(
+        'defense = "multikrum"\nnum_clients = 8\nkrum_f = 1\nmultikrum_select = 2\nexclude_int_buffers = false\n'
+        'tm_mode = "closest_to_median"\ndnc_combine = "intersection"\nrounds = 3\ncrfl_sigma = 0.0\n'
+    )
+    cfg = resolve("smoke", f)
+    multikrum = build_defense(cfg)
+    assert multikrum.options == _options_type("multikrum")(f=1, select=2, exclude_int_buffers=False)
+    threat = threat_model(cfg)
+    assert build_method(DEFENSES["trimmed_mean"], cfg, threat=threat).options.mode == "closest_to_median"
+    assert build_method(DEFENSES["dnc"], cfg, threat=threat).options.combine == "intersection"
+    crfl = build_method(DEFENSES["crfl"], cfg, threat=threat).options
+    assert (crfl.rounds, crfl.sigma) == (3, 0.0)
