@@ -274,3 +274,19 @@ def test_random_pool_and_partial_knowledge_survive_a_resume(tmp_path: Path) -> N
 def test_partial_knowledge_is_accepted_by_the_configuration() -> None:
     cfg = make_experiment(**SMALL, update_attack=MEAN, attacker_knowledge="partial")
     assert cfg.attacker_knowledge == "partial" and Simulation(cfg).federation.attack.knowledge == "partial"
+
+
+def test_partial_through_the_cli_and_as_a_sweep_axis(tmp_path: Path) -> None:
+    from spmc import cli
+    from spmc.sweep import expand_grid
+
+    sets = [f'update_attack="{MEAN}"', 'attacker_knowledge="partial"', "attack_start=1", 'device="cpu"']
+    argv = ["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "-q"]
+    assert cli.main([*argv, *(arg for s in sets for arg in ("--set", s))]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert [inputs.round for inputs in BenignMean.seen] == [1] and BenignMean.seen[0].benign_ids == ()
+    runs = expand_grid(
+        {"base": {"preset": "smoke", "update_attack": MEAN}, "grid": {"attacker_knowledge": ["full", "partial"]}}
+    )
+    assert [r.options["attacker_knowledge"] for r in runs] == ["full", "partial"]
+    assert len({r.name for r in runs}) == 2
