@@ -450,8 +450,6 @@ class ExperimentCore(BaseModel):
                     f"{field} = {value} is not a round of the run (rounds = {self.rounds}: rounds 0 … "
                     f"{self.rounds - 1}); allowed: 0 … {self.rounds - 1}{none}"
                 )
-        if self.attacker_knowledge == "partial":
-            raise ValueError("attacker_knowledge = 'partial' is not implemented yet; allowed: 'full'")
         if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
             raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self
