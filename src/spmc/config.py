@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -64,7 +65,7 @@ from spmc.defenses import (
     TrimmedMean,
     TrimmedMeanOptions,
 )
-from spmc.options import build_method
+from spmc.options import build_method, merged_specs, options_from
 from spmc.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -103,8 +104,12 @@ def _registered(value: str, names: Iterable[str], kind: str, extra: tuple[str, .
     return value
 
 
-class Experiment(BaseModel):
+class ExperimentCore(BaseModel):
     """One federated backdoor experiment. Defaults are the paper profile (spec Appendix A).
+
+    The options of the defenses and attacks (``krum_f``, ``scale_factor``, ...) are not listed here: each method
+    declares them next to itself (:mod:`spmc.options`) and :data:`Experiment` adds one field per key, typed by the
+    declaration; :meth:`_method_options_valid` runs every method's own checks on them.
 
     Validation is strict: no bool for a number, no string for a number, no null unless the option allows None,
     finite floats only (an int is accepted for a float). Lists are accepted for ``trigger_channels`` (TOML, JSON).
@@ -113,6 +118,8 @@ class Experiment(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
+    #: The methods' options classes whose keys are fields (set by :func:`experiment_model`).
+    option_types: ClassVar[tuple[type[Any], ...]] = ()
 
     profile: Literal["paper", "repo"] = "paper"
     name: str = ""
@@ -352,6 +359,18 @@ class Experiment(BaseModel):
         check_drop_last(self)
         return self
 
+    @model_validator(mode="after")
+    def _method_options_valid(self) -> Experiment:
+        problems = []
+        for options_type in type(self).option_types:
+            try:
+                options_from(options_type, self)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
+        return self
+
     @property
     def resolved_model(self) -> str:
         from spmc.data import DATASETS
@@ -379,6 +398,56 @@ class Experiment(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def method_option_types() -> list[type[Any]]:
+    """The options classes of every registered defense and attack (plug-ins included), each once."""
+    from spmc.attacks import ATTACKS
+
+    types: list[type[Any]] = []
+    for registry in (DEFENSES, ATTACKS):
+        for method in registry.values():
+            options_type = getattr(method, "options_type", None)
+            if options_type is not None and options_type not in types:
+                types.append(options_type)
+    return types
+
+
+def usable_option_types(core: type[BaseModel], types: Sequence[type[Any]]) -> list[type[Any]]:
+    """The options classes of ``types`` whose declarations agree (:func:`spmc.options.merged_specs`), in order; one
+    that is broken or clashes with an earlier one (a plug-in's) is skipped with a warning naming it."""
+    usable: list[type[Any]] = []
+    for options_type in types:
+        try:
+            merged_specs([*usable, options_type], reserved=core.model_fields)
+        except (TypeError, NameError) as err:
+            log.warning("options of %s are ignored: %s", getattr(options_type, "__qualname__", options_type), err)
+            continue
+        usable.append(options_type)
+    return usable
+
+
+def method_fields(core: type[BaseModel], types: Sequence[type[Any]]) -> dict[str, Any]:
+    """One pydantic field per option key the classes ``types`` declare, typed by its annotation, with its default
+    and help, for :func:`pydantic.create_model`; keys that are fields of ``core`` stay the core's."""
+    specs = merged_specs(types, reserved=core.model_fields)
+    return {key: (spec.annotation, Field(spec.default, description=spec.help)) for key, spec in specs.items()}
+
+
+def experiment_model(types: Sequence[type[Any]], name: str = "Experiment") -> type[ExperimentCore]:
+    """:class:`ExperimentCore` with one field per option key of the options classes ``types``, whose checks its
+    validation runs (:func:`method_fields`)."""
+    types = usable_option_types(ExperimentCore, types)
+    fields = method_fields(ExperimentCore, types)
+    model = create_model(name, __base__=ExperimentCore, __module__=__name__, __doc__=ExperimentCore.__doc__, **fields)
+    model.option_types = tuple(types)
+    return model
+
+
+if TYPE_CHECKING:
+    Experiment = ExperimentCore
+else:
+    Experiment = experiment_model(method_option_types())
 
 
 def expected_train_size(dataset: str, synthetic_train_size: int) -> int | None:
@@ -602,7 +671,10 @@ def build_defense(cfg: Experiment) -> Defense:
     if cfg.defense not in DEFENSES:
         raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
     builder = DEFENSE_BUILDERS.get(cfg.defense)
-    return builder(cfg) if builder is not None else DEFENSES[cfg.defense]()
+    if builder is not None:
+        return builder(cfg)
+    defense: Defense = build_method(DEFENSES[cfg.defense], cfg, threat=threat_model(cfg))
+    return defense
 
 
 def optim_config(cfg: Experiment) -> OptimConfig:
