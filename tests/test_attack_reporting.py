@@ -295,7 +295,13 @@ def test_update_attack_is_a_sweep_axis(plugin_env: Path, tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["table", str(out)]) == 0
     clean = next(s for s in summaries.values() if s["attack_kind"] == "none")
-    assert f"{flip['A'] - clean['A']:.2f}" in capsys.readouterr().out
+    row = next(line for line in capsys.readouterr().out.splitlines() if "update_attack=t-sign-flip" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == [
+        f"{flip['A']:.2f}",
+        f"{flip['A'] - clean['A']:.2f}",
+        "",
+        "",
+    ]
 
 
 def test_flower_run_config_takes_update_attack(test_attacks: None) -> None:
