@@ -403,8 +403,8 @@ class ExperimentCore(BaseModel):
     def _known_update_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        crafting = [k for k, a in ATTACKS.items() if "crafting" in a.hooks]
-        return _registered(v, crafting, "update attack", extra=("none",))
+        updates = [k for k, a in ATTACKS.items() if a.hooks & {"training", "crafting"}]
+        return _registered(v, updates, "update attack", extra=("none",))
 
     @field_validator("trigger_channels", mode="before")
     @classmethod

@@ -204,12 +204,15 @@ class Simulation:
 
     def summary(self, records: list[dict[str, Any]]) -> tuple[FinalMetrics, dict[str, Any]]:
         acc = [r["accuracy"] for r in records]
-        final = final_metrics(acc, [r["asr"] for r in records], self.cfg.report_last_k)
+        kind = self.federation.attack.kind
+        targeted = kind != "untargeted"
+        final = final_metrics(acc, [r["asr"] for r in records], self.cfg.report_last_k, targeted)
         other_key = "asr_all" if self.cfg.asr_exclude_target_class else "asr_excl_target"
-        other = final_metrics(acc, [r[other_key] for r in records], self.cfg.report_last_k)
+        other = final_metrics(acc, [r[other_key] for r in records], self.cfg.report_last_k, targeted)
         summary = {
             **final.as_dict(),
             "R_" + ("all" if self.cfg.asr_exclude_target_class else "excl_target"): other.R,
+            "attack_kind": kind,
             "rounds": len(records),
             "rejected_updates": sum(len(r.get("rejected", [])) for r in records),
             "dataset": self.cfg.dataset,

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 Hook = Literal["data", "training", "crafting"]
 HOOKS: tuple[Hook, ...] = ("data", "training", "crafting")
 Knowledge = Literal["full", "partial"]
+#: What a run's metrics mean (§A1): ``backdoor`` reports A and R = 100 − ASR on the data attack's trigger;
+#: ``untargeted`` reports A and ΔA = A − A(no attack, same seed), R blank; ``none`` (no attack) reports A and R.
+AttackKind = Literal["backdoor", "untargeted", "none"]
+ATTACK_KINDS: tuple[AttackKind, ...] = ("backdoor", "untargeted", "none")
 
 #: Purpose of the seed stream of the random attacker pool (distinct from the federation's purposes 1-6).
 SEED_ATTACKER_POOL = 7
@@ -180,6 +184,17 @@ def attacker_pool(num_clients: int, gamma: float, pool: str, seed: int) -> tuple
     raise ValueError(f"attacker_pool: unknown value {pool!r}; allowed: fixed, random")
 
 
+def attack_kind(data: Attack | type[Attack], update: Attack | type[Attack] | None = None) -> AttackKind:
+    """The kind of a run with the data attack ``data`` and the update attack ``update`` (§A1): ``backdoor`` when
+    the data attack is targeted (it has a test-time trigger), else ``untargeted`` when either attack has a hook
+    (label flip, an update attack with ``attack = none``), else ``none``."""
+    if data.targeted:
+        return "backdoor"
+    if data.hooks or (update is not None and update.hooks):
+        return "untargeted"
+    return "none"
+
+
 @dataclass
 class Crafter:
     """The crafting step of a run (§A2.3), called by :meth:`spmc.server.ServerCore.step` before the update guard:
@@ -277,6 +292,11 @@ class AttackPlan:
     attackers: tuple[int, ...] = ()
     schedule: AttackSchedule = AttackSchedule()
     knowledge: Knowledge = "full"
+
+    @property
+    def kind(self) -> AttackKind:
+        """:func:`attack_kind` of the data and update attacks: what the run's metrics mean."""
+        return attack_kind(self.data, self.update)
 
     @property
     def attacks(self) -> tuple[Attack, ...]:
