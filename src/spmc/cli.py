@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spmc.attacks import ATTACKS
+from spmc.attacks import ATTACKS, HOOKS, Attack, attack_kind
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
@@ -70,6 +70,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $SPMC_DATA_DIR, Debian's fmnist)")
     p.add_argument("--defense", help=f"server defense: {', '.join(DEFENSES)}")
+    p.add_argument("--attack", help="data-poisoning attack (`spmc list`; none = no attack)")
+    p.add_argument(
+        "--update-attack", help="update (model-poisoning) attack (`spmc list`); with --attack none: untargeted"
+    )
     p.add_argument("--client", choices=sorted(CLIENTS), help="client procedure")
     p.add_argument("--gamma", type=float, help="malicious fraction in [0, 1)")
     p.add_argument("--rounds", type=int, help="communication rounds")
@@ -89,6 +93,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "defense": args.defense,
+        "attack": args.attack,
+        "update_attack": args.update_attack,
         "client": args.client,
         "gamma": args.gamma,
         "rounds": args.rounds,
@@ -139,9 +145,9 @@ def _summary_table(results: dict[str, RunResult], title: str) -> Table:
         table.add_row(
             label,
             f"{f.A:.2f}",
-            f"{100 - f.R:.2f}",
-            f"{f.R:.2f}",
-            f"{f.V:.2f}",
+            _metric_text(None if f.R is None else 100 - f.R),
+            _metric_text(f.R),
+            _metric_text(f.V),
             f"{res.summary['seconds_per_round']:.1f}",
         )
     return table
@@ -157,6 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     label = f"{cfg.defense}/{cfg.client} on {cfg.dataset}, γ={cfg.gamma}"
     res = _run_with_progress(cfg, out, label, args.quiet, resume=bool(args.resume))
     console.print(_summary_table({label: res}, f"last {res.final.last_k} rounds of {cfg.rounds}"))
+    if res.summary.get("attack_kind") == "untargeted":
+        console.print(
+            "untargeted attack: R is blank; ΔA = A − A(no attack, same seed): `spmc table` with both run directories",
+            highlight=False,
+        )
     console.print(f"run directory: {escape(str(out))}", highlight=False)
     return 0
 
@@ -249,6 +260,15 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().partition("\n")[0]
 
 
+def _attack_text(cls: type[Attack]) -> str:
+    """An attack's line of ``spmc list``: its kind (what its runs report), its hooks, then its description."""
+    kind = {"backdoor": "backdoor", "none": "no attack"}.get(attack_kind(cls), "untargeted")
+    if kind == "untargeted" and "data" not in cls.hooks:
+        kind = "update attack: untargeted with attack = none"
+    hooks = ", ".join(h for h in HOOKS if h in cls.hooks) or "no hook"
+    return f"[{kind}; {hooks}] {cls.description}"
+
+
 def _with_origin(group: str, items: dict[str, str]) -> dict[str, str]:
     """``items`` with "[plug-in from distribution 'x']" after the description of each entry a plug-in added."""
     out = {}
@@ -262,7 +282,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, str]] = {
         "defenses": _with_origin("spmc.defenses", {name: cls.description for name, cls in DEFENSES.items()}),
         "clients": CLIENTS,
-        "attacks": _with_origin("spmc.attacks", {name: cls.description for name, cls in ATTACKS.items()}),
+        "attacks": _with_origin("spmc.attacks", {name: _attack_text(cls) for name, cls in ATTACKS.items()}),
         "datasets": _with_origin("spmc.datasets", {name: info.description for name, info in DATASETS.items()}),
         "models": _with_origin("spmc.models", {name: _first_line(f.__doc__) for name, f in MODELS.items()}),
         "presets": PRESET_DESCRIPTIONS,
