@@ -89,7 +89,7 @@ def test_an_outlier_moves_the_mean_by_at_most_m_over_n(n: int, seed: int, bad: i
     norms = updates[others].norm(dim=1)
     rest = (updates[others] * clip_factors(norms, bound).unsqueeze(1)).sum(0) / n
     assert float((agg.global_state - rest).norm()) == pytest.approx(bound / n, rel=1e-9)
-    assert bound <= float(norms.max())  # the median ignores the outlier's size
+    assert bound <= float(norms.max()) * (1 + 1e-12)  # the median ignores the outlier's size
 
 
 def test_option_errors_name_the_key() -> None:

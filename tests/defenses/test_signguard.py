@@ -99,7 +99,7 @@ def test_coordinates_are_seeded_by_seed_and_round() -> None:
     assert coordinate_subset(5, 0.01, round_generator(0, 0)).numel() == 1
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 1000), data=st.data())
 def test_client_order_changes_nothing(seed: int, data: st.DataObject) -> None:
     n = 12
