@@ -121,3 +121,12 @@ def test_config_builds_bucketing_with_its_base() -> None:
     assert isinstance(defense, Bucketing)
     assert defense.options.size == 3 and defense.base.defense.name == "rfa"
     assert build_defense(make_experiment(defense="bucketing")).base.defense.name == "median"
+
+
+def test_the_base_rule_reads_its_options_from_the_configuration_values() -> None:
+    bucketed = Bucketing(BucketingOptions(base="centered_clip"), config={"cc_tau": 3.0, "cc_iters": 2})
+    base = bucketed.base.defense
+    assert isinstance(base, CenteredClip) and (base.options.tau, base.options.iters) == (3.0, 2)
+    cfg = make_experiment(defense="bucketing", bucketing_base="centered_clip", cc_tau=0.25)
+    from_cfg = Bucketing(BucketingOptions(base="centered_clip"), config=cfg).base.defense
+    assert isinstance(from_cfg, CenteredClip) and from_cfg.options.tau == 0.25

@@ -19,8 +19,10 @@ trimmed mean after bucketing need f counted in buckets, which the configuration 
 defense that needs no server data may be the base, except bucketing itself.
 
 The base rule is one object kept across rounds, so a stateful base (``centered_clip``) keeps its state; bucketing's
-``state_dict`` is the base's. In Python, ``Bucketing(options, threat, base=...)`` takes a base rule built with the
-options one wants; without one it builds ``DEFENSES[bucketing_base]`` with its default options.
+``state_dict`` is the base's. The base rule is ``base`` when given (built with the options one wants); else
+``DEFENSES[bucketing_base]`` built by :func:`spmc.options.build_method` from ``config`` (the flat configuration
+values, a mapping by key or an object with the keys as attributes, so ``cc_tau`` or ``krum_f`` reach the base), or
+with its default options when ``config`` is None.
 """
 
 from __future__ import annotations
@@ -124,13 +126,15 @@ class Bucketing:
         options: BucketingOptions | None = None,
         threat: ThreatModel | None = None,
         base: Defense | None = None,
+        config: Mapping[str, Any] | Any | None = None,
     ) -> None:
         from spmc.defenses import DEFENSES  # the registry imports this module
 
         self.options = options if options is not None else BucketingOptions()
         self.seed = (threat if threat is not None else ThreatModel()).seed
         if base is None:
-            base = build_method(DEFENSES[self.options.base], {}, threat=threat)
+            values = config if config is not None else {}
+            base = build_method(DEFENSES[self.options.base], values, threat=threat)
         elif base.name != self.options.base:
             raise ValueError(f"bucketing_base: got {self.options.base!r} but the base rule given is {base.name!r}")
         self.base = BaseRule(base)
