@@ -13,10 +13,12 @@ rule's on the clients in id order. The base rule's weight w_i of a bucket is spl
 (w_k = w_i / |B_i|, so the weights still sum to one, as the bucket mean gives each member 1/|B_i|); a client is
 accepted when its bucket is. The base's own diagnostics are kept under ``"base"``.
 
-Default s = 2, the paper's recommendation (its experiments use s ∈ {2, 5} and s = 2 unless stated). Default base
-rule: ``median`` (coordinate-wise median), one of the paper's base rules that needs no attacker count: Krum or the
-trimmed mean after bucketing need f counted in buckets, which the configuration does not know. Any registered
-defense that needs no server data may be the base, except bucketing itself.
+Default s = 2, as ATTACKS.md §A6 says (the authors' code, epfml/byzantine-robust-noniid-optimizer, fixes s = 2
+when it varies other settings and also tries s ∈ {0, 5}). Default base rule: ``median`` (coordinate-wise median),
+one of the paper's base rules, that needs no attacker count. Krum and the trimmed mean take f = m from the threat
+model, a safe count of buckets (an attacker spoils at most one bucket), but Krum then needs ⌈n/s⌉ > 2m + 2
+pseudo-clients: 5 buckets of the default 10 clients with m = 3 are too few. Any
+registered defense that needs no server data may be the base, except bucketing itself.
 
 The base rule is one object kept across rounds, so a stateful base (``centered_clip``) keeps its state; bucketing's
 ``state_dict`` is the base's. The base rule is ``base`` when given (built with the options one wants); else
