@@ -9,11 +9,13 @@ from spmc.defenses.dnc import DnC, DnCOptions
 from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
 from spmc.defenses.fedcpa import FedCPA, FedCPAOptions
 from spmc.defenses.finetuning import Finetuning, FinetuningOptions
+from spmc.defenses.flame import Flame, FlameOptions
 from spmc.defenses.fltrust import FLTrust, FLTrustOptions
 from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions
 from spmc.defenses.krum import Krum, KrumOptions
 from spmc.defenses.median import Median, MedianOptions
 from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
+from spmc.defenses.multimetrics import MultiMetrics, MultiMetricsOptions
 from spmc.defenses.rfa import RFA, RFAOptions
 from spmc.defenses.rlr import RLR, RLROptions
 from spmc.defenses.rsa import RSA, RSAOptions
@@ -48,6 +50,8 @@ DEFENSES: dict[str, type[Defense]] = {
     "median": Median,
     "fltrust": FLTrust,
     "fedcpa": FedCPA,
+    "flame": Flame,
+    "multimetrics": MultiMetrics,
 }
 load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
 
@@ -74,6 +78,8 @@ __all__ = [
     "FedCPAOptions",
     "Finetuning",
     "FinetuningOptions",
+    "Flame",
+    "FlameOptions",
     "FoolsGold",
     "FoolsGoldOptions",
     "Krum",
@@ -82,6 +88,8 @@ __all__ = [
     "MedianOptions",
     "MultiKrum",
     "MultiKrumOptions",
+    "MultiMetrics",
+    "MultiMetricsOptions",
     "RFAOptions",
     "RLROptions",
     "RSAOptions",
