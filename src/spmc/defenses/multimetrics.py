@@ -81,7 +81,7 @@ def whitened_scores(features: torch.Tensor, center: bool = False) -> torch.Tenso
     if center:
         x = centred
     inv = torch.linalg.pinv(cov, hermitian=True)
-    quad = ((x @ inv) * x).sum(dim=1)
+    quad: torch.Tensor = ((x @ inv) * x).sum(dim=1)
     return quad.clamp_min(0.0).sqrt()
 
 
@@ -94,7 +94,9 @@ def keep_count(n: int, fraction: float) -> int:
 class MultiMetricsOptions:
     """Multi-Metrics' options (``multimetrics_*``)."""
 
-    keep: float = option(0.3, "multimetrics_keep", "fraction p of clients kept, lowest scores first, in (0, 1] (ICCV'23: 0.3)")
+    keep: float = option(
+        0.3, "multimetrics_keep", "fraction p of clients kept, lowest scores first, in (0, 1] (ICCV'23: 0.3)"
+    )
     exclude_int_buffers: bool = option(
         True,
         "exclude_int_buffers",
@@ -116,7 +118,7 @@ class MultiMetrics:
     """Cosine, Manhattan and Euclidean distance sums, whitened; the lowest-scoring fraction is averaged."""
 
     name: ClassVar[str] = "multimetrics"
-    description: ClassVar[str] = "Multi-Metrics: whitened sums of cosine/L1/L2 distances, keeps the lowest 30% (ICCV'23)"
+    description: ClassVar[str] = "Multi-Metrics: whitened cosine/L1/L2 distance sums, keeps the lowest 30% (ICCV'23)"
     needs_server_data: ClassVar[bool] = False
     options_type: ClassVar[type[MultiMetricsOptions]] = MultiMetricsOptions
 
