@@ -10,6 +10,7 @@ from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
 from spmc.defenses.fedcpa import FedCPA, FedCPAOptions
 from spmc.defenses.finetuning import Finetuning, FinetuningOptions
 from spmc.defenses.flame import Flame, FlameOptions
+from spmc.defenses.fldetector import FLDetector, FLDetectorOptions
 from spmc.defenses.fltrust import FLTrust, FLTrustOptions
 from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions
 from spmc.defenses.krum import Krum, KrumOptions
@@ -51,6 +52,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "fltrust": FLTrust,
     "fedcpa": FedCPA,
     "flame": Flame,
+    "fldetector": FLDetector,
     "multimetrics": MultiMetrics,
 }
 load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
@@ -70,6 +72,8 @@ __all__ = [
     "Defense",
     "DnC",
     "DnCOptions",
+    "FLDetector",
+    "FLDetectorOptions",
     "FLTrust",
     "FLTrustOptions",
     "FedAvg",
