@@ -78,7 +78,7 @@ def lbfgs_hvp(s: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     mat = torch.cat([torch.cat([sigma * sts, lower], dim=1), torch.cat([lower.T, -diag], dim=1)], dim=0)
     rhs = torch.cat([sigma * (s @ v.T), y @ v.T], dim=0)  # [2p, c]
     sol = torch.linalg.pinv(mat) @ rhs
-    out = sigma * v - (sigma * (sol[:p].T @ s) + sol[p:].T @ y)
+    out: torch.Tensor = sigma * v - (sigma * (sol[:p].T @ s) + sol[p:].T @ y)
     if not bool(torch.isfinite(out).all()):
         log.info("fldetector: the L-BFGS estimate is not finite; predicting no change")
         return torch.zeros_like(v)
@@ -94,7 +94,7 @@ def normalised_distances(dist: torch.Tensor) -> torch.Tensor:
     if d.numel() == 0 or total <= 0 or not math.isfinite(total):
         return torch.zeros_like(d)
     top = float(d.max())
-    scaled = d / top
+    scaled: torch.Tensor = d / top
     return scaled * (d.numel() / float(scaled.sum()))
 
 
@@ -130,7 +130,7 @@ def gap_statistic(scores: Sequence[float], seed: int, references: int = 20, k_ma
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6A9]))
     tiny = 1e-300
     real = np.log(np.maximum(kmeans_1d_inertias(x, k_top), tiny))
-    ref = np.log(np.maximum([kmeans_1d_inertias(rng.random(n), k_top) for _ in range(references)], tiny))
+    ref = np.log(np.maximum([kmeans_1d_inertias(rng.random((n,)), k_top) for _ in range(references)], tiny))
     gaps = ref.mean(axis=0) - real
     sds = ref.std(axis=0) * math.sqrt(1.0 + 1.0 / references)
     for k in range(1, k_top):
