@@ -5,6 +5,7 @@ from __future__ import annotations
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, Stateful, weighted_average
 from spmc.defenses.bulyan import Bulyan, BulyanOptions
 from spmc.defenses.crfl import CRFL, CRFLOptions
+from spmc.defenses.deepsight import DeepSight, DeepSightOptions
 from spmc.defenses.dnc import DnC, DnCOptions
 from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
 from spmc.defenses.fedcpa import FedCPA, FedCPAOptions
@@ -52,6 +53,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "fltrust": FLTrust,
     "fedcpa": FedCPA,
     "flame": Flame,
+    "deepsight": DeepSight,
     "fldetector": FLDetector,
     "multimetrics": MultiMetrics,
 }
@@ -69,6 +71,8 @@ __all__ = [
     "Bulyan",
     "BulyanOptions",
     "CRFLOptions",
+    "DeepSight",
+    "DeepSightOptions",
     "Defense",
     "DnC",
     "DnCOptions",
