@@ -169,4 +169,4 @@ def test_stateful_protocol() -> None:
     assert isinstance(FoolsGold(), Stateful)
     assert not isinstance(Krum(), Stateful)
     stateful = [name for name, cls in DEFENSES.items() if isinstance(cls(), Stateful)]
-    assert stateful == ["foolsgold", "centered_clip", "bucketing"]
+    assert stateful == ["foolsgold", "centered_clip", "bucketing", "fldetector"]

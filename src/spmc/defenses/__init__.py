@@ -7,15 +7,19 @@ from spmc.defenses.bucketing import Bucketing, BucketingOptions
 from spmc.defenses.bulyan import Bulyan, BulyanOptions
 from spmc.defenses.centered_clip import CenteredClip, CenteredClipOptions
 from spmc.defenses.crfl import CRFL, CRFLOptions
+from spmc.defenses.deepsight import DeepSight, DeepSightOptions
 from spmc.defenses.dnc import DnC, DnCOptions
 from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
 from spmc.defenses.fedcpa import FedCPA, FedCPAOptions
 from spmc.defenses.finetuning import Finetuning, FinetuningOptions
+from spmc.defenses.flame import Flame, FlameOptions
+from spmc.defenses.fldetector import FLDetector, FLDetectorOptions
 from spmc.defenses.fltrust import FLTrust, FLTrustOptions
 from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions
 from spmc.defenses.krum import Krum, KrumOptions
 from spmc.defenses.median import Median, MedianOptions
 from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
+from spmc.defenses.multimetrics import MultiMetrics, MultiMetricsOptions
 from spmc.defenses.norm_clip import NormClip, NormClipOptions
 from spmc.defenses.rfa import RFA, RFAOptions
 from spmc.defenses.rlr import RLR, RLROptions
@@ -58,6 +62,10 @@ DEFENSES: dict[str, type[Defense]] = {
     "centered_clip": CenteredClip,
     "bucketing": Bucketing,
     "signguard": SignGuard,
+    "flame": Flame,
+    "deepsight": DeepSight,
+    "fldetector": FLDetector,
+    "multimetrics": MultiMetrics,
 }
 load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
 
@@ -77,9 +85,13 @@ __all__ = [
     "CRFLOptions",
     "CenteredClip",
     "CenteredClipOptions",
+    "DeepSight",
+    "DeepSightOptions",
     "Defense",
     "DnC",
     "DnCOptions",
+    "FLDetector",
+    "FLDetectorOptions",
     "FLTrust",
     "FLTrustOptions",
     "FedAvg",
@@ -88,6 +100,8 @@ __all__ = [
     "FedCPAOptions",
     "Finetuning",
     "FinetuningOptions",
+    "Flame",
+    "FlameOptions",
     "FoolsGold",
     "FoolsGoldOptions",
     "Krum",
@@ -98,6 +112,8 @@ __all__ = [
     "MultiKrumOptions",
     "NormClip",
     "NormClipOptions",
+    "MultiMetrics",
+    "MultiMetricsOptions",
     "RFAOptions",
     "RLROptions",
     "RSAOptions",
