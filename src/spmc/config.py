@@ -498,6 +498,9 @@ def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> Att
         values=tuple(values.items()),
         source_label=cfg.semantic_source_label,
         noise_std=cfg.semantic_noise_std,
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        num_classes=info.num_classes,
     )
     return AttackPlan(
         data=build_method(ATTACKS[cfg.attack], cfg, settings=settings, threat=threat),

@@ -13,6 +13,7 @@ from spmc.attacks.backdoor import (
 from spmc.attacks.base import (
     HOOKS,
     Attack,
+    AttackContext,
     AttackPlan,
     AttackSchedule,
     AttackSettings,
@@ -32,6 +33,7 @@ __all__ = [
     "TRIGGER_COLS",
     "TRIGGER_ROWS",
     "Attack",
+    "AttackContext",
     "AttackPlan",
     "AttackSchedule",
     "AttackSettings",
