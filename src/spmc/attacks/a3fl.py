@@ -6,7 +6,7 @@ region (the 12 ``badnets`` entries of each trigger channel, in normalised space)
 against the current global model θ_g and against θ_adv, a copy of θ_g trained to *unlearn* the trigger:
 
     θ_adv ← SGD on Σ_(x,y)∈D CE(f(x ⊕ δ; θ), y)                   (true labels; lr 0.01, momentum 0.9, wd 5e-4)
-    w     = mean over conv weight tensors of cos(∇L_g, ∇L_adv)     (L = the backdoor loss below, per model)
+    w     = mean over conv weight tensors of cos(∇L_g, ∇L_adv)     (L = the backdoor loss below, on one batch)
     δ     ← clip(δ − η·sign ∇_δ [CE(f(x ⊕ δ; θ_g), τ) + λ·w·CE(f(x ⊕ δ; θ_adv), τ)])
 
 x ⊕ δ writes δ into the trigger entries, τ is the target label. The adversarial copy is retrained from θ_g before
@@ -209,7 +209,7 @@ class A3FL(Attack):
         for epoch in range(opts.trigger_epochs):
             if epoch > 0 and opts.adv_lambda > 0.0 and opts.adv_epochs > 0:
                 adv = self.unlearn(model, x, y, delta, gen)
-                weight = self.similarity(model, adv, x, delta)
+                weight = self.similarity(model, adv, x[:BATCH], delta)
             for b in torch.randperm(int(y.shape[0]), generator=gen).to(device).split(BATCH):
                 d = delta.clone().requires_grad_(True)
                 loss = self.backdoor_loss(model, x[b], d)
