@@ -205,6 +205,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if unfinished else 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from spmc import matrix
+
+    root = Path(args.out)
+    if args.report_only:
+        spec = load_grid(root / matrix.MATRIX_FILE)
+    else:
+        defenses = sorted(DEFENSES) if args.defenses == ["all"] else args.defenses
+        for name in defenses:
+            if name not in DEFENSES:
+                raise ConfigError(f"--defenses: unknown defense {name!r}; allowed: all, {', '.join(sorted(DEFENSES))}")
+        attacks = matrix.all_attack_names(ATTACKS) if args.attacks == ["all"] else args.attacks
+        base: dict[str, Any] = {"preset": args.preset, "gamma": args.gamma} if args.preset else {"gamma": args.gamma}
+        base.update(_parse_sets(args.set))
+        spec = matrix.matrix_spec(
+            matrix.defense_columns(defenses),
+            matrix.attack_rows(attacks, ATTACKS),
+            args.seeds,
+            base,
+            root,
+            args.jobs,
+        )
+        matrix.save_spec(spec, root)
+
+        def report(o: SweepOutcome) -> None:
+            console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
+
+        outcomes = run_sweep(spec, root, args.jobs, report)
+        matrix.record_outcomes(root, outcomes)
+    for path in matrix.write_report(spec, root, args.title):
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    return 0
+
+
 def _metric_text(value: Any) -> str:
     """A summary metric with 2 decimals; blank where the run stored none (null) or it is not a number."""
     return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
@@ -328,6 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", "-o", help="root folder of the run directories (default: the file's `out`)")
     sweep.add_argument("--jobs", "-j", type=int, help="runs at once (default: the file's `jobs`, else 1)")
     sweep.set_defaults(func=cmd_sweep)
+    mat = sub.add_parser(
+        "matrix",
+        help="every defense against every attack row (a sweep), with a CSV, Markdown tables and heat maps",
+        description="Run the robustness matrix (defenses × attack rows × seeds at a preset and γ) as a sweep in "
+        "--out (finished cells are skipped, interrupted ones resumed), then write matrix.csv, matrix.md and the heat "
+        "maps matrix_R / matrix_A (PNG, SVG) there. See docs/matrix.md.",
+    )
+    mat.add_argument("--preset", "-p", choices=sorted(PRESETS), help="the preset of every cell")
+    mat.add_argument("--gamma", type=float, default=0.3, help="malicious fraction γ (default 0.3)")
+    mat.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    mat.add_argument("--defenses", nargs="+", default=["all"], help="defenses (default all)")
+    mat.add_argument("--attacks", nargs="+", default=["all"], help="attacks, each a row (default all; see docs)")
+    mat.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="any other option")
+    mat.add_argument("--out", "-o", default="runs/matrix", help="folder of the cells and the report")
+    mat.add_argument("--jobs", "-j", type=int, default=1, help="cells at once (default 1)")
+    mat.add_argument("--title", default="", help="title of matrix.md")
+    mat.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from --out/matrix.toml and its cells"
+    )
+    mat.set_defaults(func=cmd_matrix)
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
     lst.add_argument("--options", action="store_true", help="list every configuration option instead")
     lst.set_defaults(func=cmd_list)

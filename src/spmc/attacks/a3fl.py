@@ -50,8 +50,8 @@ from spmc.attacks.base import Attack, AttackContext, AttackSettings, Hook
 from spmc.options import option
 from spmc.threat import ThreatModel
 
-#: Purpose of the seed stream of the trigger optimisation (distinct from the federation's 1-6 and the pool's 7).
-SEED_A3FL = 8
+#: Purpose of the seed stream of the trigger optimisation (federation: 1-6, attacker pool: 7, shadows: 8).
+SEED_A3FL = 9
 #: Batch size of the trigger optimisation and the unlearning (the paper's 64).
 BATCH = 64
 
