@@ -16,14 +16,13 @@ from spmc.threat import ThreatModel
 
 from ._helpers import SMALL, asr_on, run
 
-FAST = A3FLOptions(samples=64, trigger_epochs=3)
+FAST = {"a3fl_samples": 64, "a3fl_trigger_epochs": 3}
 
 
 def federation(**overrides: Any) -> Federation:
-    fed = Federation.build(make_experiment(**{**SMALL, "attack": "a3fl", **overrides}))
+    fed = Federation.build(make_experiment(**{**SMALL, "attack": "a3fl", **FAST, **overrides}))
     attack = fed.attack.data
-    assert isinstance(attack, A3FL)
-    attack.options = FAST  # until the configuration has the a3fl_* keys
+    assert isinstance(attack, A3FL) and attack.options == A3FLOptions(samples=64, trigger_epochs=3)
     return fed
 
 
@@ -98,10 +97,9 @@ def test_options_are_validated(kwargs: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize("engine", ["batched", "sequential"])
 def test_a_run_works_end_to_end_and_learns_its_trigger(engine: str) -> None:
-    attacked = Simulation(make_experiment(**{**SMALL, "attack": "a3fl", "engine": engine}))
+    attacked = Simulation(make_experiment(**{**SMALL, "attack": "a3fl", "engine": engine, **FAST}))
     attack = attacked.federation.attack.data
     assert isinstance(attack, A3FL)
-    attack.options = FAST
     records = [attacked.run_round(t) for t in range(attacked.cfg.rounds)]
     clean, _ = run("none", engine=engine)
     assert not torch.equal(attack.trigger, torch.ones(1, 2, 6))
