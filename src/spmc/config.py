@@ -193,9 +193,15 @@ class ExperimentCore(BaseModel):
         True, description="leave integer counters (BN's num_batches_tracked) out of vector statistics (spec D31)"
     )
 
-    attack: str = Field("base", description="data-poisoning attack of the registry (badnets = base, semantic, none)")
+    attack: str = Field(
+        "base",
+        description="data-poisoning attack of the registry (`spmc list`; base = badnets, the paper's); none = no data "
+        "attack (ATTACKS.md §A3)",
+    )
     update_attack: str = Field(
-        "none", description="update (model-poisoning) attack of the registry, with a crafting hook; none = no attack"
+        "none",
+        description="update (model-poisoning) attack of the registry, with a training or crafting hook; composes "
+        "with attack; alone (attack = none) it is untargeted; none = no update attack (ATTACKS.md §A4, §A5)",
     )
     attacker_pool: Literal["fixed", "random"] = Field(
         "fixed", description="attackers: the last ⌊gamma·num_clients⌋ ids, or a seeded random subset drawn once"
@@ -302,14 +308,15 @@ class ExperimentCore(BaseModel):
     def _known_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        return _registered(v, ATTACKS, "attack")
+        data = [k for k, a in ATTACKS.items() if "data" in a.hooks]
+        return _registered(v, data, "data attack", extra=("none",))
 
     @field_validator("update_attack")
     @classmethod
     def _known_update_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        updates = [k for k, a in ATTACKS.items() if a.hooks & {"training", "crafting"}]
+        updates = [k for k, a in ATTACKS.items() if a.hooks & {"training", "crafting"} and "data" not in a.hooks]
         return _registered(v, updates, "update attack", extra=("none",))
 
     @field_validator("trigger_channels", mode="before")
@@ -571,6 +578,9 @@ def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> Att
         values=tuple(values.items()),
         source_label=cfg.semantic_source_label,
         noise_std=cfg.semantic_noise_std,
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        num_classes=info.num_classes,
     )
     return AttackPlan(
         data=build_method(ATTACKS[cfg.attack], cfg, settings=settings, threat=threat),

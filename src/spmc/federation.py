@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from spmc import batched
-from spmc.attacks import Attack, AttackPlan, Crafter
+from spmc.attacks import Attack, AttackContext, AttackPlan, Crafter
 from spmc.batched import BatchedEngine
 from spmc.config import Experiment, build_attack, optim_config
 from spmc.data import (
@@ -119,6 +119,11 @@ class FederatedData:
     val_y: torch.Tensor
     val_transform: Transform
     clean: dict[int, ClientData] = field(default_factory=dict)
+    #: The run's attack plan; its data attack is the instance that poisoned ``clients`` (one instance per run, so
+    #: that a trigger an adaptive attack optimises is the one its data and test set use).
+    attack: AttackPlan | None = None
+    #: Poisons the attackers' data again and rebuilds the attack's test set, after the data attack changed (A3FL).
+    repoison: Callable[[], None] | None = None
 
 
 def poison_mask(cfg: Experiment, attack: Attack, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -139,19 +144,27 @@ def benign_data(x: torch.Tensor, y: torch.Tensor, pre: Preprocessor) -> ClientDa
 
 
 def poisoned_data(
-    cfg: Experiment, k: int, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pre: Preprocessor, attack: Attack
+    cfg: Experiment,
+    k: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    pre: Preprocessor,
+    attack: Attack,
+    rank: int = 0,
 ) -> ClientData:
-    """Attacker ``k``'s data, poisoned by the data hook of ``attack`` — once, after a static augmentation
+    """Attacker ``k``'s data, poisoned by the data hook of ``attack`` as the attacker of rank ``rank`` (its position
+    in the sorted attacker ids; :meth:`Attack.poison_for`) — once, after a static augmentation
     (``poison_static_aug``), or on the fly per batch."""
     if cfg.poison_static_aug:
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_STATIC_AUG, k))
-        xs, ys = attack.poison(pre.train(x, gen), y, mask, gen)
+        xs, ys = attack.poison_for(rank, pre.train(x, gen), y, mask, gen)
         return ClientData(xs.contiguous(), ys, final=True)
 
     def on_the_fly(
         xb: torch.Tensor, yb: torch.Tensor, ib: torch.Tensor, g: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attack.poison(pre.train(xb, g), yb, mask[ib], g)
+        return attack.poison_for(rank, pre.train(xb, g), yb, mask[ib], g)
 
     return ClientData(x, y, transform=on_the_fly)
 
@@ -186,13 +199,15 @@ def build_federated_data(
     mask = poison_mask(cfg, plan.data, raw.train_labels, device) if poisons else None
     clients: dict[int, ClientData] = {}
     clean: dict[int, ClientData] = {}
+    masks: dict[int, torch.Tensor] = {}
     for k, part in enumerate(parts):
         idx = torch.as_tensor(pool[part], dtype=torch.long, device=device)
         x, y = train01[idx], labels[idx]
         clients[k] = benign_data(x, y, pre)
         if mask is not None and k in bad:
             clean[k] = clients[k]  # the same tensors: outside attack rounds an attacker trains on clean data
-            clients[k] = poisoned_data(cfg, k, x, y, mask[idx], pre, plan.data)
+            masks[k] = mask[idx]
+            clients[k] = poisoned_data(cfg, k, x, y, masks[k], pre, plan.data, bad.index(k))
     num_samples = {k: len(d) for k, d in clients.items()}
     small = {k: n for k, n in num_samples.items() if n < cfg.batch_size}
     if small and cfg.drop_last:
@@ -204,10 +219,21 @@ def build_federated_data(
         test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST))
     )
     val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
-    return FederatedData(
+    data = FederatedData(
         info, clients, num_samples, bad, test_x, test_y, bd_x, bd_y, bd_not_target,
         val_x=train01[val_idx], val_y=labels[val_idx], val_transform=server_transform(info, pre), clean=clean,
+        attack=plan,
     )  # fmt: skip
+
+    def repoison() -> None:
+        for k, m in masks.items():
+            data.clients[k] = poisoned_data(cfg, k, clean[k].x, clean[k].y, m, pre, plan.data, bad.index(k))
+        data.backdoor_x, data.backdoor_y, data.backdoor_not_target = plan.data.test_set(
+            test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST))
+        )
+
+    data.repoison = repoison
+    return data
 
 
 def evaluate_state(
@@ -272,7 +298,17 @@ class Federation:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
         layout = ParamLayout.from_module(model)
-        return cls(cfg, device, data, model, layout, layout.flatten(model), build_attack(cfg, data.malicious))
+        plan = data.attack if data.attack is not None else build_attack(cfg, data.malicious)
+        pre = Preprocessor(data.info)
+
+        def clean(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            client = data.clean.get(k, data.clients[k])
+            return pre.test(client.x), client.y
+
+        context = AttackContext(copy.deepcopy(model), layout, clean)
+        for attack in plan.attacks:
+            attack.attach(context)
+        return cls(cfg, device, data, model, layout, layout.flatten(model), plan)
 
     def method_for(self, client_id: int) -> ClientMethod:
         """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
@@ -320,8 +356,10 @@ class Federation:
 
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
         """The training attacks' per-round preparation before the local training of round ``t``
-        (:meth:`spmc.attacks.AttackPlan.prepare_round`)."""
-        self.attack.prepare_round(t, global_state, ids)
+        (:meth:`spmc.attacks.AttackPlan.prepare_round`); when the data attack changed its data (an optimised
+        trigger), the attackers' data are poisoned again and the attack's test set rebuilt."""
+        if self.attack.prepare_round(t, global_state, ids) and self.data.repoison is not None:
+            self.data.repoison()
 
     def crafter(self) -> Crafter | None:
         """The update attack's crafting step for :class:`spmc.server.ServerCore` (None without one)."""

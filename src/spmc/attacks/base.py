@@ -20,14 +20,17 @@ rounds an attacker trains like a benign client on clean data. Nothing here impor
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from spmc.threat import ThreatModel, num_attackers
+
+if TYPE_CHECKING:
+    from spmc.params import ParamLayout
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,16 @@ SEED_ATTACKER_POOL = 7
 @dataclass(frozen=True)
 class AttackSettings:
     """What the built-in attacks are configured with: the target label τ_bd, the trigger's value per channel in
-    normalised space, the semantic attack's source class and noise σ."""
+    normalised space, the semantic attack's source class and noise σ, the dataset's per-channel normalisation
+    (x_normalised = (x_pixel − mean_c)/std_c; the defaults make both spaces equal) and its number of classes C."""
 
     target: int = 2
     values: tuple[tuple[int, float], ...] = ((0, 1.0),)
     source_label: int = 3
     noise_std: float = 0.05
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    num_classes: int = 10
 
     @property
     def trigger(self) -> dict[int, float]:
@@ -102,6 +109,17 @@ class CraftingInputs:
     clean_states: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class AttackContext:
+    """What :meth:`Attack.attach` gives an attack that needs the run itself (an adaptive trigger, A3FL): a scratch
+    copy of the run's model (its weights are the attack's to overwrite), the layout that loads a flat state into it,
+    and ``clean(k)``: attacker ``k``'s clean training images, normalised without augmentation, and labels."""
+
+    model: torch.nn.Module
+    layout: ParamLayout
+    clean: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Attack:
     """Base of every attack: ``name``, ``description``, the ``hooks`` it implements and their defaults (no
     poisoning, identity gradient and projection, the attackers' states unchanged).
@@ -147,6 +165,18 @@ class Attack:
         """The normalised batch with the rows where ``mask`` is True poisoned (``x`` may be written in place)."""
         return x, y
 
+    def poison_for(
+        self,
+        attacker: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`poison` as the attacker of rank ``attacker`` (its position in the sorted attacker ids) does it;
+        the federation calls this one. The default ignores the rank; DBA gives each rank its part of the trigger."""
+        return self.poison(x, y, mask, generator)
+
     def test_set(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,8 +185,15 @@ class Attack:
 
     # -------------------------------------------------------------------------------------------- training
 
-    def prepare_round(self, t: int, global_state: torch.Tensor, attacker_ids: Sequence[int]) -> None:
-        """Called once before the attackers' local training of attack round ``t`` (e.g. a trigger optimisation)."""
+    def attach(self, context: AttackContext) -> None:
+        """Called once by :meth:`spmc.federation.Federation.build` with the run's model and the attackers' clean
+        data, for an attack that needs them in :meth:`prepare_round` (A3FL); the default ignores it."""
+
+    def prepare_round(self, t: int, global_state: torch.Tensor, attacker_ids: Sequence[int]) -> bool:
+        """Called once before the attackers' local training of attack round ``t`` (e.g. a trigger optimisation).
+        Returns True when the data hook changed (a new trigger): the federation then poisons the attackers' data
+        again and rebuilds the attack's test set."""
+        return False
 
     def gradient(self, grad: torch.Tensor, rows: torch.Tensor, global_state: torch.Tensor) -> torch.Tensor:
         """The attackers' gradient rows [m, d] of one local step (rows: their states before the step)."""
@@ -308,18 +345,23 @@ class AttackPlan:
         return client_id in self.attackers and self.schedule.active(t)
 
     def training(self) -> TrainingHooks | None:
-        """The chained training hooks, or None when no attack has one."""
-        hooked = tuple(a for a in self.attacks if "training" in a.hooks)
+        """The chained per-step training hooks, or None when no attack has one. An attack whose training hook is
+        only :meth:`Attack.prepare_round` (it overrides neither ``gradient`` nor ``project``) is left out, so the
+        engines keep their speed."""
+        hooked = tuple(a for a in self.attacks if "training" in a.hooks and _steps(a))
         return TrainingHooks(hooked) if hooked else None
 
-    def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
-        """:meth:`Attack.prepare_round` of every training attack, when some of ``ids`` attacks in round ``t``."""
+    def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> bool:
+        """:meth:`Attack.prepare_round` of every training attack, when some of ``ids`` attacks in round ``t``;
+        True when the data attack's data changed."""
         attackers = [k for k in ids if self.attacking(t, k)]
         if not attackers:
-            return
+            return False
+        changed = False
         for attack in self.attacks:
             if "training" in attack.hooks:
-                attack.prepare_round(t, global_state, attackers)
+                changed |= bool(attack.prepare_round(t, global_state, attackers)) and attack is self.data
+        return changed
 
     def crafter(self) -> Crafter | None:
         """The crafting step of the update attack (None when it has no crafting hook or there are no attackers)."""
@@ -335,3 +377,9 @@ class AttackPlan:
         if crafter is None or not crafter.wants_clean:
             return []
         return [k for k in ids if self.attacking(t, k)]
+
+
+def _steps(attack: Attack) -> bool:
+    """Whether ``attack`` acts per local step (overrides :meth:`Attack.gradient` or :meth:`Attack.project`)."""
+    cls = type(attack)
+    return cls.gradient is not Attack.gradient or cls.project is not Attack.project

@@ -5,8 +5,12 @@ Adding an attack: one new file with the formula and its source on top, one line 
 
 from __future__ import annotations
 
+from spmc.attacks.a3fl import A3FL
 from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack, AttackKind, attack_kind
+from spmc.attacks.blended import Blended
+from spmc.attacks.dba import DBA
+from spmc.attacks.label_flip import LabelFlip
 from spmc.attacks.none import NoAttack
 from spmc.attacks.semantic import Semantic
 
@@ -14,6 +18,10 @@ ATTACKS: dict[str, type[Attack]] = {
     "badnets": BadNets,
     "base": BadNets,  # the paper's name; an alias of badnets
     "semantic": Semantic,
+    "blended": Blended,
+    "dba": DBA,
+    "label_flip": LabelFlip,
+    "a3fl": A3FL,
     "none": NoAttack,
 }
 
