@@ -7,12 +7,27 @@ from __future__ import annotations
 
 from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack
+from spmc.attacks.gaussian import Gaussian
+from spmc.attacks.ipm import Ipm
+from spmc.attacks.lie import Lie
+from spmc.attacks.min_max import MinMax
+from spmc.attacks.min_sum import MinSum
 from spmc.attacks.none import NoAttack
+from spmc.attacks.scaling import Scaling
 from spmc.attacks.semantic import Semantic
+from spmc.attacks.sign_flip import SignFlip
 
 ATTACKS: dict[str, type[Attack]] = {
     "badnets": BadNets,
     "base": BadNets,  # the paper's name; an alias of badnets
     "semantic": Semantic,
     "none": NoAttack,
+    # update (crafting) attacks, ATTACKS.md §A4
+    "scaling": Scaling,
+    "lie": Lie,
+    "min_max": MinMax,
+    "min_sum": MinSum,
+    "ipm": Ipm,
+    "sign_flip": SignFlip,
+    "gaussian": Gaussian,
 }
