@@ -29,7 +29,9 @@ def test_default_gamma_is_k_over_m() -> None:
     assert resolve_scale(None, ThreatModel(num_clients=5, attack_active=False)) == 5.0  # m = 0: no division
     assert Scaling(options=ScalingOptions(2.5), threat=ThreatModel(num_clients=10)).gamma == 2.5
     g = torch.zeros(2)
-    out = Scaling(threat=ThreatModel(num_clients=10, gamma=0.2)).craft(make_inputs(torch.tensor([[1.0, -1.0]]), None, g))
+    out = Scaling(threat=ThreatModel(num_clients=10, gamma=0.2)).craft(
+        make_inputs(torch.tensor([[1.0, -1.0]]), None, g)
+    )
     assert out.tolist() == [[5.0, -5.0]]
 
 
