@@ -3,6 +3,7 @@ options, finite output and the effect on a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc.attacks.lie import Lie, LieOptions, lie_z
+from spmc.threat import ThreatModel
 
 from ._helpers import make_inputs, smoke_round
 
@@ -83,3 +85,13 @@ def test_lie_on_a_smoke_run() -> None:
     assert torch.allclose(run.received[attacker].to(torch.float64), expected, atol=1e-6)
     assert not torch.allclose(run.received[attacker], run.trained[attacker], atol=1e-5)
     assert not torch.allclose(run.new_global, run.clean_global, atol=1e-6)
+
+
+def test_k_under_partial_knowledge_is_the_runs() -> None:
+    # partial: the benign rows are the attackers' clean estimates and carry no ids; K is the run's (10), m = 3
+    estimates = G + UPDATES[:3]
+    inputs = dataclasses.replace(make_inputs(G.repeat(3, 1), estimates, G), benign_ids=())
+    lie = Lie(threat=ThreatModel(num_clients=10, gamma=0.3))
+    assert lie.z(inputs) == pytest.approx(lie_z(10, 3))
+    assert lie.z(make_inputs(G.repeat(3, 1), G + UPDATES, G)) == pytest.approx(lie_z(10, 3))  # full: 7 + 3
+    assert lie.z(make_inputs(G.repeat(3, 1), None, G)) == pytest.approx(lie_z(3, 3))  # only attackers answer

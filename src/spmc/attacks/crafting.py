@@ -6,7 +6,8 @@ attacks of the literature work on the whole flat vector; the server rounds count
 
 **The benign set.** :func:`benign_set` is ``inputs.benign_states`` (the benign states of the round under
 ``attacker_knowledge = full``; the attackers' own clean estimates under ``partial``). When it is empty (every
-participant of the round is an attacker) the attackers' own states are the estimate.
+participant of the round is an attacker) the attackers' own states are the estimate. :func:`round_clients` is the
+round's K as the attackers know it (the run's K when the benign rows are an estimate without ids).
 
 **Float64 over column blocks.** A state has up to millions of entries; statistics are accumulated in float64 over
 column blocks of :data:`BLOCK` entries (no [n, d] float64 copy). Results are cast back with :func:`to_states`, which
@@ -37,6 +38,16 @@ def benign_set(inputs: CraftingInputs) -> torch.Tensor:
     if inputs.benign_states.shape[0] > 0:
         return inputs.benign_states
     return inputs.attacker_states
+
+
+def round_clients(inputs: CraftingInputs, num_clients: int) -> int:
+    """K of the round as the attackers know it: the attackers plus the benign clients whose states they see
+    (``benign_ids``); when the benign rows are an estimate without ids (``attacker_knowledge = partial``: the
+    attackers' clean models), the run's K = ``num_clients`` (at least the m attackers)."""
+    m = inputs.attacker_states.shape[0]
+    if inputs.benign_ids or inputs.benign_states.shape[0] == 0:
+        return m + len(inputs.benign_ids)
+    return max(num_clients, m)
 
 
 def block_updates(states: torch.Tensor, global_state: torch.Tensor, cols: slice) -> torch.Tensor:

@@ -11,7 +11,10 @@ for a majority; z the largest deviation such that s benign clients are farther f
 Choices where the source is loose:
 
 * K and m are counted **in the round**: K = benign + attackers in :class:`~spmc.attacks.CraftingInputs`, m = the
-  attackers among them (the paper's n and m are the workers that answer the aggregation);
+  attackers among them (the paper's n and m are the workers that answer the aggregation); under
+  ``attacker_knowledge = partial`` the attackers do not see who else answers (``benign_ids`` is empty and the benign
+  rows are their own clean estimates), so K is the run's ``num_clients``
+  (:func:`spmc.attacks.crafting.round_clients`);
 * when the attackers are a majority of the round (s ≤ 0, so (K − s)/K ≥ 1 and Φ⁻¹ = ∞) s is taken as 1, the
   largest finite z = Φ⁻¹((K − 1)/K) (as public implementations do); s ≥ 1 also keeps z ≥ 0 for m ≥ 1;
 * σ is the **sample** standard deviation (correction 1): the authors' code and the public implementations use
@@ -34,7 +37,15 @@ from typing import ClassVar
 import torch
 
 from spmc.attacks.base import Attack, CraftingInputs, Hook
-from spmc.attacks.crafting import benign_set, block_updates, column_blocks, mean_std, repeat_rows, to_states
+from spmc.attacks.crafting import (
+    benign_set,
+    block_updates,
+    column_blocks,
+    mean_std,
+    repeat_rows,
+    round_clients,
+    to_states,
+)
 from spmc.options import option
 
 
@@ -81,11 +92,10 @@ class Lie(Attack):
     options: LieOptions
 
     def z(self, inputs: CraftingInputs) -> float:
-        """``lie_z``, or Φ⁻¹((K − s)/K) with K and m of the round."""
+        """``lie_z``, or Φ⁻¹((K − s)/K) with K and m of the round (:func:`spmc.attacks.crafting.round_clients`)."""
         if self.options.z is not None:
             return float(self.options.z)
-        m = inputs.attacker_states.shape[0]
-        return lie_z(inputs.benign_states.shape[0] + m, m)
+        return lie_z(round_clients(inputs, self.threat.num_clients), inputs.attacker_states.shape[0])
 
     def craft(self, inputs: CraftingInputs) -> torch.Tensor:
         """The same state θ_g + μ − z·σ for every attacker."""
