@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from spmc.attacks import ATTACKS
 from spmc.cli import main
+from spmc.config import make_experiment
 from spmc.sweep import expand_grid
 
 TINY = ["--preset", "smoke", "--rounds", "1", "-q", "--set", "attack=none", "--set", "kernel=torch"]
@@ -78,3 +80,11 @@ def test_update_attack_options_are_sweep_axes() -> None:
         ("min_sum", "sign"),
     }
     assert all(r.options["minmax_tol"] == 1e-4 for r in runs)
+
+
+def test_the_update_attacks_are_registered_untargeted_crafting_attacks() -> None:
+    for name, _, _ in ATTACK_OPTIONS:
+        cls = ATTACKS[name]
+        assert cls.name == name and cls.hooks == {"crafting"} and not cls.targeted, name
+        cfg = make_experiment(attack="none", update_attack=name, num_clients=10, gamma=0.3)
+        assert cfg.malicious_ids == (7, 8, 9)
