@@ -59,10 +59,12 @@ def mean_std(updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate mean μ and sample standard deviation σ (correction 1, as ``torch.std`` in the reference
     implementations of LIE and min-max) of the float64 rows [n, b]; σ = 0 when n < 2 (a single update has no
     spread; the sample std would be NaN)."""
+    n = updates.shape[0]
     mu = updates.mean(dim=0)
-    if updates.shape[0] < 2:
+    if n < 2:
         return mu, torch.zeros_like(mu)
-    return mu, updates.std(dim=0, correction=1)
+    # two-pass Σ(u − μ)²/(n − 1): the same value as ``torch.std``, which is ~10× slower over dim 0 of a short matrix
+    return mu, ((updates - mu) ** 2).sum(dim=0).div_(n - 1).sqrt_()
 
 
 def to_states(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ class Geometry:
 
 
 def geometry(benign: torch.Tensor, global_state: torch.Tensor, perturbation: str) -> Geometry:
-    """One float64 pass over column blocks of the benign states [n, d]."""
+    """One float64 pass over column blocks of the benign states [n, d] (for ``unit``, p and e are accumulated
+    for −μ and divided by ‖μ‖ at the end)."""
     n, d = benign.shape
     device = global_state.device
     gram = torch.zeros((n, n), dtype=torch.float64, device=device)
@@ -99,13 +100,13 @@ def geometry(benign: torch.Tensor, global_state: torch.Tensor, perturbation: str
         centred = u - mu_b
         gram += centred @ centred.T
         mu[cols] = mu_b
-        p[cols] = -sigma_b if perturbation == "std" else (-torch.sign(mu_b) if perturbation == "sign" else -mu_b)
+        p_b = -sigma_b if perturbation == "std" else (-torch.sign(mu_b) if perturbation == "sign" else -mu_b)
+        p[cols] = p_b
+        e += centred @ p_b
     if perturbation == "unit":
         norm = float(mu.norm())
-        p = p / norm if norm > 0 and math.isfinite(norm) else torch.zeros_like(p)
-    for cols in column_blocks(d):
-        centred = block_updates(benign, global_state, cols) - mu[cols]
-        e += centred @ p[cols]
+        scale = 1.0 / norm if norm > 0 and math.isfinite(norm) else 0.0
+        p, e = p * scale, e * scale
     return Geometry(gram, e, float((p * p).sum()), mu, p)
 
 
