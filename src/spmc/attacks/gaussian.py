@@ -32,8 +32,9 @@ from spmc.attacks.base import Attack, CraftingInputs, Hook
 from spmc.attacks.crafting import to_states
 from spmc.options import option
 
-#: Purpose of the Gaussian attack's seed stream (the federation uses 1-6, the random attacker pool 7).
-SEED_GAUSSIAN = 8
+#: Purpose of the Gaussian attack's seed stream (the federation uses 1-6, the random attacker pool 7, the
+#: partial-knowledge shadows 8).
+SEED_GAUSSIAN = 9
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Adding an attack: one new file with the formula and its source on top, one line 
 from __future__ import annotations
 
 from spmc.attacks.badnets import BadNets
-from spmc.attacks.base import Attack
+from spmc.attacks.base import Attack, AttackKind, attack_kind
 from spmc.attacks.gaussian import Gaussian
 from spmc.attacks.ipm import Ipm
 from spmc.attacks.lie import Lie
@@ -31,3 +31,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "sign_flip": SignFlip,
     "gaussian": Gaussian,
 }
+
+
+def kind_of(attack: str, update_attack: str = "none") -> AttackKind:
+    """:func:`spmc.attacks.base.attack_kind` of the registered attacks named ``attack`` and ``update_attack``
+    (the configuration keys). Raises KeyError for a name the registry lacks (a plug-in not installed)."""
+    return attack_kind(ATTACKS[attack], ATTACKS[update_attack])
