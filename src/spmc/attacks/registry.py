@@ -10,9 +10,16 @@ from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack, AttackKind, attack_kind
 from spmc.attacks.blended import Blended
 from spmc.attacks.dba import DBA
+from spmc.attacks.gaussian import Gaussian
+from spmc.attacks.ipm import Ipm
 from spmc.attacks.label_flip import LabelFlip
+from spmc.attacks.lie import Lie
+from spmc.attacks.min_max import MinMax
+from spmc.attacks.min_sum import MinSum
 from spmc.attacks.none import NoAttack
+from spmc.attacks.scaling import Scaling
 from spmc.attacks.semantic import Semantic
+from spmc.attacks.sign_flip import SignFlip
 
 ATTACKS: dict[str, type[Attack]] = {
     "badnets": BadNets,
@@ -23,6 +30,14 @@ ATTACKS: dict[str, type[Attack]] = {
     "label_flip": LabelFlip,
     "a3fl": A3FL,
     "none": NoAttack,
+    # update (crafting) attacks, ATTACKS.md §A4
+    "scaling": Scaling,
+    "lie": Lie,
+    "min_max": MinMax,
+    "min_sum": MinSum,
+    "ipm": Ipm,
+    "sign_flip": SignFlip,
+    "gaussian": Gaussian,
 }
 
 
