@@ -270,7 +270,9 @@ class Federation:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
         layout = ParamLayout.from_module(model)
-        return cls(cfg, device, data, model, layout, layout.flatten(model), build_attack(cfg, data.malicious))
+        plan = build_attack(cfg, data.malicious)
+        plan.bind(layout)
+        return cls(cfg, device, data, model, layout, layout.flatten(model), plan)
 
     def method_for(self, client_id: int) -> ClientMethod:
         """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
@@ -297,8 +299,9 @@ class Federation:
         )
 
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
-        """The training attacks' per-round preparation before the local training of round ``t``
-        (:meth:`spmc.attacks.AttackPlan.prepare_round`)."""
+        """The attacks' per-round preparation before the local training of round ``t``, called every round
+        (:meth:`spmc.attacks.AttackPlan.prepare_round`: every attack observes θ_g^t, the training attacks prepare
+        when an attacker takes part)."""
         self.attack.prepare_round(t, global_state, ids)
 
     def crafter(self) -> Crafter | None:

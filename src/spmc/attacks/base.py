@@ -3,25 +3,31 @@
 1. **data** (``"data" in hooks``): which training samples of an attacker are poisoned and how, and the test set of
    the attack success rate;
 2. **training** (``"training" in hooks``): :meth:`Attack.prepare_round` once before the attackers' local training
-   of an attack round, then per local step :meth:`Attack.gradient` on the attackers' stacked gradient rows
-   g ∈ R^{m×d} (before momentum and weight decay) and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the
-   SGD step;
+   of an attack round (and :meth:`Attack.observe` before every round, attackers or not), then per local step
+   :meth:`Attack.gradient` on the attackers' stacked gradient rows g ∈ R^{m×d} (before momentum and weight decay)
+   and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the SGD step;
 3. **crafting** (``"crafting" in hooks``): after local training, :meth:`Attack.craft` replaces the attackers'
    states θ_M ∈ R^{m×d}, seeing θ_g, the round and (under ``attacker_knowledge = full``) the benign states.
 
 The schedule of §A1: round t is an attack round when start ≤ t ≤ end and (t − start) mod every = 0; outside attack
 rounds an attacker trains like a benign client on clean data. Nothing here imports :mod:`spmc.config`.
+
+An attack that keeps state across rounds (Neurotoxin's θ_g^{t−1}, PGD's radius) returns it from
+:meth:`Attack.state_dict`; the simulator saves :meth:`AttackPlan.state_dict` in its checkpoint and restores it on
+resume. :meth:`Attack.bind` hands an attack the model's :class:`spmc.params.ParamLayout` (which coordinates of a
+state are parameters, float buffers, integer counters) when the federation is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from spmc.params import ParamLayout
 from spmc.threat import ThreatModel, num_attackers
 
 Hook = Literal["data", "training", "crafting"]
@@ -109,6 +115,41 @@ class Attack:
             options = self.options_type()
         self.options = options
         self.threat = threat if threat is not None else ThreatModel()
+        #: The model's layout once :meth:`bind` was called (None: every coordinate of a state is a float entry).
+        self.layout: ParamLayout | None = None
+        self._all_float = True
+        self._all_params = True
+
+    def bind(self, layout: ParamLayout) -> None:
+        """Called once when the federation is built, with the layout of the model's flat states."""
+        self.layout = layout
+        self._all_float = not bool(layout.int_mask().any())
+        self._all_params = layout.num_params == layout.dim
+
+    def float_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The [d] mask of the float entries of a state (parameters and float buffers, integer counters left out;
+        :meth:`spmc.params.ParamLayout.stat_mask`), or None when every entry is a float one or no layout is bound."""
+        if self.layout is None or self._all_float:
+            return None
+        return self.layout.stat_mask(device)
+
+    def param_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The [d] mask of the trainable parameters of a state, or None when every entry is one or no layout is
+        bound."""
+        if self.layout is None or self._all_params:
+            return None
+        return self.layout.param_mask(device)
+
+    # --------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the attack keeps across rounds, as CPU tensors by name (checkpointed; empty by default)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on anything that does not fit."""
+        if state:
+            raise ValueError(f"attack {self.name!r} keeps no state; got entries {sorted(state)}")
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -129,6 +170,11 @@ class Attack:
         return x, y, y != self.settings.target
 
     # -------------------------------------------------------------------------------------------- training
+
+    def observe(self, t: int, global_state: torch.Tensor) -> None:
+        """Called before the local training of every round ``t``, whether or not an attacker takes part (the
+        attackers see θ_g^t whenever they are sampled; e.g. Neurotoxin's θ_g^t − θ_g^{t−1}). Must be idempotent
+        for a repeated ``t`` (a Flower process may train several partitions in one round)."""
 
     def prepare_round(self, t: int, global_state: torch.Tensor, attacker_ids: Sequence[int]) -> None:
         """Called once before the attackers' local training of attack round ``t`` (e.g. a trigger optimisation)."""
@@ -245,8 +291,38 @@ class AttackPlan:
         hooked = tuple(a for a in self.attacks if "training" in a.hooks)
         return TrainingHooks(hooked) if hooked else None
 
+    def bind(self, layout: ParamLayout) -> None:
+        """:meth:`Attack.bind` of every attack."""
+        for attack in self.attacks:
+            attack.bind(layout)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every attack's :meth:`Attack.state_dict`, its names prefixed ``data.`` and ``update.``."""
+        out: dict[str, torch.Tensor] = {}
+        for role, attack in self._roles():
+            out.update({f"{role}.{k}": v for k, v in attack.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on an entry of no attack of this plan."""
+        roles = dict(self._roles())
+        split: dict[str, dict[str, torch.Tensor]] = {role: {} for role in roles}
+        for key, value in state.items():
+            role, _, name = str(key).partition(".")
+            if role not in roles or not name:
+                raise ValueError(f"attack state: entry {key!r} belongs to no attack of this run ({', '.join(roles)})")
+            split[role][name] = value
+        for role, attack in roles.items():
+            attack.load_state_dict(split[role])
+
+    def _roles(self) -> list[tuple[str, Attack]]:
+        return [("data", self.data)] + ([] if self.update is None else [("update", self.update)])
+
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
-        """:meth:`Attack.prepare_round` of every training attack, when some of ``ids`` attacks in round ``t``."""
+        """:meth:`Attack.observe` of every attack, then :meth:`Attack.prepare_round` of every training attack when
+        some of ``ids`` attacks in round ``t``."""
+        for attack in self.attacks:
+            attack.observe(t, global_state)
         attackers = [k for k in ids if self.attacking(t, k)]
         if not attackers:
             return

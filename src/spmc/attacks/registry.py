@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack
+from spmc.attacks.constrain_scale import ConstrainScale
+from spmc.attacks.neurotoxin import Neurotoxin
 from spmc.attacks.none import NoAttack
+from spmc.attacks.pgd import PGD
 from spmc.attacks.semantic import Semantic
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -15,4 +18,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "base": BadNets,  # the paper's name; an alias of badnets
     "semantic": Semantic,
     "none": NoAttack,
+    "pgd": PGD,
+    "constrain_scale": ConstrainScale,
+    "neurotoxin": Neurotoxin,
 }
