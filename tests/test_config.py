@@ -74,6 +74,7 @@ def test_presets_files_and_overrides(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ issue 11 §3: validation up front
 
+
 @pytest.mark.parametrize(
     ("values", "fragments"),
     [
@@ -189,10 +190,10 @@ def test_toml_keys_at_top_level_and_under_experiment_are_merged(tmp_path: Path) 
     f.write_text('rounds = 7\n[experiment]\ndefense = "spmc"\n')
     cfg = resolve(None, f)
     assert (cfg.rounds, cfg.defense) == (7, "spmc")
-    f.write_text('rounds = 7\n[experiment]\nrounds = 3\n')
+    f.write_text("rounds = 7\n[experiment]\nrounds = 3\n")
     with pytest.raises(ConfigError, match="rounds both at top level and under"):
         resolve(None, f)
-    f.write_text('experiment = 3\n')
+    f.write_text("experiment = 3\n")
     with pytest.raises(ConfigError, match="experiment .* must be a table"):
         resolve(None, f)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -77,9 +78,7 @@ def tiny_mnist(seed: int = 0, n_train: int = 12, n_test: int = 6) -> tuple[np.nd
     )
 
 
-def write_mnist_folder(
-    folder: Path, gz: bool = True, dotted: bool = False, seed: int = 0
-) -> tuple[np.ndarray, ...]:
+def write_mnist_folder(folder: Path, gz: bool = True, dotted: bool = False, seed: int = 0) -> tuple[np.ndarray, ...]:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = tiny_mnist(seed)
     for stem, arr in zip(IDX_FILES, arrays, strict=True):
@@ -107,7 +106,8 @@ def write_cifar_folder(folder: Path, per_batch: int = 20, protocol: int = 2) -> 
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No $SPMC_DATA_DIR and no system folders, so only what a test writes can be found."""
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(readers_mod, "_SYSTEM_DIRS", {"fmnist": ("/nonexistent/spmc-test/fashion-mnist",)})
+    fmnist = dataclasses.replace(DATASETS["fmnist"], system_dirs=("/nonexistent/spmc-test/fashion-mnist",))
+    monkeypatch.setitem(DATASETS, "fmnist", fmnist)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -157,9 +157,7 @@ def test_read_idx_detects_gzip_by_magic_not_name(tmp_path: Path) -> None:
     ids=["bad-magic", "bad-type", "short-payload", "trailing", "short-header", "tiny"],
 )
 @pytest.mark.parametrize("gz", [False, True])
-def test_read_idx_malformed_raises_dataerror_naming_file(
-    tmp_path: Path, mutate, needle: str, gz: bool
-) -> None:
+def test_read_idx_malformed_raises_dataerror_naming_file(tmp_path: Path, mutate, needle: str, gz: bool) -> None:
     data = mutate(idx_bytes(np.arange(24, dtype=np.uint8).reshape(2, 3, 4)))
     path = tmp_path / "broken-idx3-ubyte"
     path.write_bytes(gzip.compress(data) if gz else data)
@@ -218,7 +216,7 @@ def test_load_dataset_mnist_subfolder(tmp_path: Path, no_env: None, sub: str) ->
 
 
 def test_env_var_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(readers_mod, "_SYSTEM_DIRS", {})
+    monkeypatch.setitem(DATASETS, "fmnist", dataclasses.replace(DATASETS["fmnist"], system_dirs=()))
     write_mnist_folder(tmp_path / "fashion-mnist", seed=3)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     assert resolve_data_dir("fmnist") == tmp_path / "fashion-mnist"
@@ -286,9 +284,7 @@ def test_unknown_dataset_name() -> None:
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 @pytest.mark.parametrize("nested", [False, True])
 def test_load_cifar10_folder(tmp_path: Path, protocol: int, nested: bool) -> None:
-    images, labels = write_cifar_folder(
-        tmp_path / "cifar-10-batches-py" if nested else tmp_path, protocol=protocol
-    )
+    images, labels = write_cifar_folder(tmp_path / "cifar-10-batches-py" if nested else tmp_path, protocol=protocol)
     train_x, train_y, test_x, test_y = load_cifar10_folder(tmp_path)
     assert train_x.shape == (100, 3, 32, 32) and train_x.dtype == torch.uint8
     assert test_x.shape == (20, 3, 32, 32)
@@ -529,9 +525,7 @@ def test_preprocessor(name: str) -> None:
     # grey images are normalised before the copy to 3 channels: the same values, bit for bit
     assert torch.equal(test_out, normalize(to_three_channels(x01), info.mean, info.std))
     train_out = pre.train(x01, torch.Generator().manual_seed(0))
-    assert (
-        train_out.shape == (5, 3, 32, 32) and train_out.dtype == torch.float32 and train_out.is_contiguous()
-    )
+    assert train_out.shape == (5, 3, 32, 32) and train_out.dtype == torch.float32 and train_out.is_contiguous()
     assert torch.equal(pre.train(x01, torch.Generator().manual_seed(0)), train_out)
     view = pre.train(x01, torch.Generator().manual_seed(0), grey_view=True)
     assert torch.equal(view, train_out)  # the same values; grey images as a stride-0 view of one channel
@@ -581,14 +575,11 @@ def reference_partition(labels: np.ndarray, k: int, beta: float, min_size: int, 
             idx_k = np.where(labels == c)[0]
             rs.shuffle(idx_k)
             proportions = rs.dirichlet(np.repeat(beta, k))
-            proportions = np.array(
-                [p * (len(idx_j) < n / k) for p, idx_j in zip(proportions, idx_batch, strict=True)]
-            )
+            proportions = np.array([p * (len(idx_j) < n / k) for p, idx_j in zip(proportions, idx_batch, strict=True)])
             proportions = proportions / proportions.sum()
             proportions = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
             idx_batch = [
-                idx_j + idx.tolist()
-                for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions), strict=True)
+                idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions), strict=True)
             ]
             size = min(len(idx_j) for idx_j in idx_batch)
     for j in range(k):
@@ -706,3 +697,19 @@ def test_partition_property(n: int, num_classes: int, k: int, beta: float, seed:
         _assert_cap(parts, labels, num_classes)
     again = dirichlet_partition(labels, k, beta, min_size=min_size, seed=seed, num_classes=num_classes)
     assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
+
+
+def test_a_registered_idx_dataset_is_read_by_its_info_not_its_name(
+    tmp_path: Path, no_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the files are and how they are read come from ``DatasetInfo`` (source, subdirs), so a new dataset (a
+    plug-in's) needs no code in the readers."""
+    info = dataclasses.replace(DATASETS["mnist"], name="kmnist", subdirs=("kmnist-raw",), install_hint="ask Kuzushiji")
+    monkeypatch.setitem(DATASETS, "kmnist", info)
+    with pytest.raises(DataError, match="ask Kuzushiji"):
+        load_dataset("kmnist", tmp_path)
+    write_mnist_folder(tmp_path / "kmnist-raw")
+    assert resolve_data_dir("kmnist", tmp_path) == tmp_path / "kmnist-raw"
+    assert load_dataset("kmnist", tmp_path).train_images.shape[0] == 12
+    with pytest.raises(ValueError, match="not read from files"):
+        resolve_data_dir("synthetic")

@@ -37,9 +37,7 @@ def sample_runs() -> dict[str, list[dict]]:
         "baseline_local_epochs": 5,
         "device": "cpu",
     }
-    return {
-        attack: run_experiment(make_experiment(**common, attack=attack)).records for attack in ("base", "none")
-    }
+    return {attack: run_experiment(make_experiment(**common, attack=attack)).records for attack in ("base", "none")}
 
 
 def test_fedavg_learns_the_backdoor_on_the_embedded_sample(sample_runs: dict[str, list[dict]]) -> None:

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 #: A third-party package: a defense (uniform mean of the states), an attack, a dataset and a model, plus entries
 #: that are broken in every way the loader must survive.
 PLUGIN_MODULE = '''
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -44,6 +46,16 @@ from torch import nn
 from spmc.attacks.base import Attack
 from spmc.data.registry import MNIST_MEAN, MNIST_STD, DatasetInfo
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.options import option
+
+
+@dataclass(frozen=True)
+class UniformMeanOptions:
+    rounding: int = option(6, "acme_rounding", "digits of the weights in the diagnostics, 0 … 12")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rounding <= 12:
+            raise ValueError(f"acme_rounding: got {self.rounding!r}; allowed: 0 … 12")
 
 
 class UniformMean:
@@ -52,6 +64,10 @@ class UniformMean:
     name: ClassVar[str] = "acme"
     description: ClassVar[str] = "Acme uniform mean [bold]of[/bold] the client states"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[UniformMeanOptions]] = UniformMeanOptions
+
+    def __init__(self, options: UniformMeanOptions | None = None) -> None:
+        self.options = options if options is not None else UniformMeanOptions()
 
     @classmethod
     def from_config(cls, cfg):
@@ -272,10 +288,31 @@ def test_spmc_run_with_a_plugin_defense_and_model(plugin_path: Path, tmp_path: P
     summary = json.loads((out / "summary.json").read_text())
     assert {"A", "R", "V"} <= set(summary)
     config = json.loads((out / "config.json").read_text())
-    assert (config["defense"], config["model"]) == ("acme", "acme-net")
+    assert (config["defense"], config["model"], config["acme_rounding"]) == ("acme", "acme-net", 6)
     for line in (out / "metrics.jsonl").read_text().splitlines():
         weights = json.loads(line)["weights"]
         assert list(weights.values()) == pytest.approx([0.25] * 4)  # FedAvg would weigh by sample count
+
+
+def test_a_plugin_declares_its_options_next_to_it(plugin_path: Path, tmp_path: Path) -> None:
+    """The plug-in's option key is listed, set by ``--set``, checked by the plug-in's own dataclass, recorded."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(SRC)]), "COLUMNS": "200"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "spmc", "list", "--options"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0 and "acme_rounding" in listed.stdout
+    base = [sys.executable, "-m", "spmc", "run", "--preset", "smoke", "--defense", "acme", "-q"]
+    bad = subprocess.run([*base, "--set", "acme_rounding=13"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: invalid configuration: acme_rounding: got 13; allowed: 0 … 12"
+    ), bad.stderr[-500:]
+    out = tmp_path / "run"
+    good = subprocess.run(
+        [*base, "--set", "acme_rounding=3", "--out", str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["acme_rounding"] == 3
 
 
 def test_the_guide_example_defense_registers_and_passes_its_own_tests(
@@ -308,3 +345,19 @@ def test_the_guide_example_defense_registers_and_passes_its_own_tests(
     assert len(tests) == 2
     for test in tests:
         test()
+
+
+def test_the_guide_example_attack_crafts_with_its_option() -> None:
+    from spmc.attacks import CraftingInputs
+
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    code = next(block for block in blocks if "class Boost(Attack)" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(GUIDE), "exec"), namespace)  # noqa: S102
+    boost = namespace["Boost"](options=namespace["BoostOptions"](3.0))
+    g = torch.tensor([1.0, 1.0])
+    attackers = torch.tensor([[2.0, 0.0]])
+    inputs = CraftingInputs(0, g, attackers, (9,), torch.zeros(0, 2), ())
+    assert boost.craft(inputs).tolist() == [[4.0, -2.0]]
+    with pytest.raises(ValueError, match="boost_factor: got -1.0"):
+        namespace["BoostOptions"](-1.0)

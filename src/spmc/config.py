@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -64,7 +65,7 @@ from spmc.defenses import (
     TrimmedMean,
     TrimmedMeanOptions,
 )
-from spmc.options import build_method
+from spmc.options import build_method, merged_specs, options_from
 from spmc.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -103,8 +104,12 @@ def _registered(value: str, names: Iterable[str], kind: str, extra: tuple[str, .
     return value
 
 
-class Experiment(BaseModel):
+class ExperimentCore(BaseModel):
     """One federated backdoor experiment. Defaults are the paper profile (spec Appendix A).
+
+    The options of the defenses and attacks (``krum_f``, ``scale_factor``, ...) are not listed here: each method
+    declares them next to itself (:mod:`spmc.options`) and :data:`Experiment` adds one field per key, typed by the
+    declaration; :meth:`_method_options_valid` runs every method's own checks on them.
 
     Validation is strict: no bool for a number, no string for a number, no null unless the option allows None,
     finite floats only (an int is accepted for a float). Lists are accepted for ``trigger_channels`` (TOML, JSON).
@@ -113,11 +118,20 @@ class Experiment(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
+    #: The methods' options classes whose keys are fields (set by :func:`experiment_model`).
+    option_types: ClassVar[tuple[type[Any], ...]] = ()
 
-    profile: Literal["paper", "repo"] = "paper"
-    name: str = ""
+    profile: Literal["paper", "repo"] = Field(
+        "paper",
+        description="paper = the paper's settings; repo = the reference code's where they differ "
+        "(baseline_local_epochs "
+        "1, integer counters in statistics; spec §7 D1, D31)",
+    )
+    name: str = Field("", description="a label for the run (free text; shown in tables)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train: auto (CUDA if available, else CPU), cpu or cuda"
+    )
     engine: Literal["auto", "sequential", "batched"] = Field(
         "auto", description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN)"
     )
@@ -130,33 +144,62 @@ class Experiment(BaseModel):
         "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch",
     )
 
-    dataset: str = "fmnist-sample"
-    data_dir: str | None = None
+    dataset: str = Field(
+        "fmnist-sample",
+        description="dataset of the registry (`spmc list`): fmnist, mnist, cifar10 (files), fmnist-sample (embedded), "
+        "synthetic",
+    )
+    data_dir: str | None = Field(
+        None, description="folder with the dataset's files (None: $SPMC_DATA_DIR, then system folders; spec §1.2)"
+    )
     model: str = Field("auto", description="backbone; auto = the dataset's (SimpleCNN or ResNet10)")
     synthetic_train_size: int = Field(2000, ge=20, le=MAX_SYNTHETIC, description=f"20 … {MAX_SYNTHETIC} images")
     synthetic_test_size: int = Field(500, ge=10, le=MAX_SYNTHETIC, description=f"10 … {MAX_SYNTHETIC} images")
 
-    num_clients: int = Field(10, ge=1)
-    participation: float = Field(1.0, gt=0.0, le=1.0)
-    rounds: int = Field(50, gt=0)
-    beta: float = Field(0.5, ge=0.0)
-    min_client_size: int = Field(10, ge=0)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    batch_size: int = Field(64, gt=0)
+    num_clients: int = Field(10, ge=1, description="K, clients in the federation, >= 1 (spec §1.1: 10)")
+    participation: float = Field(
+        1.0, gt=0.0, le=1.0, description="fraction of the K clients sampled each round, in (0, 1]; n = ⌈p·K⌉ (spec D34)"
+    )
+    rounds: int = Field(50, gt=0, description="communication rounds T, >= 1 (spec §1.1: 50)")
+    beta: float = Field(
+        0.5,
+        ge=0.0,
+        description="Dirichlet concentration of the label-skew partition, >= 0; smaller = more skewed (spec §1.2: 0.5)",
+    )
+    min_client_size: int = Field(
+        10,
+        ge=0,
+        description="the Dirichlet partition is redrawn until every client has at least this many samples (spec §1.2)",
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="the last fraction of the training set kept as the server's clean validation split, in [0, "
+        "1) (spec "
+        "§1.2, D38)",
+    )
+    batch_size: int = Field(64, gt=0, description="local mini-batch size, >= 1 (spec §1.1: 64)")
     drop_last: bool = Field(
         True,
         description="drop each client's last partial batch every epoch (the paper's; a client with fewer than "
         "batch_size samples takes no step, spec D30); false trains it, with the loss averaged over its samples",
     )
-    eval_batch_size: int = Field(1000, gt=0)
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-5, ge=0.0)
-    baseline_local_epochs: int = Field(10, ge=0)
-    spmc_local_epochs: int = Field(10, ge=0)
+    eval_batch_size: int = Field(1000, gt=0, description="batch size of evaluation (no effect on results), >= 1")
+    lr: float = Field(0.01, gt=0.0, description="local SGD learning rate, > 0 (spec §1.4: 0.01)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="local SGD momentum, in [0, 1) (spec §1.4: 0.9)")
+    weight_decay: float = Field(1e-5, ge=0.0, description="local SGD weight decay, >= 0 (spec §1.4: 1e-5)")
+    baseline_local_epochs: int = Field(
+        10,
+        ge=0,
+        description="local epochs of the plain client (every baseline), >= 0 (spec §1.4, D1: paper 10, repo 1)",
+    )
+    spmc_local_epochs: int = Field(10, ge=0, description="local epochs of the SPMC client, >= 0 (spec §1.4: 10)")
 
-    defense: str = "fedavg"
-    client: Literal["plain", "spmc"] = "plain"
+    defense: str = Field("fedavg", description="server defense of the registry (`spmc list`)")
+    client: Literal["plain", "spmc"] = Field(
+        "plain", description="client procedure of the benign clients: plain SGD or spmc (gradient projection, spec §4)"
+    )
     malicious_client: Literal["defense", "plain"] = Field(
         "defense",
         description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
@@ -177,8 +220,12 @@ class Experiment(BaseModel):
     update_guard_norm_ratio: float = Field(
         1e6, ge=1.0, description="update guard: refuse an update norm above this × the round's median update norm"
     )
-    fedavg_weighting: Literal["uniform", "samples"] = "uniform"
-    exclude_int_buffers: bool = True
+    fedavg_weighting: Literal["uniform", "samples"] = Field(
+        "uniform", description="FedAvg's client weights: uniform (the reference code) or samples (n_k/Σn_j) (spec §6.1)"
+    )
+    exclude_int_buffers: bool = Field(
+        True, description="leave integer counters (BN's num_batches_tracked) out of vector statistics (spec D31)"
+    )
 
     attack: str = Field("base", description="data-poisoning attack of the registry (badnets = base, semantic, none)")
     update_attack: str = Field(
@@ -193,16 +240,40 @@ class Experiment(BaseModel):
     attacker_knowledge: Literal["full", "partial"] = Field(
         "full", description="update attacks see the benign states (full) or estimate them from their clean data"
     )
-    gamma: float = Field(0.3, ge=0.0, lt=1.0)
-    poison_rate: float = Field(0.3, ge=0.0, le=1.0)
-    target_label: int = Field(2, ge=0)
-    semantic_source_label: int = Field(3, ge=0)
-    semantic_noise_std: float = Field(0.05, ge=0.0)
-    trigger_channels: tuple[int, ...] = (0,)
-    trigger_space: Literal["normalized", "pixel"] = "normalized"
-    poison_static_aug: bool = True
-    asr_exclude_target_class: bool = False
-    report_last_k: int = Field(5, gt=0)
+    gamma: float = Field(
+        0.3, ge=0.0, lt=1.0, description="γ, the malicious fraction in [0, 1); m = ⌊γK⌋ attackers (spec §2.1)"
+    )
+    poison_rate: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="ρ, the fraction of an attacker's training samples poisoned, in [0, 1] (spec §2.2: 0.3)",
+    )
+    target_label: int = Field(2, ge=0, description="τ_bd, the backdoor's target class, 0-9 (spec §2.2: 2)")
+    semantic_source_label: int = Field(3, ge=0, description="the semantic backdoor's source class, 0-9 (spec §2.3: 3)")
+    semantic_noise_std: float = Field(
+        0.05,
+        ge=0.0,
+        description="σ of the Gaussian noise on the semantic backdoor's images (normalised space), >= 0 (spec §2.3)",
+    )
+    trigger_channels: tuple[int, ...] = Field(
+        (0,), description="channels the pixel trigger is written into, a list from 0, 1, 2 (spec §2.2, D13: [0])"
+    )
+    trigger_space: Literal["normalized", "pixel"] = Field(
+        "normalized",
+        description="trigger value 1.0 in normalised space (the paper's) or raw intensity 1.0 (pixel) (spec D13)",
+    )
+    poison_static_aug: bool = Field(
+        True,
+        description="poison the attackers' data once after one static augmentation (the reference code) or per batch "
+        "(spec §2.2)",
+    )
+    asr_exclude_target_class: bool = Field(
+        False, description="ASR over the test images whose true class is not the target (true) or over all (spec §2.4)"
+    )
+    report_last_k: int = Field(
+        5, gt=0, description="final metrics A and R are means over the last k rounds, >= 1 (spec §1.6: 5)"
+    )
     checkpoint_every: int = Field(1, ge=0, description="write checkpoint.pt every N rounds (0 = never)")
 
     # Baselines (spec §6, Appendix A). None for krum_f / multikrum_select / trimmed_mean_k means "derived from m".
@@ -243,18 +314,56 @@ class Experiment(BaseModel):
     fltrust_public_epochs: int = Field(10, ge=1)
     fedcpa_top_rate: float = Field(0.5, gt=0.0, le=1.0)
 
-    spmc_lambda: float = Field(1.0, ge=0.0)
-    spmc_kd_T: float = Field(1.0, gt=0.0)
-    spmc_temperature: float = Field(1.0, gt=0.0)
-    spmc_score_eps: float = Field(1e-5, ge=0.0)
-    spmc_weight_fn: Literal["softmax", "sigmoid"] = "softmax"
-    spmc_score_ref: Literal["loo", "global"] = "loo"
-    spmc_score_space: Literal["params", "updates"] = "params"
-    spmc_loo_prior: Literal["uniform", "samples"] = "uniform"
-    spmc_proj_norm_power: float = Field(2.0, gt=0.0)
-    spmc_proj_granularity: Literal["tensor", "model"] = "tensor"
-    spmc_kd_grad_weight: float = Field(0.0, ge=0.0)
-    spmc_teacher_bn_mode: Literal["train", "eval"] = "train"
+    spmc_lambda: float = Field(
+        1.0,
+        ge=0.0,
+        description="λ of the SPMC client's projection: 1 removes the conflicting component fully, >= 0 (spec §4.3)",
+    )
+    spmc_kd_T: float = Field(
+        1.0, gt=0.0, description="distillation temperature T of the SPMC client, > 0 (spec §4.2: 1)"
+    )
+    spmc_temperature: float = Field(
+        1.0, gt=0.0, description="τ of SPMC's server softmax over the scores, > 0 (spec §3.2: 1)"
+    )
+    spmc_score_eps: float = Field(
+        1e-5, ge=0.0, description="ε added to the norms of SPMC's cosine scores, >= 0 (spec §3.2, Appendix A: 1e-5)"
+    )
+    spmc_weight_fn: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="SPMC's weights from the scores: softmax (the paper) or sigmoid (spec §3.2)"
+    )
+    spmc_score_ref: Literal["loo", "global"] = Field(
+        "loo",
+        description="SPMC scores each client against its leave-one-out coalition (loo) or the global model "
+        "(spec §3, D4)",
+    )
+    spmc_score_space: Literal["params", "updates"] = Field(
+        "params", description="SPMC's cosine between parameters (the code) or updates θ − θ_g (spec §3.2)"
+    )
+    spmc_loo_prior: Literal["uniform", "samples"] = Field(
+        "uniform",
+        description="weights of the leave-one-out coalition in SPMC's score: uniform (the code) or by samples "
+        "(spec D9)",
+    )
+    spmc_proj_norm_power: float = Field(
+        2.0,
+        gt=0.0,
+        description="p of the projection's normaliser ‖G_g‖^p: 2 = a true projection (the code), 1 = the seed "
+        "text (spec "
+        "D5)",
+    )
+    spmc_proj_granularity: Literal["tensor", "model"] = Field(
+        "tensor", description="project per parameter tensor (the paper) or once over the whole model (spec §4.3)"
+    )
+    spmc_kd_grad_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of ∇L_KD added to the applied gradient, >= 0; 0 = only the projected CE gradient "
+        "(spec §4.4, "
+        "D7)",
+    )
+    spmc_teacher_bn_mode: Literal["train", "eval"] = Field(
+        "train", description="the teacher's BN mode during distillation: train (the code) or eval (spec §4.1, D8)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -352,6 +461,18 @@ class Experiment(BaseModel):
         check_drop_last(self)
         return self
 
+    @model_validator(mode="after")
+    def _method_options_valid(self) -> Experiment:
+        problems = []
+        for options_type in type(self).option_types:
+            try:
+                options_from(options_type, self)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
+        return self
+
     @property
     def resolved_model(self) -> str:
         from spmc.data import DATASETS
@@ -379,6 +500,56 @@ class Experiment(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def method_option_types() -> list[type[Any]]:
+    """The options classes of every registered defense and attack (plug-ins included), each once."""
+    from spmc.attacks import ATTACKS
+
+    types: list[type[Any]] = []
+    for registry in (DEFENSES, ATTACKS):
+        for method in registry.values():
+            options_type = getattr(method, "options_type", None)
+            if options_type is not None and options_type not in types:
+                types.append(options_type)
+    return types
+
+
+def usable_option_types(core: type[BaseModel], types: Sequence[type[Any]]) -> list[type[Any]]:
+    """The options classes of ``types`` whose declarations agree (:func:`spmc.options.merged_specs`), in order; one
+    that is broken or clashes with an earlier one (a plug-in's) is skipped with a warning naming it."""
+    usable: list[type[Any]] = []
+    for options_type in types:
+        try:
+            merged_specs([*usable, options_type], reserved=core.model_fields)
+        except (TypeError, NameError) as err:
+            log.warning("options of %s are ignored: %s", getattr(options_type, "__qualname__", options_type), err)
+            continue
+        usable.append(options_type)
+    return usable
+
+
+def method_fields(core: type[BaseModel], types: Sequence[type[Any]]) -> dict[str, Any]:
+    """One pydantic field per option key the classes ``types`` declare, typed by its annotation, with its default
+    and help, for :func:`pydantic.create_model`; keys that are fields of ``core`` stay the core's."""
+    specs = merged_specs(types, reserved=core.model_fields)
+    return {key: (spec.annotation, Field(spec.default, description=spec.help)) for key, spec in specs.items()}
+
+
+def experiment_model(types: Sequence[type[Any]], name: str = "Experiment") -> type[ExperimentCore]:
+    """:class:`ExperimentCore` with one field per option key of the options classes ``types``, whose checks its
+    validation runs (:func:`method_fields`)."""
+    types = usable_option_types(ExperimentCore, types)
+    fields = method_fields(ExperimentCore, types)
+    model = create_model(name, __base__=ExperimentCore, __module__=__name__, __doc__=ExperimentCore.__doc__, **fields)
+    model.option_types = tuple(types)
+    return model
+
+
+if TYPE_CHECKING:
+    Experiment = ExperimentCore
+else:
+    Experiment = experiment_model(method_option_types())
 
 
 def expected_train_size(dataset: str, synthetic_train_size: int) -> int | None:
@@ -602,7 +773,10 @@ def build_defense(cfg: Experiment) -> Defense:
     if cfg.defense not in DEFENSES:
         raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
     builder = DEFENSE_BUILDERS.get(cfg.defense)
-    return builder(cfg) if builder is not None else DEFENSES[cfg.defense]()
+    if builder is not None:
+        return builder(cfg)
+    defense: Defense = build_method(DEFENSES[cfg.defense], cfg, threat=threat_model(cfg))
+    return defense
 
 
 def optim_config(cfg: Experiment) -> OptimConfig:

@@ -137,19 +137,20 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not a known dataset; allowed: {', '.join(sorted(DATASETS))}")
     start = time.perf_counter()
-    if name == "fmnist-sample":
+    info = DATASETS[name]
+    if info.source == "embedded":
         arrays = load_embedded_sample()
-    elif name == "synthetic":
+    elif info.source == "synthetic":
         n_train, n_test = synthetic_size
-        arrays = make_synthetic(n_train, n_test, seed=seed, num_classes=DATASETS[name].num_classes)
-    elif name == "cifar10":
+        arrays = make_synthetic(n_train, n_test, seed=seed, num_classes=info.num_classes)
+    elif info.source == "cifar10":
         arrays = load_cifar10_folder(resolve_data_dir(name, data_dir))
     else:
         arrays = load_idx_folder(resolve_data_dir(name, data_dir))
     ds = RawDataset(name, *arrays)
     _check_labels(ds, DATASETS[name].num_classes)
     if ds.test_images.shape[0] == 0:
-        where = f" in {data_dir}" if data_dir is not None and name not in ("fmnist-sample", "synthetic") else ""
+        where = f" in {data_dir}" if data_dir is not None and info.source in ("idx", "cifar10") else ""
         raise DataError(f"{name}: the test set{where} has no images; accuracy and ASR cannot be measured without one")
     logger.info(
         "loaded %s: %d train + %d test images of shape %s in %.2f s",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from spmc.data.errors import DataError
+from spmc.data.registry import DATASETS, DatasetInfo
 
 __all__ = [
     "CIFAR10_FILES",
@@ -59,18 +60,6 @@ IDX_FILES: tuple[str, str, str, str] = (
 CIFAR10_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 _CIFAR_SUBDIR = "cifar-10-batches-py"
-
-#: Sub-folders tried below every search root, per dataset (the root itself is always tried first).
-_SUBDIRS: dict[str, tuple[str, ...]] = {
-    "fmnist": ("fashion-mnist", "fmnist", "FashionMNIST/raw"),
-    "mnist": ("mnist", "MNIST/raw"),
-    "cifar10": (_CIFAR_SUBDIR, "cifar10", f"cifar10/{_CIFAR_SUBDIR}"),
-}
-
-#: System-wide folders searched last (Debian's ``dataset-fashion-mnist`` package).
-_SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
-    "fmnist": ("/usr/share/datasets/fashion-mnist",),
-}
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -117,16 +106,12 @@ def _parse_idx(buf: bytes, source: str) -> np.ndarray:
         )
     if type_code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise DataError(
-            f"{source}: unknown IDX element type 0x{type_code:02X} (magic 0x{magic:08x}); known: {known}"
-        )
+        raise DataError(f"{source}: unknown IDX element type 0x{type_code:02X} (magic 0x{magic:08x}); known: {known}")
     if ndim == 0:
         raise DataError(f"{source}: IDX header declares 0 dimensions (magic 0x{magic:08x})")
     header = 4 + 4 * ndim
     if len(buf) < header:
-        raise DataError(
-            f"{source}: truncated IDX header: {ndim} dimensions need {header} bytes, file has {len(buf)}"
-        )
+        raise DataError(f"{source}: truncated IDX header: {ndim} dimensions need {header} bytes, file has {len(buf)}")
     dims = struct.unpack(f">{ndim}I", buf[4:header])
     dtype = _IDX_DTYPES[type_code]
     count = math.prod(dims)
@@ -217,8 +202,7 @@ def load_idx_folder(
     test_y = _idx_labels(read_idx(te_y_path), te_y_path, test_x.shape[0])
     if train_x.shape[2:] != test_x.shape[2:]:
         raise DataError(
-            f"{root}: training images are {tuple(train_x.shape[2:])} "
-            f"but test images are {tuple(test_x.shape[2:])}"
+            f"{root}: training images are {tuple(train_x.shape[2:])} but test images are {tuple(test_x.shape[2:])}"
         )
     return train_x, train_y, test_x, test_y
 
@@ -272,9 +256,7 @@ def _load_pickle(path: Path) -> Any:
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # any failure of a malformed pickle becomes a DataError naming the file
-        raise DataError(
-            f"{path}: not a readable CIFAR-10 python batch ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise DataError(f"{path}: not a readable CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
 
 
 def _get_key(batch: dict[Any, Any], key: str) -> Any:
@@ -293,9 +275,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = _get_key(batch, "data")
         labels = _get_key(batch, "labels")
     except KeyError as exc:
-        raise DataError(
-            f"{path}: CIFAR-10 batch has no {exc.args[0]!r} entry (keys: {list(batch)})"
-        ) from None
+        raise DataError(f"{path}: CIFAR-10 batch has no {exc.args[0]!r} entry (keys: {list(batch)})") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' must be uint8 [n, 3072], got {desc}")
@@ -356,11 +336,11 @@ def load_cifar10_folder(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _missing_files(name: str, folder: Path) -> list[str]:
-    return _missing_cifar_files(folder) if name == "cifar10" else _missing_idx_files(folder)
+def _missing_files(info: DatasetInfo, folder: Path) -> list[str]:
+    return _missing_cifar_files(folder) if info.source == "cifar10" else _missing_idx_files(folder)
 
 
-def _candidates(name: str, data_dir: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:
+def _candidates(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:
     """Every folder to try, in search order, each with a note saying where it came from."""
     out: list[tuple[Path, str]] = []
     roots: list[tuple[Path, str]] = []
@@ -371,13 +351,13 @@ def _candidates(name: str, data_dir: str | os.PathLike[str] | None) -> list[tupl
         roots.append((Path(env).expanduser(), f"${DATA_DIR_ENV}"))
     for root, origin in roots:
         out.append((root, origin))
-        out.extend((root / sub, origin) for sub in _SUBDIRS[name])
-    out.extend((Path(p), "system folder") for p in _SYSTEM_DIRS.get(name, ()))
+        out.extend((root / sub, origin) for sub in info.subdirs)
+    out.extend((Path(p), "system folder") for p in info.system_dirs)
     return out
 
 
-def _how_to_provide(name: str) -> str:
-    if name == "cifar10":
+def _how_to_provide(info: DatasetInfo) -> str:
+    if info.source == "cifar10":
         files = ", ".join(CIFAR10_FILES)
         what = (
             f'the CIFAR-10 python batches ({files}) from the "CIFAR-10 python version" archive '
@@ -389,14 +369,9 @@ def _how_to_provide(name: str) -> str:
         f"To provide it, put {what} in a folder and pass it with --data-dir FOLDER "
         f"(data_dir=FOLDER in Python), or set the environment variable {DATA_DIR_ENV}=FOLDER.",
     ]
-    if name == "fmnist":
-        lines.append(
-            "On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` installs them in "
-            "/usr/share/datasets/fashion-mnist, which is searched automatically."
-        )
-    lines.append(
-        "spmc never downloads data. The embedded sample needs no files: use dataset 'fmnist-sample'."
-    )
+    if info.install_hint:
+        lines.append(info.install_hint)
+    lines.append("spmc never downloads data. The embedded sample needs no files: use dataset 'fmnist-sample'.")
     return "\n".join(lines)
 
 
@@ -404,31 +379,29 @@ def resolve_data_dir(name: str, data_dir: str | os.PathLike[str] | None = None) 
     """Find the folder holding the files of dataset ``name`` (``"fmnist"``, ``"mnist"`` or ``"cifar10"``).
 
     Search order (spec §1.2; DESIGN "Errors are for people"): the explicit ``data_dir`` and its sub-folders
-    (``fashion-mnist``/``fmnist``/``FashionMNIST/raw`` for fmnist, ``mnist``/``MNIST/raw`` for mnist,
-    ``cifar-10-batches-py``/``cifar10`` for cifar10); then ``$SPMC_DATA_DIR`` and the same sub-folders; then,
-    for fmnist only, Debian's ``/usr/share/datasets/fashion-mnist``. The first folder holding every required
-    file wins.
+    (the dataset's ``DatasetInfo.subdirs``: ``fashion-mnist``/``fmnist``/``FashionMNIST/raw`` for fmnist, ...);
+    then ``$SPMC_DATA_DIR`` and the same sub-folders; then its ``system_dirs`` (for fmnist, Debian's
+    ``/usr/share/datasets/fashion-mnist``). The first folder holding every required file wins. Any dataset whose
+    ``source`` is ``idx`` or ``cifar10`` (a plug-in's too) is found this way.
 
     Raises:
         ValueError: ``name`` is not a dataset read from files.
         DataError: no folder holds the files; the message lists each place searched, what was missing there,
             and how to provide the files.
     """
-    if name not in _SUBDIRS:
-        raise ValueError(
-            f"dataset={name!r} is not read from files; file-backed datasets: {', '.join(_SUBDIRS)}"
-        )
+    info = DATASETS.get(name)
+    if info is None or info.source not in ("idx", "cifar10"):
+        files = sorted(k for k, v in DATASETS.items() if v.source in ("idx", "cifar10"))
+        raise ValueError(f"dataset={name!r} is not read from files; file-backed datasets: {', '.join(files)}")
     report: list[str] = []
-    for folder, origin in _candidates(name, data_dir):
+    for folder, origin in _candidates(info, data_dir):
         if not folder.is_dir():
             report.append(f"  - {folder} ({origin}): does not exist")
             continue
-        missing = _missing_files(name, folder)
+        missing = _missing_files(info, folder)
         if not missing:
             if data_dir is not None and origin != "data_dir / --data-dir":
-                logger.warning(
-                    "dataset %s not found under data_dir=%s; using %s (%s)", name, data_dir, folder, origin
-                )
+                logger.warning("dataset %s not found under data_dir=%s; using %s (%s)", name, data_dir, folder, origin)
             logger.info("dataset %s: reading files from %s", name, folder)
             return folder
         report.append(f"  - {folder} ({origin}): missing {', '.join(missing)}")
@@ -436,6 +409,4 @@ def resolve_data_dir(name: str, data_dir: str | os.PathLike[str] | None = None) 
         report.append("  - (no data_dir / --data-dir given)")
     if not os.environ.get(DATA_DIR_ENV):
         report.append(f"  - (${DATA_DIR_ENV} is not set)")
-    raise DataError(
-        f"dataset {name!r} was not found. Looked in:\n" + "\n".join(report) + "\n" + _how_to_provide(name)
-    )
+    raise DataError(f"dataset {name!r} was not found. Looked in:\n" + "\n".join(report) + "\n" + _how_to_provide(info))

@@ -48,9 +48,7 @@ def to_unit_float(images: torch.Tensor, size: int = 32, chunk_size: int = 4096) 
     matters when downscaling. Images are processed ``chunk_size`` at a time to bound the temporary memory.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"to_unit_float expects uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-        )
+        raise ValueError(f"to_unit_float expects uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
     if size < 1 or chunk_size < 1:
         raise ValueError(f"size and chunk_size must be >= 1, got size={size}, chunk_size={chunk_size}")
     n, c, h, w = images.shape
@@ -58,9 +56,7 @@ def to_unit_float(images: torch.Tensor, size: int = 32, chunk_size: int = 4096) 
     for start in range(0, n, chunk_size):
         chunk = images[start : start + chunk_size].to(torch.float32).div_(255.0)
         if (h, w) != (size, size):
-            chunk = F.interpolate(
-                chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=False
-            )
+            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         out[start : start + chunk_size] = chunk
     return out
 
@@ -145,9 +141,7 @@ class Preprocessor:
 
     def _check(self, x01: torch.Tensor) -> None:
         if x01.ndim != 4 or x01.shape[1] not in (1, 3) or not x01.is_floating_point():
-            raise ValueError(
-                f"expected a float [B, 1 or 3, H, W] batch in [0, 1], got {x01.dtype} {tuple(x01.shape)}"
-            )
+            raise ValueError(f"expected a float [B, 1 or 3, H, W] batch in [0, 1], got {x01.dtype} {tuple(x01.shape)}")
 
     def _finish(self, x: torch.Tensor, grey_view: bool = False) -> torch.Tensor:
         if x.shape[1] == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:

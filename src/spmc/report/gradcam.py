@@ -36,6 +36,7 @@ from spmc.store import RunStore, read_json_file
 
 log = logging.getLogger(__name__)
 
+
 def class_name(dataset: str, idx: int) -> str:
     """Readable name of class ``idx`` of ``dataset`` (:attr:`DatasetInfo.class_names`; the digit itself for MNIST
     and the synthetic set)."""

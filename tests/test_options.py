@@ -1,0 +1,127 @@
+"""A method's options declared next to it (spmc.options) and composed into the flat configuration (spmc.config)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import pytest
+
+from spmc.config import Experiment, ExperimentCore, experiment_model, method_option_types
+from spmc.options import build_method, merged_specs, option, option_specs, options_from
+from spmc.threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class WidgetOptions:
+    """A test method's options: a bounded float, a Literal, an optional count and a field that is not a key."""
+
+    width: float = option(1.5, "widget_width", "widget width in metres, > 0")
+    mode: Literal["a", "b"] = option("a", "widget_mode", "a or b")
+    count: int | None = option(None, "widget_count", "how many; None = m")
+    internal: int = 7
+
+    def __post_init__(self) -> None:
+        if not self.width > 0:
+            raise ValueError(f"widget_width: got {self.width!r}; must be > 0")
+        if self.count is not None and self.count < 0:
+            raise ValueError(f"widget_count: got {self.count!r}; must be >= 0 or None")
+
+
+@dataclass(frozen=True)
+class GadgetOptions:
+    """Shares ``widget_width`` with the widget (same type and default) and reuses a core key."""
+
+    width: float = option(1.5, "widget_width", "widget width in metres, > 0")
+    exclude: bool = option(True, "exclude_int_buffers", "leave integer counters out")
+
+
+@dataclass(frozen=True)
+class ClashOptions:
+    width: float = option(2.0, "widget_width", "another default")
+
+
+class Widget:
+    options_type: ClassVar[type[WidgetOptions]] = WidgetOptions
+
+    def __init__(self, options: WidgetOptions | None = None, threat: ThreatModel | None = None) -> None:
+        self.options = options
+        self.threat = threat
+
+
+class Plain:
+    def __init__(self) -> None:
+        self.built = True
+
+
+Model = experiment_model([WidgetOptions, GadgetOptions], name="WidgetExperiment")
+
+
+def test_option_specs_read_key_type_default_and_help() -> None:
+    specs = {s.key: s for s in option_specs(WidgetOptions)}
+    assert set(specs) == {"widget_width", "widget_mode", "widget_count"}  # ``internal`` is not a key
+    assert (specs["widget_width"].name, specs["widget_width"].annotation, specs["widget_width"].default) == (
+        "width",
+        float,
+        1.5,
+    )
+    assert specs["widget_mode"].annotation == Literal["a", "b"]
+    assert specs["widget_count"].help == "how many; None = m"
+    assert specs["widget_count"].owner == "WidgetOptions"
+
+
+def test_options_from_maps_keys_to_fields_and_keeps_defaults() -> None:
+    opts = options_from(WidgetOptions, {"widget_width": 3.0, "unrelated": 1})
+    assert opts == WidgetOptions(width=3.0)
+    with pytest.raises(ValueError, match="widget_width: got -1.0"):
+        options_from(WidgetOptions, {"widget_width": -1.0})
+
+
+def test_build_method_passes_options_and_only_the_context_the_constructor_takes() -> None:
+    threat = ThreatModel(num_clients=5, gamma=0.2)
+    widget = build_method(Widget, {"widget_count": 2}, threat=threat, settings="ignored")
+    assert widget.options == WidgetOptions(count=2) and widget.threat is threat
+    assert build_method(Plain, {}, threat=threat).built
+
+
+def test_a_shared_key_is_one_field_a_core_key_stays_the_cores() -> None:
+    specs = merged_specs([WidgetOptions, GadgetOptions], reserved=ExperimentCore.model_fields)
+    assert set(specs) == {"widget_width", "widget_mode", "widget_count"}
+    with pytest.raises(TypeError, match="widget_width.*ClashOptions.*WidgetOptions"):
+        merged_specs([WidgetOptions, ClashOptions])
+
+
+def test_generated_fields_are_typed_strictly_with_defaults_and_descriptions() -> None:
+    cfg = Model(widget_width=2, widget_mode="b")
+    assert (cfg.widget_width, cfg.widget_mode, cfg.widget_count) == (2, "b", None)  # type: ignore[attr-defined]
+    assert Model.model_fields["widget_width"].description == "widget width in metres, > 0"
+    for bad in ({"widget_width": "2"}, {"widget_mode": "c"}, {"widget_count": True}, {"widget_width": float("nan")}):
+        with pytest.raises(ValueError):
+            Model(**bad)
+
+
+def test_the_options_own_checks_run_in_validation_with_one_line_per_problem() -> None:
+    with pytest.raises(ValueError) as err:
+        Model(widget_width=-1.0, widget_count=-2)
+    text = str(err.value)
+    assert "widget_width: got -1.0; must be > 0" in text
+    assert "widget_count: got -2; must be >= 0 or None" not in text  # the first failing check of one class
+    with pytest.raises(ValueError, match="widget_count: got -2"):
+        Model(widget_count=-2)
+
+
+def test_a_clashing_options_class_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        model = experiment_model([WidgetOptions, ClashOptions], name="ClashExperiment")
+    assert model.option_types == (WidgetOptions,)
+    assert model.model_fields["widget_width"].default == 1.5
+    assert "options of ClashOptions are ignored" in caplog.text
+
+
+def test_every_registered_method_option_is_a_field_of_the_experiment() -> None:
+    for options_type in method_option_types():
+        for spec in option_specs(options_type):
+            field = Experiment.model_fields[spec.key]
+            assert field.default == spec.default, spec.key
+    assert set(Experiment.option_types) == set(method_option_types())  # none skipped
