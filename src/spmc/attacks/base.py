@@ -246,6 +246,23 @@ class Crafter:
             out[i] = crafted[row]
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The update attack's :meth:`Attack.state_dict`, named as in :meth:`AttackPlan.state_dict` (``update.``):
+        what the Flower strategy, which holds the crafter but not the plan, checkpoints."""
+        return {f"update.{k}": v for k, v in self.attack.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the ``update.`` entries of an :meth:`AttackPlan.state_dict` (``data.`` entries are the
+        clients'); raises ``ValueError`` on an entry of neither."""
+        own: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            role, _, name = str(key).partition(".")
+            if role not in ("data", "update") or not name:
+                raise ValueError(f"attack state: entry {key!r} belongs to no attack of this run (data, update)")
+            if role == "update":
+                own[name] = value
+        self.attack.load_state_dict(own)
+
 
 @dataclass(frozen=True)
 class TrainingHooks:
