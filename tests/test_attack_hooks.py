@@ -195,7 +195,7 @@ def test_random_attacker_pool_is_seeded_and_deterministic() -> None:
         ({"attack_start": 60}, r"attack_start = 60 is not a round of the run \(rounds = 50"),
         ({"attack_every": 0}, "attack_every"),
         ({"attacker_pool": "some"}, "attacker_pool"),
-        ({"attacker_knowledge": "partial"}, "not implemented yet"),
+        ({"attacker_knowledge": "some"}, "attacker_knowledge"),
     ],
 )
 def test_threat_model_options_are_validated(values: dict[str, object], message: str) -> None:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spmc.attacks import ATTACKS
+from spmc.attacks import ATTACKS, HOOKS, Attack, attack_kind
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
@@ -70,6 +70,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $SPMC_DATA_DIR, Debian's fmnist)")
     p.add_argument("--defense", help=f"server defense: {', '.join(DEFENSES)}")
+    p.add_argument("--attack", help="data-poisoning attack (`spmc list`; none = no attack)")
+    p.add_argument(
+        "--update-attack", help="update (model-poisoning) attack (`spmc list`); with --attack none: untargeted"
+    )
     p.add_argument("--client", choices=sorted(CLIENTS), help="client procedure")
     p.add_argument("--gamma", type=float, help="malicious fraction in [0, 1)")
     p.add_argument("--rounds", type=int, help="communication rounds")
@@ -89,6 +93,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "defense": args.defense,
+        "attack": args.attack,
+        "update_attack": args.update_attack,
         "client": args.client,
         "gamma": args.gamma,
         "rounds": args.rounds,
@@ -139,9 +145,9 @@ def _summary_table(results: dict[str, RunResult], title: str) -> Table:
         table.add_row(
             label,
             f"{f.A:.2f}",
-            f"{100 - f.R:.2f}",
-            f"{f.R:.2f}",
-            f"{f.V:.2f}",
+            _metric_text(None if f.R is None else 100 - f.R),
+            _metric_text(f.R),
+            _metric_text(f.V),
             f"{res.summary['seconds_per_round']:.1f}",
         )
     return table
@@ -157,6 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     label = f"{cfg.defense}/{cfg.client} on {cfg.dataset}, γ={cfg.gamma}"
     res = _run_with_progress(cfg, out, label, args.quiet, resume=bool(args.resume))
     console.print(_summary_table({label: res}, f"last {res.final.last_k} rounds of {cfg.rounds}"))
+    if res.summary.get("attack_kind") == "untargeted":
+        console.print(
+            "untargeted attack: R is blank; ΔA = A − A(no attack, same seed): `spmc table` with both run directories",
+            highlight=False,
+        )
     console.print(f"run directory: {escape(str(out))}", highlight=False)
     return 0
 
@@ -205,6 +216,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if unfinished else 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from spmc import matrix
+
+    root = Path(args.out)
+    if args.report_only:
+        spec = load_grid(root / matrix.MATRIX_FILE)
+    else:
+        defenses = sorted(DEFENSES) if args.defenses == ["all"] else args.defenses
+        for name in defenses:
+            if name not in DEFENSES:
+                raise ConfigError(f"--defenses: unknown defense {name!r}; allowed: all, {', '.join(sorted(DEFENSES))}")
+        attacks = matrix.all_attack_names(ATTACKS) if args.attacks == ["all"] else args.attacks
+        base: dict[str, Any] = {"preset": args.preset, "gamma": args.gamma} if args.preset else {"gamma": args.gamma}
+        base.update(_parse_sets(args.set))
+        spec = matrix.matrix_spec(
+            matrix.defense_columns(defenses),
+            matrix.attack_rows(attacks, ATTACKS),
+            args.seeds,
+            base,
+            root,
+            args.jobs,
+        )
+        matrix.save_spec(spec, root)
+
+        def report(o: SweepOutcome) -> None:
+            console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
+
+        outcomes = run_sweep(spec, root, args.jobs, report)
+        matrix.record_outcomes(root, outcomes)
+    for path in matrix.write_report(spec, root, args.title):
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    return 0
+
+
 def _metric_text(value: Any) -> str:
     """A summary metric with 2 decimals; blank where the run stored none (null) or it is not a number."""
     return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
@@ -213,6 +258,15 @@ def _metric_text(value: Any) -> str:
 def _first_line(text: str | None) -> str:
     """The first line of a docstring ("" when there is none)."""
     return (text or "").strip().partition("\n")[0]
+
+
+def _attack_text(cls: type[Attack]) -> str:
+    """An attack's line of ``spmc list``: its kind (what its runs report), its hooks, then its description."""
+    kind = {"backdoor": "backdoor", "none": "no attack"}.get(attack_kind(cls), "untargeted")
+    if kind == "untargeted" and "data" not in cls.hooks:
+        kind = "update attack: untargeted with attack = none"
+    hooks = ", ".join(h for h in HOOKS if h in cls.hooks) or "no hook"
+    return f"[{kind}; {hooks}] {cls.description}"
 
 
 def _with_origin(group: str, items: dict[str, str]) -> dict[str, str]:
@@ -228,7 +282,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     sections: dict[str, dict[str, str]] = {
         "defenses": _with_origin("spmc.defenses", {name: cls.description for name, cls in DEFENSES.items()}),
         "clients": CLIENTS,
-        "attacks": _with_origin("spmc.attacks", {name: cls.description for name, cls in ATTACKS.items()}),
+        "attacks": _with_origin("spmc.attacks", {name: _attack_text(cls) for name, cls in ATTACKS.items()}),
         "datasets": _with_origin("spmc.datasets", {name: info.description for name, info in DATASETS.items()}),
         "models": _with_origin("spmc.models", {name: _first_line(f.__doc__) for name, f in MODELS.items()}),
         "presets": PRESET_DESCRIPTIONS,
@@ -328,6 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", "-o", help="root folder of the run directories (default: the file's `out`)")
     sweep.add_argument("--jobs", "-j", type=int, help="runs at once (default: the file's `jobs`, else 1)")
     sweep.set_defaults(func=cmd_sweep)
+    mat = sub.add_parser(
+        "matrix",
+        help="every defense against every attack row (a sweep), with a CSV, Markdown tables and heat maps",
+        description="Run the robustness matrix (defenses × attack rows × seeds at a preset and γ) as a sweep in "
+        "--out (finished cells are skipped, interrupted ones resumed), then write matrix.csv, matrix.md and the heat "
+        "maps matrix_R / matrix_A (PNG, SVG) there. See docs/matrix.md.",
+    )
+    mat.add_argument("--preset", "-p", choices=sorted(PRESETS), help="the preset of every cell")
+    mat.add_argument("--gamma", type=float, default=0.3, help="malicious fraction γ (default 0.3)")
+    mat.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    mat.add_argument("--defenses", nargs="+", default=["all"], help="defenses (default all)")
+    mat.add_argument("--attacks", nargs="+", default=["all"], help="attacks, each a row (default all; see docs)")
+    mat.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="any other option")
+    mat.add_argument("--out", "-o", default="runs/matrix", help="folder of the cells and the report")
+    mat.add_argument("--jobs", "-j", type=int, default=1, help="cells at once (default 1)")
+    mat.add_argument("--title", default="", help="title of matrix.md")
+    mat.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from --out/matrix.toml and its cells"
+    )
+    mat.set_defaults(func=cmd_matrix)
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
     lst.add_argument("--options", action="store_true", help="list every configuration option instead")
     lst.set_defaults(func=cmd_list)

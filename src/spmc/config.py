@@ -403,8 +403,8 @@ class ExperimentCore(BaseModel):
     def _known_update_attack(cls, v: str) -> str:
         from spmc.attacks import ATTACKS
 
-        crafting = [k for k, a in ATTACKS.items() if "crafting" in a.hooks]
-        return _registered(v, crafting, "update attack", extra=("none",))
+        updates = [k for k, a in ATTACKS.items() if a.hooks & {"training", "crafting"}]
+        return _registered(v, updates, "update attack", extra=("none",))
 
     @field_validator("trigger_channels", mode="before")
     @classmethod
@@ -450,8 +450,6 @@ class ExperimentCore(BaseModel):
                     f"{field} = {value} is not a round of the run (rounds = {self.rounds}: rounds 0 … "
                     f"{self.rounds - 1}); allowed: 0 … {self.rounds - 1}{none}"
                 )
-        if self.attacker_knowledge == "partial":
-            raise ValueError("attacker_knowledge = 'partial' is not implemented yet; allowed: 'full'")
         if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
             raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self

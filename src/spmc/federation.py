@@ -55,8 +55,10 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-# Purposes for derive_seed, so that streams never collide (the Flower apps derive the same streams).
+# Purposes for derive_seed, so that streams never collide (the Flower apps derive the same streams). 7 is the
+# random attacker pool's (spmc.attacks.base.SEED_ATTACKER_POOL); 8 an attacker's clean shadow training.
 SEED_POISON, SEED_STATIC_AUG, SEED_CLIENT, SEED_PARTICIPATION, SEED_TEST, SEED_SERVER = 1, 2, 3, 4, 5, 6
+SEED_SHADOW = 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -296,6 +298,26 @@ class Federation:
             seed=derive_seed(self.cfg.seed, SEED_CLIENT, t, client_id),
             teacher=teacher if method == "spmc" else None,
             training=self.attack.training() if attacking else None,
+        )
+
+    def shadow_ids(self, t: int, ids: Sequence[int]) -> list[int]:
+        """The attackers among ``ids`` that also train a clean model in round ``t`` (ATTACKS.md §A1
+        ``attacker_knowledge = partial``, or an update attack with ``needs_clean``); empty on the default path."""
+        return self.attack.shadows(t, ids)
+
+    def shadow_task(self, t: int, client_id: int, teacher: torch.Tensor | None) -> ClientTask:
+        """Attacker ``client_id``'s clean model of round ``t``, trained exactly like a benign client on its clean
+        data (the configured client procedure, no training hook) from its own seed stream (``SEED_SHADOW``). Its
+        result goes to the crafting step only (:meth:`spmc.server.ServerCore.step`), never to the update guard,
+        the defense or the metrics."""
+        method = self.cfg.client
+        return ClientTask(
+            client_id=client_id,
+            data=self.data.clean.get(client_id, self.data.clients[client_id]),
+            method=method,
+            epochs=self.cfg.local_epochs(method),
+            seed=derive_seed(self.cfg.seed, SEED_SHADOW, t, client_id),
+            teacher=teacher if method == "spmc" else None,
         )
 
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:

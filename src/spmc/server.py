@@ -3,7 +3,8 @@
 
 ```
 S_t       ← sample_participants(pool, p, seed, t)              (all of the pool at p = 1, else ⌈p·|pool|⌉ seeded)
-crafting  ← the update attack's crafting hook rewrites the attackers' states (ATTACKS.md §A2.3; attack rounds)
+crafting  ← the update attack's crafting hook rewrites the attackers' states (ATTACKS.md §A2.3; attack rounds),
+            seeing the attackers' clean shadow models when they trained some (``attacker_knowledge = partial``)
 screen    ← update guard over the states: refused ones are logged and dropped, or stop the run (spec.guard)
 θ_g, α    ← defense.aggregate(states, ids, counts)
 θ_g       ← finalise_global(θ_g)                                (integer counters rounded; non-finite refused)
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,8 +34,20 @@ from spmc.store import RunDirError
 
 log = logging.getLogger(__name__)
 
-#: The crafting step (:class:`spmc.attacks.Crafter`): (round, θ_g, states, ids) → states with the attackers' replaced.
-Crafting = Callable[[int, torch.Tensor, Sequence[torch.Tensor], Sequence[int]], list[torch.Tensor]]
+
+class Crafting(Protocol):
+    """The crafting step (:class:`spmc.attacks.Crafter`): (round, θ_g, states, ids, the attackers' clean models
+    by id) → states with the attackers' replaced."""
+
+    def __call__(
+        self,
+        t: int,
+        global_state: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        ids: Sequence[int],
+        clean: Mapping[int, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]: ...
+
 
 #: The version of the checkpoint payload (:meth:`ServerCore.checkpoint`), written by both drivers.
 CHECKPOINT_FORMAT = 2
@@ -125,13 +138,21 @@ class ServerCore:
             log.warning("round %d: client %d's state %s; dropped for this round", t, k, problem)
         return refused
 
-    def step(self, t: int, states: Sequence[torch.Tensor], ids: Sequence[int], counts: Sequence[float]) -> RoundOutcome:
+    def step(
+        self,
+        t: int,
+        states: Sequence[torch.Tensor],
+        ids: Sequence[int],
+        counts: Sequence[float],
+        shadows: Mapping[int, torch.Tensor] | None = None,
+    ) -> RoundOutcome:
         """One server round over the clients' returned states (ids sorted, one state and sample count each):
         crafting → screen → defense → finalise_global → teachers. A crafted state passes the guard like any
-        other. When every state is refused the global model and the teachers stay as they are and the outcome has
-        no aggregate."""
+        other. ``shadows`` (attacker id → its clean model of the round, ``attacker_knowledge = partial``) go to
+        the crafting step only: never to the guard, the defense or the record. When every state is refused the
+        global model and the teachers stay as they are and the outcome has no aggregate."""
         if self.crafter is not None:
-            states = self.crafter(t, self.global_state, states, ids)
+            states = self.crafter(t, self.global_state, states, ids, shadows)
         refused = self.screen(t, states, ids)
         keep = [i for i, k in enumerate(ids) if k not in refused]
         outcome = RoundOutcome(tuple(ids), refused)

@@ -5,6 +5,8 @@
 for t in 0..T-1:
     S_t ← participants (all clients at participation 1.0)
     θ_k ← LocalTrain_k(θ_g [, teacher_k])          client = plain | spmc (malicious clients: per threat model)
+    θ_k^clean ← LocalTrain_k(θ_g) on clean data    attackers of an attack round, attacker_knowledge = partial
+    crafting: the update attack rewrites the attackers' θ_k (ATTACKS.md §A2.3)
     update guard: reject mis-sized, non-finite or absurd states (spmc.guard)
     θ_g, α ← defense.aggregate(...)                 defense = fedavg | spmc | ...
     teacher_k ← Σ_{j≠k} α_j θ_j / Σ_{j≠k} α_j       (spec §4.1; only when the spmc client is used)
@@ -170,9 +172,15 @@ class Simulation:
         started = time.perf_counter()
         ids = self.participants(t)
         self.federation.prepare_round(t, self.global_state, ids)
-        results = self.engine.train_round(self.global_state, self.tasks(t, ids))
+        # attacker_knowledge = partial: the attackers' clean shadows are extra rows of the same round (one batch on
+        # the batched engine); their states go to the crafting step only, never to the guard, defense or record.
+        shadow_ids = self.federation.shadow_ids(t, ids)
+        shadow_tasks = [self.federation.shadow_task(t, k, self.teachers[k]) for k in shadow_ids]
+        trained = self.engine.train_round(self.global_state, self.tasks(t, ids) + shadow_tasks)
+        results = trained[: len(ids)]
+        shadows = {r.client_id: r.state for r in trained[len(ids) :]} if shadow_tasks else None
         counts = [float(self.data.num_samples[k]) for k in ids]
-        outcome = self.core.step(t, [r.state for r in results], ids, counts)
+        outcome = self.core.step(t, [r.state for r in results], ids, counts, shadows)
         if outcome.aggregate is None:
             raise InvalidUpdateError(f"round {t}: every client state was rejected; the global model is unchanged")
         train_seconds = time.perf_counter() - started
@@ -196,12 +204,15 @@ class Simulation:
 
     def summary(self, records: list[dict[str, Any]]) -> tuple[FinalMetrics, dict[str, Any]]:
         acc = [r["accuracy"] for r in records]
-        final = final_metrics(acc, [r["asr"] for r in records], self.cfg.report_last_k)
+        kind = self.federation.attack.kind
+        targeted = kind != "untargeted"
+        final = final_metrics(acc, [r["asr"] for r in records], self.cfg.report_last_k, targeted)
         other_key = "asr_all" if self.cfg.asr_exclude_target_class else "asr_excl_target"
-        other = final_metrics(acc, [r[other_key] for r in records], self.cfg.report_last_k)
+        other = final_metrics(acc, [r[other_key] for r in records], self.cfg.report_last_k, targeted)
         summary = {
             **final.as_dict(),
             "R_" + ("all" if self.cfg.asr_exclude_target_class else "excl_target"): other.R,
+            "attack_kind": kind,
             "rounds": len(records),
             "rejected_updates": sum(len(r.get("rejected", [])) for r in records),
             "dataset": self.cfg.dataset,

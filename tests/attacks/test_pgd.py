@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -102,17 +101,9 @@ def test_inside_the_ball_after_every_step_on_both_engines() -> None:
         assert (norm <= eps * (1 + 1e-5)) == (r.client_id in sim.data.malicious), (r.client_id, norm)
 
 
-@dataclasses.dataclass(frozen=True)
-class WithClean(CraftingInputs):
-    """CraftingInputs with the attackers' clean models (partial knowledge)."""
-
-    clean_states: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 2))
-
-
 def inputs(t: int, attackers: list[list[float]], benign: list[list[float]], **extra: torch.Tensor) -> CraftingInputs:
     a, b = torch.tensor(attackers), torch.tensor(benign).reshape(-1, 2)
-    args = (t, torch.zeros(2), a, tuple(range(len(a))), b, tuple(range(len(b))))
-    return WithClean(*args, **extra) if extra else CraftingInputs(*args)
+    return CraftingInputs(t, torch.zeros(2), a, tuple(range(len(a))), b, tuple(range(len(b))), **extra)
 
 
 def test_auto_radius_by_hand() -> None:
@@ -173,3 +164,26 @@ def test_pgd_bounds_the_attackers_in_a_run() -> None:
     assert max(runs["pgd"][0][1][2:]) <= benign_median_0 * (1 + 1e-5)
     assert max(runs["none"][0][1][2:]) > benign_median_0 * 1.05
     assert not torch.allclose(runs["none"][1], runs["pgd"][1])
+
+
+def test_auto_radius_under_partial_knowledge_in_a_run() -> None:
+    """Under ``partial`` the crafting step sees the attackers' clean models only: round 0 projects each attacker
+    onto its own clean update norm, and ε is learned from them."""
+    seen: list[CraftingInputs] = []
+
+    class Spy(PGD):
+        def craft(self, inputs: CraftingInputs) -> torch.Tensor:
+            seen.append(inputs)
+            out = super().craft(inputs)
+            assert inputs.clean_states is not None
+            own = update_norms(inputs.clean_states, inputs.global_state)
+            assert bool((update_norms(out, inputs.global_state) <= own * (1 + 1e-5)).all())
+            return out
+
+    attack = Spy()
+    sim = simulation(attack, attacker_knowledge="partial")
+    sim.run_round(0)
+    (inputs,) = seen
+    assert inputs.benign_ids == () and attack.eps == pytest.approx(
+        median(update_norms(inputs.clean_states, inputs.global_state))
+    )  # type: ignore[arg-type]

@@ -11,27 +11,32 @@ from spmc.attacks.backdoor import (
     trigger_values,
 )
 from spmc.attacks.base import (
+    ATTACK_KINDS,
     HOOKS,
     Attack,
+    AttackKind,
     AttackPlan,
     AttackSchedule,
     AttackSettings,
     Crafter,
     CraftingInputs,
     TrainingHooks,
+    attack_kind,
     attacker_pool,
 )
-from spmc.attacks.registry import ATTACKS
+from spmc.attacks.registry import ATTACKS, kind_of
 from spmc.plugins import ATTACK, load_entry_points
 
 load_entry_points("spmc.attacks", ATTACKS, ATTACK)
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_KINDS",
     "HOOKS",
     "TRIGGER_COLS",
     "TRIGGER_ROWS",
     "Attack",
+    "AttackKind",
     "AttackPlan",
     "AttackSchedule",
     "AttackSettings",
@@ -39,8 +44,10 @@ __all__ = [
     "CraftingInputs",
     "TrainingHooks",
     "apply_trigger",
+    "attack_kind",
     "attacker_pool",
     "backdoor_test_set",
+    "kind_of",
     "malicious_ids",
     "poison_mask",
     "trigger_values",

@@ -7,7 +7,11 @@
    :meth:`Attack.gradient` on the attackers' stacked gradient rows g ∈ R^{m×d} (before momentum and weight decay)
    and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the SGD step;
 3. **crafting** (``"crafting" in hooks``): after local training, :meth:`Attack.craft` replaces the attackers'
-   states θ_M ∈ R^{m×d}, seeing θ_g, the round and (under ``attacker_knowledge = full``) the benign states.
+   states θ_M ∈ R^{m×d}, seeing θ_g, the round and the benign states: under ``attacker_knowledge = full`` those of
+   the round's benign clients; under ``partial`` their estimate, the attackers' own clean models (each attacker
+   also trains a clean "shadow" model on its clean data, like a benign client, with its own seed stream;
+   Shejwalkar & Houmansadr, NDSS 2021 §3). Under ``partial`` crafting never reads a benign client's state. An
+   attack that wants the attackers' clean models under ``full`` too sets :attr:`Attack.needs_clean`.
 
 The schedule of §A1: round t is an attack round when start ≤ t ≤ end and (t − start) mod every = 0; outside attack
 rounds an attacker trains like a benign client on clean data. Nothing here imports :mod:`spmc.config`.
@@ -20,6 +24,7 @@ state are parameters, float buffers, integer counters) when the federation is bu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -30,9 +35,15 @@ import torch
 from spmc.params import ParamLayout
 from spmc.threat import ThreatModel, num_attackers
 
+log = logging.getLogger(__name__)
+
 Hook = Literal["data", "training", "crafting"]
 HOOKS: tuple[Hook, ...] = ("data", "training", "crafting")
 Knowledge = Literal["full", "partial"]
+#: What a run's metrics mean (§A1): ``backdoor`` reports A and R = 100 − ASR on the data attack's trigger;
+#: ``untargeted`` reports A and ΔA = A − A(no attack, same seed), R blank; ``none`` (no attack) reports A and R.
+AttackKind = Literal["backdoor", "untargeted", "none"]
+ATTACK_KINDS: tuple[AttackKind, ...] = ("backdoor", "untargeted", "none")
 
 #: Purpose of the seed stream of the random attacker pool (distinct from the federation's purposes 1-6).
 SEED_ATTACKER_POOL = 7
@@ -80,7 +91,13 @@ class AttackSchedule:
 @dataclass(frozen=True)
 class CraftingInputs:
     """What the colluding attackers see when they craft (§A2.3): the round, θ_g, their own trained states [m, d]
-    and ids, and the benign states [n, d] and ids (empty under ``attacker_knowledge = partial``)."""
+    and ids, and the benign states [n, d] with their ids.
+
+    Under ``attacker_knowledge = full`` the benign states are the round's benign clients' states. Under
+    ``partial`` they are the attackers' pooled clean models (their estimate of benign behaviour) and
+    ``benign_ids`` is empty. ``clean_states`` [m, d] holds the attackers' own clean models, row i for
+    ``attacker_ids[i]``, when they were trained (``partial``, or an attack with :attr:`Attack.needs_clean`) and
+    every attacker of the round sent one; else None."""
 
     round: int
     global_state: torch.Tensor
@@ -88,6 +105,7 @@ class CraftingInputs:
     attacker_ids: tuple[int, ...]
     benign_states: torch.Tensor
     benign_ids: tuple[int, ...]
+    clean_states: torch.Tensor | None = None
 
 
 class Attack:
@@ -105,7 +123,14 @@ class Attack:
     #: A backdoor (data) attack with its own test-time trigger: runs report A and R = 100 − ASR on its test set.
     #: False for untargeted attacks (label flip, Byzantine updates): runs report A and ΔA, R is blank (§A1).
     targeted: ClassVar[bool] = False
+    #: An update attack that carries a data attack's backdoor (model replacement, PGD, Neurotoxin, the adaptive
+    #: attacks): the robustness matrix pairs it with ``badnets``; the others (Byzantine) run alone, untargeted.
+    carries_backdoor: ClassVar[bool] = False
     options_type: ClassVar[type[Any] | None] = None
+    #: The crafting step wants the attackers' own clean models (:attr:`CraftingInputs.clean_states`) under
+    #: ``attacker_knowledge = full`` too (under ``partial`` they are always trained): each attacker of an attack
+    #: round then also trains a clean model on its clean data, as under ``partial``.
+    needs_clean: ClassVar[bool] = False
 
     def __init__(
         self, settings: AttackSettings | None = None, options: Any = None, threat: ThreatModel | None = None
@@ -205,35 +230,72 @@ def attacker_pool(num_clients: int, gamma: float, pool: str, seed: int) -> tuple
     raise ValueError(f"attacker_pool: unknown value {pool!r}; allowed: fixed, random")
 
 
+def attack_kind(data: Attack | type[Attack], update: Attack | type[Attack] | None = None) -> AttackKind:
+    """The kind of a run with the data attack ``data`` and the update attack ``update`` (§A1): ``backdoor`` when
+    the data attack is targeted (it has a test-time trigger), else ``untargeted`` when either attack has a hook
+    (label flip, an update attack with ``attack = none``), else ``none``."""
+    if data.targeted:
+        return "backdoor"
+    if data.hooks or (update is not None and update.hooks):
+        return "untargeted"
+    return "none"
+
+
 @dataclass
 class Crafter:
     """The crafting step of a run (§A2.3), called by :meth:`spmc.server.ServerCore.step` before the update guard:
-    in attack rounds, the participating attackers' states are replaced by ``attack.craft``."""
+    in attack rounds, the participating attackers' states are replaced by ``attack.craft``.
+
+    ``clean`` maps an attacker's id to its clean model of the round (trained when :attr:`wants_clean`); under
+    ``knowledge = partial`` those are the only benign estimate the attack sees, and ``states`` of benign ids are
+    never read. Clean models of ids that are not participating attackers are ignored."""
 
     attack: Attack
     attackers: frozenset[int]
     schedule: AttackSchedule = AttackSchedule()
     knowledge: Knowledge = "full"
 
+    @property
+    def wants_clean(self) -> bool:
+        """Whether the attackers train clean models in attack rounds (``partial``, or the attack asks for them)."""
+        return self.knowledge == "partial" or self.attack.needs_clean
+
     def __call__(
-        self, t: int, global_state: torch.Tensor, states: Sequence[torch.Tensor], ids: Sequence[int]
+        self,
+        t: int,
+        global_state: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        ids: Sequence[int],
+        clean: Mapping[int, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """``states`` with the attackers' rows crafted (unchanged outside attack rounds or without attackers)."""
         bad = [i for i, k in enumerate(ids) if k in self.attackers]
         if not bad or not self.schedule.active(t):
             return list(states)
-        good = [i for i, k in enumerate(ids) if k not in self.attackers]
+        bad_ids = tuple(ids[i] for i in bad)
         full = self.knowledge == "full"
-        benign = global_state.new_zeros(0, len(global_state))
-        if full and good:
-            benign = torch.stack([states[i] for i in good])
+        d = len(global_state)
+        clean = clean or {}
+        shadows = [clean[k] for k in bad_ids if k in clean]
+        clean_states = torch.stack(shadows) if shadows and len(shadows) == len(bad_ids) else None
+        if self.wants_clean and clean_states is None:
+            missing = [k for k in bad_ids if k not in clean]
+            log.warning("round %d: no clean model from attackers %s; crafting without theirs", t, missing)
+        if full:
+            good = [i for i, k in enumerate(ids) if k not in self.attackers]
+            benign = torch.stack([states[i] for i in good]) if good else global_state.new_zeros(0, d)
+            benign_ids = tuple(ids[i] for i in good)
+        else:  # partial: the attackers' pooled clean models; a benign client's state is never read
+            benign = torch.stack(shadows) if shadows else global_state.new_zeros(0, d)
+            benign_ids = ()
         inputs = CraftingInputs(
             round=t,
             global_state=global_state,
             attacker_states=torch.stack([states[i] for i in bad]),
-            attacker_ids=tuple(ids[i] for i in bad),
+            attacker_ids=bad_ids,
             benign_states=benign,
-            benign_ids=tuple(ids[i] for i in good) if full else (),
+            benign_ids=benign_ids,
+            clean_states=clean_states,
         )
         crafted = self.attack.craft(inputs)
         if crafted.shape != inputs.attacker_states.shape:
@@ -295,6 +357,11 @@ class AttackPlan:
     knowledge: Knowledge = "full"
 
     @property
+    def kind(self) -> AttackKind:
+        """:func:`attack_kind` of the data and update attacks: what the run's metrics mean."""
+        return attack_kind(self.data, self.update)
+
+    @property
     def attacks(self) -> tuple[Attack, ...]:
         """The data attack, then the update attack."""
         return (self.data,) if self.update is None else (self.data, self.update)
@@ -352,3 +419,12 @@ class AttackPlan:
         if self.update is None or "crafting" not in self.update.hooks or not self.attackers:
             return None
         return Crafter(self.update, frozenset(self.attackers), self.schedule, self.knowledge)
+
+    def shadows(self, t: int, ids: Sequence[int]) -> list[int]:
+        """The ids among ``ids`` that also train a clean model in round ``t``: the attackers of an attack round,
+        when there is a crafting step that wants clean models (``partial`` knowledge or
+        :attr:`Attack.needs_clean`); none otherwise (the default path trains nothing extra)."""
+        crafter = self.crafter()
+        if crafter is None or not crafter.wants_clean:
+            return []
+        return [k for k in ids if self.attacking(t, k)]

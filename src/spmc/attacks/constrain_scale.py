@@ -59,6 +59,7 @@ class ConstrainScale(Attack):
         "constrain-and-scale: loss α·CE + (1 − α)·‖θ − θ_g‖², then θ_g + Γ·(θ − θ_g) (Bagdasaryan 2020 §4)"
     )
     hooks: ClassVar[frozenset[Hook]] = frozenset({"training", "crafting"})
+    carries_backdoor: ClassVar[bool] = True
     options_type: ClassVar[type[Any] | None] = ConstrainScaleOptions
 
     @property

@@ -20,7 +20,9 @@ Choices where the sources are loose:
   crafting hook then projects the final states: each attacker onto its own clean update norm when clean models are
   given (``CraftingInputs.clean_states``, partial knowledge — the §A4 rule), else onto the median benign update
   norm of the current round (full knowledge, where the attackers train no clean model: that median estimates the
-  same clean-update norm from K − m samples instead of one).
+  same clean-update norm from K − m samples instead of one). PGD does not set ``needs_clean``: it would train m
+  clean models in every attack round for a statistic needed in round 0 only. Under ``partial`` the benign states
+  the crafting step sees are the attackers' pooled clean models, so the learned ε is their median norm.
 * The crafting hook always projects the final states onto the round's ball. In the simulator this is a no-op (the
   last local step was projected); in Flower, where local training runs in the ClientApp and crafting in the
   strategy, it is what bounds the update (the ClientApp never sees the benign states, so under ``auto`` it trains
@@ -106,6 +108,7 @@ class PGD(Attack):
         "norm-bounded attackers: project onto ‖θ − θ_g‖ ≤ pgd_eps after every local step (Sun 2019; Wang 2020)"
     )
     hooks: ClassVar[frozenset[Hook]] = frozenset({"training", "crafting"})
+    carries_backdoor: ClassVar[bool] = True
     options_type: ClassVar[type[Any] | None] = PGDOptions
 
     def __init__(
@@ -174,9 +177,9 @@ class PGD(Attack):
 
 
 def _clean_states(inputs: CraftingInputs) -> torch.Tensor | None:
-    """``inputs.clean_states`` (the attackers' clean models under partial knowledge) when the inputs carry them."""
-    clean = getattr(inputs, "clean_states", None)
-    return clean if isinstance(clean, torch.Tensor) and clean.dim() == 2 else None
+    """``inputs.clean_states`` (the attackers' clean models, row i for attacker i) when they were trained."""
+    clean = inputs.clean_states
+    return clean if clean is not None and clean.dim() == 2 else None
 
 
 def load_eps(name: str, state: Mapping[str, torch.Tensor], extra: frozenset[str] = frozenset()) -> float | None:

@@ -9,6 +9,10 @@ A node is malicious when its partition id is among the last ⌊γK⌋ (spec §2.
 otherwise with ``malicious = true|false``. Malicious nodes run the configured client procedure, or plain SGD under
 ``malicious_client = "plain"``. With the SPMC client the node distils from the teacher the server sent it (its
 marginal-coalition model); without one (round 1, or a node the server does not know yet) from the global model.
+
+Under ``attacker_knowledge = partial`` (ATTACKS.md §A1) an attacker in an attack round also trains a clean model on
+its clean data, like a benign client with its own seed stream, and returns it as a second ArrayRecord
+(``shadow``); the strategy passes it to the crafting step only.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from spmc.config import ConfigError, Experiment, optim_config
 from spmc.federation import Federation
 from spmc.flower.convert import arrays_to_state, state_to_arrays
 from spmc.flower.options import UserValue, parse_run_config, with_num_clients
-from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TEACHER_KEY
+from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SHADOW_KEY, TEACHER_KEY
 from spmc.params import ParamLayout
 from spmc.training import ClientData, SequentialEngine
 
@@ -140,8 +144,9 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
     if server_round is None:
         raise ConfigError(f"server-round = {config.get('server-round')!r}; expected an integer")
     t = server_round - 1
+    shadow = bool(setup.federation.shadow_ids(t, [pid]))  # attacker_knowledge = partial: also a clean model
     teacher = None
-    if setup.method == "spmc":
+    if setup.method == "spmc" or (shadow and setup.cfg.client == "spmc"):
         teacher = start
         sent_for = config.get("teacher-client-id")
         if TEACHER_KEY in content.array_records and sent_for is not None and _whole(sent_for) != pid:
@@ -164,6 +169,9 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
         }
     )
     reply = RecordDict({ARRAYS_KEY: state_to_arrays(setup.layout, result.state), METRICS_KEY: metrics})
+    if shadow:  # its clean model, trained like a benign client's, for the crafting step only
+        clean = setup.engine.train_client(start, setup.federation.shadow_task(t, pid, teacher))
+        reply[SHADOW_KEY] = state_to_arrays(setup.layout, clean.state)
     return Message(reply, reply_to=msg)
 
 

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from spmc.attacks import kind_of
 from spmc.config import Experiment, build_defense
 from spmc.defenses import Defense
 from spmc.defenses.server_data import ServerData
@@ -102,6 +103,7 @@ def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | No
 def summarise(cfg: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
     """A, R and V over the last ``report_last_k`` rounds plus what the run was (as the engine's summary)."""
     evaluated = [r for r in records if r.get("accuracy") is not None and r.get("asr") is not None]
+    kind = kind_of(cfg.attack, cfg.update_attack)
     summary: dict[str, Any] = {
         "runtime": "flower",
         "rounds": len(records),
@@ -110,12 +112,14 @@ def summarise(cfg: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
         "client": cfg.client,
         "gamma": cfg.gamma,
         "seed": cfg.seed,
+        "attack_kind": kind,
         "num_clients": cfg.num_clients,
         "seconds_per_round": float(np.mean([r["seconds"] for r in records])) if records else None,
         "failed_per_round": [r.get("num_failed", 0) for r in records],
     }
     if evaluated:
-        final = final_metrics([r["accuracy"] for r in evaluated], [r["asr"] for r in evaluated], cfg.report_last_k)
+        accuracies, asrs = [r["accuracy"] for r in evaluated], [r["asr"] for r in evaluated]
+        final = final_metrics(accuracies, asrs, cfg.report_last_k, targeted=kind != "untargeted")
         summary.update(final.as_dict())
     return summary
 

@@ -8,6 +8,9 @@ send   ← every node: the global arrays, and with the SPMC client its own teach
 replies← what arrives before the round time-out; error replies and time-outs are logged and left out
 check  ← each reply must hold one state of the model (names, shapes, numbers), a finite state, a positive
          ``num-examples`` and at most one reply per client id; anything else is rejected and logged
+craft  ← with an update attack, the attackers' states are crafted here, where the server sees every reply; under
+         ``attacker_knowledge = partial`` an attacker's reply also holds its clean model (ArrayRecord ``shadow``),
+         checked like a state and passed to the crafting step only, never to the guard, defense or record
 guard  ← the update guard (:meth:`ServerCore.step`), then θ_g ← defense.aggregate(states sorted by client id)
 teacher_k ← α-weighted leave-one-out model of every aggregated client (uniform α over the accepted clients when
          the defense gives no weights)
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ARRAYS_KEY = "arrays"
 TEACHER_KEY = "teacher"
+SHADOW_KEY = "shadow"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 
@@ -71,6 +75,7 @@ class ClientUpdate:
     malicious: bool | None
     train_seconds: float = math.nan
     reply_seconds: float = math.nan
+    shadow: torch.Tensor | None = None
 
 
 def _single(records: dict[str, Any], key: str, kind: str) -> Any:
@@ -216,7 +221,8 @@ class DefenseStrategy(Strategy):
             raise RuntimeError("aggregate_train before any global state: call configure_train or start first")
         updates.sort(key=lambda u: u.client_id)
         ids = [u.client_id for u in updates]
-        outcome = self.core.step(t, [u.state for u in updates], ids, [u.num_samples for u in updates])
+        shadows = {u.client_id: u.shadow for u in updates if u.shadow is not None}
+        outcome = self.core.step(t, [u.state for u in updates], ids, [u.num_samples for u in updates], shadows)
         rejected += list(outcome.refused)
         aggregated = [u for u in updates if u.client_id in outcome.kept_ids]
         record: dict[str, Any] = {
@@ -423,6 +429,14 @@ class DefenseStrategy(Strategy):
         state = arrays_to_state(self.layout, arrays)
         if not bool(torch.isfinite(state).all()):
             raise MalformedUpdate(f"client {client}'s state holds NaN or Inf")
+        shadow = None
+        if SHADOW_KEY in content.array_records and ARRAYS_KEY in content.array_records:
+            try:
+                shadow = arrays_to_state(self.layout, content.array_records[SHADOW_KEY])
+            except MalformedUpdate as err:
+                raise MalformedUpdate(f"client {client}'s clean model (shadow): {err}") from None
+            if not bool(torch.isfinite(shadow).all()):
+                raise MalformedUpdate(f"client {client}'s clean model (shadow) holds NaN or Inf")
         loss = finite_number(metrics.get("train-loss"))
         train_seconds = finite_number(metrics.get("train-seconds"))
         flag = metrics.get("malicious")
@@ -434,6 +448,7 @@ class DefenseStrategy(Strategy):
             train_loss=math.nan if loss is None else loss,
             malicious=None if flag is None else bool(flag),
             train_seconds=math.nan if train_seconds is None else train_seconds,
+            shadow=shadow,
         )
 
     def _round_record(self, outcome: RoundOutcome, updates: list[ClientUpdate]) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Figure 6 of the paper: clean accuracy A_t and R_t = 100 − ASR_t per communication round, one line per run.
 
+A run under an untargeted attack (ATTACKS.md §A1) has no trigger, hence no R: it is drawn in the A and loss panels
+only (:data:`R_PANELS` are left without its line).
+
 Drawn with matplotlib's Agg canvas on a bare ``Figure`` (no pyplot, no display, no global backend switch).
 """
 
@@ -36,6 +39,8 @@ PANELS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
     "asr_excl_target": ("R = 100 − ASR, target class excluded (%)", _value("asr_excl_target", lambda v: 100.0 - v)),
     "train_loss": ("mean training loss", _value("train_loss")),
 }
+#: Panels of R = 100 − ASR, which an untargeted run does not have.
+R_PANELS: frozenset[str] = frozenset({"asr", "asr_all", "asr_excl_target"})
 LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 
@@ -75,7 +80,10 @@ def plot_curves(
         colour = colours.setdefault(run.label, f"C{len(colours) % 10}")
         style = LINESTYLES[styles.get(run.label, 0) % len(LINESTYLES)]
         styles[run.label] = styles.get(run.label, 0) + 1
+        untargeted = run.attack_kind == "untargeted"
         for ax, panel in zip(axes, panels):
+            if untargeted and panel in R_PANELS:
+                continue
             x, y = run_curve(recs, panel)
             ax.plot(x, y, color=colour, linestyle=style, linewidth=1.5, label=label)
     for ax, panel in zip(axes, panels):
@@ -84,7 +92,13 @@ def plot_curves(
         ax.grid(alpha=0.3)
         if panel != "train_loss":
             ax.set_ylim(-2, 102)
-    handles, texts = axes[0].get_legend_handles_labels()
+    handles: list[Any] = []
+    texts: list[str] = []
+    for ax in axes:  # every run once, whichever panel it is drawn in
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            if text not in texts:
+                handles.append(handle)
+                texts.append(text)
     if handles:
         fig.legend(handles, texts, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small")
     if title is None:

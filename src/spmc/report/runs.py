@@ -15,6 +15,10 @@ Row labels (Table 2, the legends of Figure 6, the titles of Figure 7) follow one
   ``spmc_temperature``, say) on the same dataset and γ, the options that differ are appended in brackets:
   ``SPMC [spmc_temperature=0.01]``. Options that do not change results (:data:`IGNORED_OPTIONS`) are never
   compared.
+
+What a run's numbers mean depends on its attack (ATTACKS.md §A1, :attr:`RunDir.attack_kind`): a backdoor run
+reports A and R; an untargeted run (label flip, an update attack with ``attack = none``) reports A and
+ΔA = A − A(no attack, same seed), where the run without attack is the one :func:`no_attack_match` finds.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from spmc.attacks import ATTACK_KINDS, ATTACKS, AttackKind, kind_of
 from spmc.config import ConfigError, Experiment
 from spmc.data import DataError
+from spmc.options import option_specs
 from spmc.store import read_json_file, read_metrics_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,39 @@ IGNORED_OPTIONS: frozenset[str] = frozenset(
 IDENTITY_OPTIONS: frozenset[str] = frozenset({"dataset", "gamma", "defense", "client"})
 
 SUMMARY_KEYS: tuple[str, ...] = ("A", "R", "V", "dataset", "defense", "client", "gamma", "seed")
+
+#: Options of the attack and the threat model (ATTACKS.md §A1-§A4): the run without attack that gives an untargeted
+#: run its ΔA may differ from it in these, and in nothing else but :data:`IGNORED_OPTIONS`. The attacks' own
+#: option keys (``scale_factor``, ...) are added from the registry by :func:`attack_options`.
+ATTACK_OPTIONS: frozenset[str] = frozenset(
+    {
+        "attack",
+        "update_attack",
+        "attacker_pool",
+        "attack_start",
+        "attack_end",
+        "attack_every",
+        "attacker_knowledge",
+        "malicious_client",
+        "poison_rate",
+        "poison_static_aug",
+        "target_label",
+        "semantic_source_label",
+        "semantic_noise_std",
+        "trigger_channels",
+        "trigger_space",
+        "asr_exclude_target_class",
+    }
+)
+
+
+def attack_options() -> frozenset[str]:
+    """:data:`ATTACK_OPTIONS` and the option keys every registered attack declares (:mod:`spmc.options`)."""
+    keys = set(ATTACK_OPTIONS)
+    for cls in ATTACKS.values():
+        if cls.options_type is not None:
+            keys.update(spec.key for spec in option_specs(cls.options_type))
+    return frozenset(keys)
 
 
 def _json_defaults() -> dict[str, Any]:
@@ -145,6 +184,22 @@ class RunDir:
     def label(self) -> str:
         return method_label(self.defense, self.client)
 
+    @property
+    def attack_kind(self) -> AttackKind:
+        """``backdoor``, ``untargeted`` or ``none`` (§A1): the summary's ``attack_kind``; for a run written before
+        it existed (or still running), from the configuration's ``attack`` and ``update_attack`` (an attack the
+        registry lacks, a plug-in not installed here: backdoor unless ``attack = none``)."""
+        stored = (self.summary or {}).get("attack_kind")
+        if stored in ATTACK_KINDS:
+            return cast(AttackKind, stored)
+        attack, update = str(self.config.get("attack", "none")), str(self.config.get("update_attack", "none"))
+        try:
+            return kind_of(attack, update)
+        except KeyError:
+            if attack != "none":
+                return "backdoor"
+            return "untargeted" if update != "none" else "none"
+
     def metric(self, key: str) -> float:
         """A, R or V from ``summary.json`` (NaN where the run stored null)."""
         if self.summary is None:
@@ -160,6 +215,23 @@ class RunDir:
     def metrics(self) -> list[dict[str, Any]]:
         """The per-round records of ``metrics.jsonl``."""
         return read_metrics(self.path)
+
+    def setting(self) -> dict[str, Any]:
+        """The options that decide the numbers of a run without attack: everything but the attack's options
+        (:func:`attack_options`) and :data:`IGNORED_OPTIONS`, plus the seed."""
+        skip = (IGNORED_OPTIONS - {"seed"}) | attack_options()
+        return {k: v for k, v in self.config.items() if k not in skip}
+
+
+def no_attack_match(run: RunDir, candidates: Sequence[RunDir]) -> RunDir | None:
+    """The run of ``candidates`` without attack (``attack_kind == "none"``) whose :meth:`RunDir.setting` equals
+    ``run``'s (same seed, same everything but the attack options): the reference of ``run``'s ΔA (§A1). The first
+    when several match (they are repeats of one run); None when none does."""
+    want = json.dumps(run.setting(), sort_keys=True)
+    for c in candidates:
+        if c is not run and c.attack_kind == "none" and json.dumps(c.setting(), sort_keys=True) == want:
+            return c
+    return None
 
 
 def _read_json(path: Path) -> Any:

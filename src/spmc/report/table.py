@@ -6,6 +6,11 @@ each round over the runs first and then taking the last-k mean (spec §1.6), and
 deviation over the runs (not shown for a single run). With the paper's numbers (``table2_paper.csv``, shipped in
 the package), each value gets the paper's value and the difference ours − paper beside it; a value the paper does
 not give (unreadable in the source, or a defense or dataset it does not have) stays blank.
+
+Untargeted attacks (ATTACKS.md §A1: label flip, an update attack with ``attack = none``) have no R nor V (blank);
+when the runs hold one, a ΔA column (``dA`` in CSV) follows A: ΔA = A − A(no attack, same seed), per run against
+the run without attack that :func:`spmc.report.runs.no_attack_match` finds among the runs given, averaged like the
+other metrics; blank, with a note under the table, where that run is not among them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from spmc.report.runs import (
     defense_order,
     method_label,
     natural_client,
+    no_attack_match,
     variant_keys,
     variant_of,
     variant_suffix,
@@ -40,6 +46,10 @@ from spmc.report.runs import (
 log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("A", "R", "V")
+#: The metrics of a table that holds an untargeted run: ΔA (key ``dA``) after A.
+METRICS_WITH_DELTA: tuple[str, ...] = ("A", "dA", "R", "V")
+#: How the metrics are printed in Markdown and LaTeX (CSV headers use the keys).
+METRIC_LABELS: dict[str, str] = {"dA": "ΔA"}
 FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
 PAPER_CSV = "table2_paper.csv"
 
@@ -134,13 +144,17 @@ class Row:
 
 @dataclass
 class ResultsTable:
-    """Table 2's layout: ``rows`` in the paper's order, ``datasets`` (labels) in its column order, ``gammas``."""
+    """Table 2's layout: ``rows`` in the paper's order, ``datasets`` (labels) in its column order, ``gammas``;
+    ``metrics`` per dataset (:data:`METRICS`, or :data:`METRICS_WITH_DELTA` with an untargeted run), and
+    ``unmatched``: the untargeted runs whose run without attack was not given (their ΔA is blank)."""
 
     gammas: list[float]
     datasets: list[str]
     rows: list[Row]
     with_paper: bool = False
     last_k: list[int] = field(default_factory=list)
+    metrics: tuple[str, ...] = METRICS
+    unmatched: tuple[Path, ...] = ()
 
     def rows_at(self, gamma: float) -> list[Row]:
         """The rows with at least one value in the block of ``gamma``."""
@@ -178,6 +192,8 @@ def build_table(runs: Sequence[RunDir], paper: PaperTable | None = None) -> Resu
         raise ValueError("no runs to tabulate")
     vkeys = variant_keys(runs)
     _warn_mixed_settings(runs, vkeys)
+    delta, unmatched = _delta_accuracy(runs)
+    metrics = METRICS_WITH_DELTA if delta or unmatched else METRICS
     groups: dict[tuple[str, str, tuple[tuple[str, str], ...]], dict[tuple[float, str], list[RunDir]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -199,8 +215,8 @@ def build_table(runs: Sequence[RunDir], paper: PaperTable | None = None) -> Resu
                 )
             if len({(m.summary or {}).get("rounds") for m in members}) > 1:
                 log.warning("%s on %s, γ = %g: runs of different lengths averaged", row.label, dataset, gamma)
-            stats = {m: Stat.of([run.metric(m) for run in members]) for m in METRICS}
-            lacking = [str(run.path) for run in members if any(math.isnan(run.metric(m)) for m in METRICS)]
+            stats = {m: Stat.of([_run_value(run, m, delta) for run in members]) for m in metrics}
+            lacking = [str(run.path) for run in members if any(math.isnan(run.metric(m)) for m in _reported(run))]
             if lacking:
                 log.warning("%s on %s, γ = %g: no value (null) in %s", row.label, dataset, gamma, ", ".join(lacking))
             paper_values = None
@@ -212,7 +228,36 @@ def build_table(runs: Sequence[RunDir], paper: PaperTable | None = None) -> Resu
     datasets = sorted({d for r in rows for (_, d) in r.cells}, key=dataset_order)
     gammas = sorted({g for r in rows for (g, _) in r.cells})
     last_k = sorted({int(r.summary["last_k"]) for r in runs if r.summary is not None and "last_k" in r.summary})
-    return ResultsTable(gammas, datasets, rows, with_paper=paper is not None, last_k=last_k)
+    return ResultsTable(gammas, datasets, rows, paper is not None, last_k, metrics, tuple(r.path for r in unmatched))
+
+
+def _reported(run: RunDir) -> tuple[str, ...]:
+    """The summary metrics a run has by its attack kind: A only for an untargeted attack, else A, R and V."""
+    return ("A",) if run.attack_kind == "untargeted" else METRICS
+
+
+def _run_value(run: RunDir, metric: str, delta: Mapping[Path, float]) -> float | None:
+    """One run's value of ``metric``: ΔA from ``delta`` (None for a run that has none), else from the summary."""
+    if metric == "dA":
+        return delta.get(run.path)
+    return run.metric(metric)
+
+
+def _delta_accuracy(runs: Sequence[RunDir]) -> tuple[dict[Path, float], list[RunDir]]:
+    """ΔA = A − A(no attack, same seed) of each untargeted run whose run without attack is among ``runs``, and
+    the untargeted runs whose is not (logged)."""
+    delta: dict[Path, float] = {}
+    unmatched: list[RunDir] = []
+    for r in runs:
+        if r.attack_kind != "untargeted":
+            continue
+        ref = no_attack_match(r, runs)
+        if ref is None:
+            unmatched.append(r)
+            log.warning("%s: no run without attack with the same settings and seed given; ΔA left blank", r.path)
+        else:
+            delta[r.path] = r.metric("A") - ref.metric("A")
+    return delta, unmatched
 
 
 # ----------------------------------------------------------------------------------------------------- rendering
@@ -242,6 +287,10 @@ def _cell_texts(table: ResultsTable, cell: Cell | None, metric: str, pm: str = "
     return [ours, _num(cell.paper_value(metric)), _num(cell.diff(metric), sign=True)]
 
 
+def _head(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
 def _footnote(table: ResultsTable) -> str:
     counts = table.seed_counts()
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
@@ -250,6 +299,13 @@ def _footnote(table: ResultsTable) -> str:
         f"A: clean accuracy, R = 100 − ASR, V = (A + R)/2, in %, over the last {k}rounds of each run; mean ± sample "
         f"standard deviation over runs with different seeds (runs per cell: {n}; ± omitted for a single run)."
     )
+    if "dA" in table.metrics:
+        text += " Untargeted attacks: R and V blank; ΔA = A − A of the same setting without attack (same seed)."
+    if table.unmatched:
+        text += (
+            f" ΔA blank for {len(table.unmatched)} run(s) whose run without attack (same settings and seed) was not "
+            f"given: {', '.join(str(p) for p in table.unmatched)}."
+        )
     if table.with_paper:
         text += " paper: Table 2 of He et al. (ICML 2025); Δ = ours − paper; blank where the paper has no value."
     return text
@@ -259,15 +315,15 @@ def render_markdown(table: ResultsTable) -> str:
     """One Markdown table per γ, then a footnote."""
     header = ["method"]
     for d in table.datasets:
-        for m in METRICS:
-            header += [f"{d} {m}", "paper", "Δ"] if table.with_paper else [f"{d} {m}"]
+        for m in table.metrics:
+            header += [f"{d} {_head(m)}", "paper", "Δ"] if table.with_paper else [f"{d} {_head(m)}"]
     lines: list[str] = []
     for g in table.gammas:
         lines += [f"**γ = {g:g}**", "", "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         for row in table.rows_at(g):
             cells = [row.label.replace("|", "\\|")]
             for d in table.datasets:
-                for m in METRICS:
+                for m in table.metrics:
                     cells += _cell_texts(table, table.cell(row, g, d), m)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -302,7 +358,7 @@ def render_latex(table: ResultsTable) -> str:
     """A booktabs ``tabular``: dataset groups over (A, R, V) (each with paper and Δ when compared), one block per γ
     separated by a ``\\midrule`` and a γ line."""
     per_metric = 3 if table.with_paper else 1
-    per_dataset = per_metric * len(METRICS)
+    per_dataset = per_metric * len(table.metrics)
     ncols = 1 + per_dataset * len(table.datasets)
     lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule"]
     groups = [rf"\multicolumn{{{per_dataset}}}{{c}}{{{latex_escape(d)}}}" for d in table.datasets]
@@ -310,17 +366,20 @@ def render_latex(table: ResultsTable) -> str:
     rules = [rf"\cmidrule(lr){{{2 + i * per_dataset}-{1 + (i + 1) * per_dataset}}}" for i in range(len(table.datasets))]
     lines.append(" ".join(rules))
     if table.with_paper:
-        metric_heads = [rf"\multicolumn{{3}}{{c}}{{{m}}}" for _ in table.datasets for m in METRICS]
+        heads = [latex_escape(_head(m)) for m in table.metrics]
+        metric_heads = [rf"\multicolumn{{3}}{{c}}{{{h}}}" for _ in table.datasets for h in heads]
         lines.append(" & " + " & ".join(metric_heads) + r" \\")
-        lines.append(" & " + " & ".join(["ours", "paper", r"$\Delta$"] * len(METRICS) * len(table.datasets)) + r" \\")
+        ours = ["ours", "paper", r"$\Delta$"] * len(table.metrics) * len(table.datasets)
+        lines.append(" & " + " & ".join(ours) + r" \\")
     else:
-        lines.append(" & " + " & ".join(list(METRICS) * len(table.datasets)) + r" \\")
+        heads = [latex_escape(_head(m)) for m in table.metrics]
+        lines.append(" & " + " & ".join(heads * len(table.datasets)) + r" \\")
     for g in table.gammas:
         lines += [r"\midrule", rf"\multicolumn{{{ncols}}}{{l}}{{$\gamma = {g:g}$}} \\", r"\midrule"]
         for row in table.rows_at(g):
             cells = [latex_escape(row.label)]
             for d in table.datasets:
-                for m in METRICS:
+                for m in table.metrics:
                     cells += _cell_texts(table, table.cell(row, g, d), m, pm=r" $\pm$ ")
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", "% " + latex_escape(_footnote(table))]
@@ -334,13 +393,15 @@ def _csv_num(x: float | None) -> str:
 def render_csv(table: ResultsTable) -> str:
     """Long format, one line per (method, dataset, γ), starting with the columns of ``table2_paper.csv``:
     ``method,dataset,gamma,A,R,V,A_std,R_std,V_std,n,seeds,defense,client,variant`` and, with the paper,
-    ``A_paper,R_paper,V_paper,A_diff,R_diff,V_diff``. Full precision (6 decimals); empty where undefined."""
+    ``A_paper,R_paper,V_paper,A_diff,R_diff,V_diff`` (with an untargeted run, ``dA`` after each ``A``). Full
+    precision (6 decimals); empty where undefined."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    header = ["method", "dataset", "gamma", *METRICS, *(f"{m}_std" for m in METRICS)]
+    metrics = table.metrics
+    header = ["method", "dataset", "gamma", *metrics, *(f"{m}_std" for m in metrics)]
     header += ["n", "seeds", "defense", "client", "variant"]
     if table.with_paper:
-        header += [f"{m}_paper" for m in METRICS] + [f"{m}_diff" for m in METRICS]
+        header += [f"{m}_paper" for m in metrics] + [f"{m}_diff" for m in metrics]
     writer.writerow(header)
     for g in table.gammas:
         for row in table.rows_at(g):
@@ -349,13 +410,13 @@ def render_csv(table: ResultsTable) -> str:
                 if cell is None:
                     continue
                 line = [row.label, d, f"{g:g}"]
-                line += [_csv_num(cell.stats[m].mean) for m in METRICS]
-                line += [_csv_num(cell.stats[m].std) for m in METRICS]
+                line += [_csv_num(cell.stats[m].mean) for m in metrics]
+                line += [_csv_num(cell.stats[m].std) for m in metrics]
                 line += [str(cell.n), " ".join(map(str, cell.seeds)), row.defense, row.client]
                 line.append("; ".join(f"{k}={v}" for k, v in row.variant))
                 if table.with_paper:
-                    line += [_csv_num(cell.paper_value(m)) for m in METRICS]
-                    line += [_csv_num(cell.diff(m)) for m in METRICS]
+                    line += [_csv_num(cell.paper_value(m)) for m in metrics]
+                    line += [_csv_num(cell.diff(m)) for m in metrics]
                 writer.writerow(line)
     return out.getvalue()
 
