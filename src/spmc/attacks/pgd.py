@@ -84,10 +84,11 @@ def median(values: torch.Tensor) -> float:
 def project_ball(
     rows: torch.Tensor, center: torch.Tensor, eps: float | torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """θ_g + (θ − θ_g)·min(1, ε/‖θ − θ_g‖₂) for every row of ``rows`` [m, d] around ``center`` [d] (a new tensor).
+    """θ_g + (θ − θ_g)·min(1, ε/‖θ − θ_g‖₂) for every row of ``rows`` [m, d] around ``center`` [d].
 
     ``eps`` is one radius or one per row ([m]); only the coordinates of ``mask`` are measured and moved (all when
-    None). A row inside its ball (or at the centre) is returned unchanged."""
+    None). A row inside its ball (or at the centre) is unchanged; when every row is, ``rows`` itself is returned
+    (no copy: this runs after every local step), else a new tensor."""
     diff = rows - center
     if mask is not None:
         diff = diff * mask
@@ -95,7 +96,7 @@ def project_ball(
     radius = torch.as_tensor(eps, dtype=torch.float64, device=rows.device).expand_as(norms)
     factor = torch.where(norms > radius, radius / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
     if bool((factor == 1.0).all()):
-        return rows.clone()
+        return rows
     shrink = (factor - 1.0).to(rows.dtype).unsqueeze(1)
     return rows + shrink * diff
 
