@@ -28,7 +28,7 @@ from spmc.config import PRESETS, ConfigError, Experiment, make_experiment, resol
         ({"dataset": "imagenet"}, ["dataset", "'imagenet'", "fmnist"]),
         ({"data_dir": "/no/such/folder"}, ["data_dir", "/no/such/folder", "does not exist"]),
         ({"client": "fancy"}, ["client", "'fancy'", "plain", "spmc"]),
-        ({"spmc_temperature": 0}, ["spmc_temperature", "greater than 0"]),
+        ({"spmc_temperature": 0}, ["spmc_temperature", "got 0", "> 0"]),
         ({"trigger_channels": [5]}, ["trigger_channels", "0, 1, 2"]),
         ({"no_such_option": 1}, ["no_such_option", "unknown option"]),
         ({"target_label": 12}, ["target_label", "12"]),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS, build_defense
+from spmc.config import build_defense
 from spmc.defenses import DEFENSES, FoolsGold, Krum, RoundInputs, Stateful
 from spmc.defenses.server_data import ServerData
 from spmc.metrics import detection_scores
@@ -120,9 +120,17 @@ def test_every_defense_runs_one_round_end_to_end(name: str) -> None:
         assert "detection" not in record
 
 
-def test_every_builtin_defense_is_composed_by_the_config() -> None:
-    builtin = {name for name, cls in DEFENSES.items() if cls.__module__.startswith("spmc.defenses.")}
-    assert set(DEFENSE_BUILDERS) == builtin
+def test_every_builtin_defense_declares_its_options_next_to_it() -> None:
+    """Adding a defense touches its file and its registry line: the configuration composes it from the options it
+    declares, so every built-in one with options has ``options_type`` and its keys are configuration fields."""
+    from spmc.config import Experiment
+    from spmc.options import option_specs
+
+    for name, cls in DEFENSES.items():
+        if not cls.__module__.startswith("spmc.defenses.") or getattr(cls, "options_type", None) is None:
+            continue
+        for spec in option_specs(cls.options_type):
+            assert spec.key in Experiment.model_fields, (name, spec.key)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -161,4 +169,4 @@ def test_stateful_protocol() -> None:
     assert isinstance(FoolsGold(), Stateful)
     assert not isinstance(Krum(), Stateful)
     stateful = [name for name, cls in DEFENSES.items() if isinstance(cls(), Stateful)]
-    assert stateful == ["foolsgold"]
+    assert stateful == ["foolsgold", "centered_clip", "bucketing"]

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -28,42 +28,8 @@ from pydantic import (
 )
 
 from spmc.defenses import (
-    CRFL,
     DEFENSES,
-    RFA,
-    RLR,
-    RSA,
-    SPMC,
-    Bulyan,
-    BulyanOptions,
-    CRFLOptions,
     Defense,
-    DnC,
-    DnCOptions,
-    FedAvg,
-    FedAvgOptions,
-    FedCPA,
-    FedCPAOptions,
-    Finetuning,
-    FinetuningOptions,
-    FLTrust,
-    FLTrustOptions,
-    FoolsGold,
-    FoolsGoldOptions,
-    Krum,
-    KrumOptions,
-    Median,
-    MedianOptions,
-    MultiKrum,
-    MultiKrumOptions,
-    RFAOptions,
-    RLROptions,
-    RSAOptions,
-    Sageflow,
-    SageflowOptions,
-    SPMCOptions,
-    TrimmedMean,
-    TrimmedMeanOptions,
 )
 from spmc.options import build_method, merged_specs, options_from
 from spmc.threat import ThreatModel
@@ -276,44 +242,6 @@ class ExperimentCore(BaseModel):
     )
     checkpoint_every: int = Field(1, ge=0, description="write checkpoint.pt every N rounds (0 = never)")
 
-    # Baselines (spec §6, Appendix A). None for krum_f / multikrum_select / trimmed_mean_k means "derived from m".
-    dnc_filter_frac: float = Field(0.5, ge=0.0)
-    dnc_niters: int = Field(1, ge=1)
-    dnc_subdim: int = Field(10_000, ge=1)
-    dnc_normalize: bool = True
-    dnc_combine: Literal["union", "intersection"] = "union"
-    sageflow_eth: float = Field(2.0, gt=0.0)
-    sageflow_delta: float = Field(1.0, ge=0.0)
-    sageflow_size_weight: bool = False
-    bulyan_f: int = Field(1, ge=0)
-    rfa_layerwise: bool = True
-    rfa_maxiter: int = Field(3, ge=1)
-    rfa_eps: float = Field(1e-5, gt=0.0)
-    rfa_ftol: float = Field(1e-6, ge=0.0)
-    rlr_threshold: float = Field(4.0, ge=0.0)
-    rlr_server_lr: float = Field(1.0, gt=0.0)
-    crfl_clip_cap: float = Field(100.0, gt=0.0)
-    crfl_clip_slope: float = Field(5.0, ge=0.0)
-    crfl_clip_bias: float = Field(30.0, gt=0.0)
-    crfl_sigma: float = Field(1e-4, ge=0.0)
-    crfl_scale: float = Field(1.0, gt=0.0)
-    foolsgold_norm_eps: float = Field(0.1, ge=0.0)
-    foolsgold_kappa: float = Field(1.0, gt=0.0)
-    foolsgold_normalize_weights: bool = True
-    rsa_alpha: float = Field(0.05, gt=0.0)
-    rsa_lambda: float = Field(0.1, ge=0.0)
-    rsa_wd: float = Field(0.001, ge=0.0)
-    rsa_clip: float = Field(3.0, gt=0.0)
-    rsa_update_bn_buffers: bool = True
-    finetune_epochs: int = Field(1, ge=0)
-    finetune_broadcast: bool = False
-    krum_f: int | None = Field(None, ge=0)
-    multikrum_select: int | None = Field(None, ge=1)
-    trimmed_mean_k: int | None = Field(None, ge=0)
-    tm_mode: Literal["trim_extremes", "closest_to_median"] = "trim_extremes"
-    fltrust_public_epochs: int = Field(10, ge=1)
-    fedcpa_top_rate: float = Field(0.5, gt=0.0, le=1.0)
-
     spmc_lambda: float = Field(
         1.0,
         ge=0.0,
@@ -321,28 +249,6 @@ class ExperimentCore(BaseModel):
     )
     spmc_kd_T: float = Field(
         1.0, gt=0.0, description="distillation temperature T of the SPMC client, > 0 (spec §4.2: 1)"
-    )
-    spmc_temperature: float = Field(
-        1.0, gt=0.0, description="τ of SPMC's server softmax over the scores, > 0 (spec §3.2: 1)"
-    )
-    spmc_score_eps: float = Field(
-        1e-5, ge=0.0, description="ε added to the norms of SPMC's cosine scores, >= 0 (spec §3.2, Appendix A: 1e-5)"
-    )
-    spmc_weight_fn: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="SPMC's weights from the scores: softmax (the paper) or sigmoid (spec §3.2)"
-    )
-    spmc_score_ref: Literal["loo", "global"] = Field(
-        "loo",
-        description="SPMC scores each client against its leave-one-out coalition (loo) or the global model "
-        "(spec §3, D4)",
-    )
-    spmc_score_space: Literal["params", "updates"] = Field(
-        "params", description="SPMC's cosine between parameters (the code) or updates θ − θ_g (spec §3.2)"
-    )
-    spmc_loo_prior: Literal["uniform", "samples"] = Field(
-        "uniform",
-        description="weights of the leave-one-out coalition in SPMC's score: uniform (the code) or by samples "
-        "(spec D9)",
     )
     spmc_proj_norm_power: float = Field(
         2.0,
@@ -450,8 +356,6 @@ class ExperimentCore(BaseModel):
                     f"{field} = {value} is not a round of the run (rounds = {self.rounds}: rounds 0 … "
                     f"{self.rounds - 1}); allowed: 0 … {self.rounds - 1}{none}"
                 )
-        if self.spmc_score_ref == "global" and self.spmc_score_space == "updates":
-            raise ValueError("spmc_score_ref = 'global' needs spmc_score_space = 'params'")
         return self
 
     @model_validator(mode="after")
@@ -679,102 +583,18 @@ def build_attack(cfg: Experiment, attackers: Sequence[int] | None = None) -> Att
     )
 
 
-#: How each built-in defense is composed from the flat options (``krum_f`` → ``KrumOptions.f``, ...). A defense
-#: missing here (a plug-in) is built with its default options.
-DEFENSE_BUILDERS: dict[str, Callable[[Experiment], Defense]] = {
-    "fedavg": lambda cfg: FedAvg(FedAvgOptions(weighting=cfg.fedavg_weighting)),
-    "spmc": lambda cfg: SPMC(
-        SPMCOptions(
-            temperature=cfg.spmc_temperature,
-            weight_fn=cfg.spmc_weight_fn,
-            score_ref=cfg.spmc_score_ref,
-            score_space=cfg.spmc_score_space,
-            loo_prior=cfg.spmc_loo_prior,
-            score_eps=cfg.spmc_score_eps,
-        )
-    ),
-    "dnc": lambda cfg: DnC(
-        DnCOptions(
-            filter_frac=cfg.dnc_filter_frac,
-            niters=cfg.dnc_niters,
-            subdim=cfg.dnc_subdim,
-            normalize=cfg.dnc_normalize,
-            combine=cfg.dnc_combine,
-            exclude_int_buffers=cfg.exclude_int_buffers,
-        ),
-        threat_model(cfg),
-    ),
-    "sageflow": lambda cfg: Sageflow(
-        SageflowOptions(eth=cfg.sageflow_eth, delta=cfg.sageflow_delta, size_weight=cfg.sageflow_size_weight)
-    ),
-    "bulyan": lambda cfg: Bulyan(BulyanOptions(f=cfg.bulyan_f, exclude_int_buffers=cfg.exclude_int_buffers)),
-    "rfa": lambda cfg: RFA(
-        RFAOptions(
-            layerwise=cfg.rfa_layerwise,
-            maxiter=cfg.rfa_maxiter,
-            eps=cfg.rfa_eps,
-            ftol=cfg.rfa_ftol,
-            exclude_int_buffers=cfg.exclude_int_buffers,
-        )
-    ),
-    "rlr": lambda cfg: RLR(RLROptions(threshold=cfg.rlr_threshold, server_lr=cfg.rlr_server_lr)),
-    "crfl": lambda cfg: CRFL(
-        CRFLOptions(
-            rounds=cfg.rounds,
-            clip_cap=cfg.crfl_clip_cap,
-            clip_slope=cfg.crfl_clip_slope,
-            clip_bias=cfg.crfl_clip_bias,
-            sigma=cfg.crfl_sigma,
-            scale=cfg.crfl_scale,
-        ),
-        threat_model(cfg),
-    ),
-    "foolsgold": lambda cfg: FoolsGold(
-        FoolsGoldOptions(
-            norm_eps=cfg.foolsgold_norm_eps,
-            kappa=cfg.foolsgold_kappa,
-            normalize_weights=cfg.foolsgold_normalize_weights,
-        )
-    ),
-    "rsa": lambda cfg: RSA(
-        RSAOptions(
-            alpha=cfg.rsa_alpha,
-            lam=cfg.rsa_lambda,
-            wd=cfg.rsa_wd,
-            clip=cfg.rsa_clip,
-            update_bn_buffers=cfg.rsa_update_bn_buffers,
-        )
-    ),
-    "finetuning": lambda cfg: Finetuning(
-        FinetuningOptions(epochs=cfg.finetune_epochs, broadcast=cfg.finetune_broadcast)
-    ),
-    "krum": lambda cfg: Krum(KrumOptions(f=cfg.krum_f, exclude_int_buffers=cfg.exclude_int_buffers), threat_model(cfg)),
-    "multikrum": lambda cfg: MultiKrum(
-        MultiKrumOptions(f=cfg.krum_f, select=cfg.multikrum_select, exclude_int_buffers=cfg.exclude_int_buffers),
-        threat_model(cfg),
-    ),
-    "trimmed_mean": lambda cfg: TrimmedMean(
-        TrimmedMeanOptions(k=cfg.trimmed_mean_k, mode=cfg.tm_mode, exclude_int_buffers=cfg.exclude_int_buffers),
-        threat_model(cfg),
-    ),
-    "median": lambda cfg: Median(MedianOptions(exclude_int_buffers=cfg.exclude_int_buffers)),
-    "fltrust": lambda cfg: FLTrust(
-        FLTrustOptions(public_epochs=cfg.fltrust_public_epochs, exclude_int_buffers=cfg.exclude_int_buffers)
-    ),
-    "fedcpa": lambda cfg: FedCPA(FedCPAOptions(top_rate=cfg.fedcpa_top_rate)),
-}
+def build_as(name: str, cfg: Experiment) -> Defense:
+    """The registered defense ``name`` composed from the options of ``cfg`` (whatever ``cfg.defense`` names)."""
+    if name not in DEFENSES:
+        raise ValueError(f"defense: unknown value {name!r}; allowed: {', '.join(sorted(DEFENSES))}")
+    defense: Defense = build_method(DEFENSES[name], cfg, threat=threat_model(cfg), config=cfg)
+    return defense
 
 
 def build_defense(cfg: Experiment) -> Defense:
     """The defense named by ``cfg.defense``, its options (and threat model, where it takes one) composed from the
     configuration; ``ValueError`` naming the option when one is not allowed."""
-    if cfg.defense not in DEFENSES:
-        raise ValueError(f"defense: unknown value {cfg.defense!r}; allowed: {', '.join(sorted(DEFENSES))}")
-    builder = DEFENSE_BUILDERS.get(cfg.defense)
-    if builder is not None:
-        return builder(cfg)
-    defense: Defense = build_method(DEFENSES[cfg.defense], cfg, threat=threat_model(cfg))
-    return defense
+    return build_as(cfg.defense, cfg)
 
 
 def optim_config(cfg: Experiment) -> OptimConfig:

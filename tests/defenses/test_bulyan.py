@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.bulyan import Bulyan, BulyanOptions, bulyan_coordinate_step, bulyan_select
 from spmc.defenses.krum import pairwise_sq_distances
 
@@ -79,7 +79,7 @@ def test_bulyan_refuses_too_few_clients() -> None:
     Bulyan(BulyanOptions(f=2)).aggregate(make_inputs(torch.randn(11, 3)))
     with pytest.raises(ValueError, match="bulyan_f"):
         Bulyan(BulyanOptions(f=-1))
-    assert DEFENSE_BUILDERS["bulyan"](make_experiment(bulyan_f=2)).options.f == 2
+    assert build_as("bulyan", make_experiment(bulyan_f=2)).options.f == 2
 
 
 def test_integer_counter_takes_the_selected_clients_plain_mean() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.crfl import CRFL, CRFLOptions, clip_norm, clip_threshold
 from spmc.params import ParamLayout
@@ -110,7 +110,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, t: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    crfl = DEFENSE_BUILDERS["crfl"](Experiment(rounds=7, seed=4, crfl_sigma=0.01, crfl_clip_cap=30.0, crfl_scale=2.0))
+    crfl = build_as("crfl", Experiment(rounds=7, seed=4, crfl_sigma=0.01, crfl_clip_cap=30.0, crfl_scale=2.0))
     assert (crfl.options.rounds, crfl.seed, crfl.options.sigma, crfl.options.clip_cap, crfl.options.scale) == (
         7,
         4,

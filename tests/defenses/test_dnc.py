@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import round_generator
 from spmc.defenses.dnc import DnC, DnCOptions, dnc_keep, dnc_outlier_scores, num_removed
 from spmc.params import ParamLayout
@@ -155,7 +155,7 @@ def test_dnc_errors_and_config() -> None:
     with pytest.raises(ValueError, match=r"^gamma: got 1\.5; must be a fraction in \[0, 1\)$"):
         ThreatModel(gamma=1.5)
     cfg = make_experiment(gamma=0.2, seed=7, dnc_niters=3, dnc_combine="intersection", dnc_normalize=False)
-    d = DEFENSE_BUILDERS["dnc"](cfg)
+    d = build_as("dnc", cfg)
     assert isinstance(d, DnC)
     o = d.options
     assert (d.gamma, o.filter_frac, o.niters, o.subdim, o.normalize, o.combine, d.seed) == (

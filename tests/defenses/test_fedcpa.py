@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.fedcpa import (
     FedCPA,
@@ -211,7 +211,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    assert DEFENSE_BUILDERS["fedcpa"](Experiment(fedcpa_top_rate=0.3)).options.top_rate == 0.3
+    assert build_as("fedcpa", Experiment(fedcpa_top_rate=0.3)).options.top_rate == 0.3
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="fedcpa_top_rate"):
             FedCPA(FedCPAOptions(top_rate=bad))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS, Experiment
+from spmc.config import Experiment, build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.finetuning import Finetuning, FinetuningOptions
 from spmc.defenses.server_data import ServerData
@@ -87,6 +87,6 @@ def test_invalid_options_and_missing_data() -> None:
 
 
 def test_from_config() -> None:
-    d = DEFENSE_BUILDERS["finetuning"](Experiment(finetune_epochs=3, finetune_broadcast=True))
+    d = build_as("finetuning", Experiment(finetune_epochs=3, finetune_broadcast=True))
     assert (d.options.epochs, d.options.broadcast) == (3, True)
     assert Finetuning.needs_server_data and Finetuning.name == "finetuning"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS, Experiment
+from spmc.config import Experiment, build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.fltrust import FLTrust, FLTrustOptions, cosines_and_norms, fltrust_apply, fltrust_trust_scores
 from spmc.defenses.server_data import ServerData
@@ -192,6 +192,6 @@ def test_invalid_options_and_missing_data() -> None:
 
 
 def test_from_config() -> None:
-    d = DEFENSE_BUILDERS["fltrust"](Experiment(fltrust_public_epochs=4, profile="repo"))
+    d = build_as("fltrust", Experiment(fltrust_public_epochs=4, profile="repo"))
     assert (d.options.public_epochs, d.options.exclude_int_buffers) == (4, False)
     assert FLTrust.needs_server_data and FLTrust.name == "fltrust"

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions, foolsgold_weights
 from spmc.params import ParamLayout
@@ -187,8 +187,8 @@ def test_weights_non_negative_summing_to_one(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    fg = DEFENSE_BUILDERS["foolsgold"](
-        Experiment(foolsgold_norm_eps=0.5, foolsgold_kappa=2.0, foolsgold_normalize_weights=False)
+    fg = build_as(
+        "foolsgold", Experiment(foolsgold_norm_eps=0.5, foolsgold_kappa=2.0, foolsgold_normalize_weights=False)
     )
     assert (fg.options.norm_eps, fg.options.kappa, fg.options.normalize_weights) == (0.5, 2.0, False)
     with pytest.raises(ValueError, match="foolsgold_norm_eps"):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.krum import Krum, KrumOptions, krum_scores, nearest_sums, pairwise_sq_distances
 
 from ._helpers import BN, LINEAR, make_inputs
@@ -63,9 +63,9 @@ def test_krum_size_and_option_errors() -> None:
 
 
 def test_krum_f_from_config() -> None:
-    assert DEFENSE_BUILDERS["krum"](make_experiment(gamma=0.3, num_clients=10)).f == 3
-    assert DEFENSE_BUILDERS["krum"](make_experiment(gamma=0.3, num_clients=10, krum_f=1)).f == 1
-    assert DEFENSE_BUILDERS["krum"](make_experiment(attack="none")).f == 0
+    assert build_as("krum", make_experiment(gamma=0.3, num_clients=10)).f == 3
+    assert build_as("krum", make_experiment(gamma=0.3, num_clients=10, krum_f=1)).f == 1
+    assert build_as("krum", make_experiment(attack="none")).f == 0
 
 
 def test_krum_distances_leave_integer_counters_out() -> None:

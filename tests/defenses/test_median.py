@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.median import Median, MedianOptions, coordinate_median
 
 from ._helpers import BN, LINEAR, make_inputs
@@ -39,7 +39,7 @@ def test_median_integer_counter_takes_the_plain_mean() -> None:
     assert g[0].item() == 2.0 and g[-1].item() == 40.0
     g_repo = Median(MedianOptions(exclude_int_buffers=False)).aggregate(make_inputs(states, layout=BN)).global_state
     assert g_repo[-1].item() == 20.0
-    assert DEFENSE_BUILDERS["median"](make_experiment(profile="repo")).options.exclude_int_buffers is False
+    assert build_as("median", make_experiment(profile="repo")).options.exclude_int_buffers is False
 
 
 @settings(max_examples=40, deadline=None)

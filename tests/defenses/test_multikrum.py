@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.krum import nearest_sums, pairwise_sq_distances
 from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
 
@@ -47,9 +47,9 @@ def test_multikrum_errors() -> None:
 
 
 def test_multikrum_from_config() -> None:
-    d = DEFENSE_BUILDERS["multikrum"](make_experiment(gamma=0.2, num_clients=10))
+    d = build_as("multikrum", make_experiment(gamma=0.2, num_clients=10))
     assert (d.f, d.options.select) == (2, None)
-    d = DEFENSE_BUILDERS["multikrum"](make_experiment(krum_f=1, multikrum_select=5))
+    d = build_as("multikrum", make_experiment(krum_f=1, multikrum_select=5))
     assert (d.f, d.options.select) == (1, 5)
 
 

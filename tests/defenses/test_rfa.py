@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.rfa import RFA, RFAOptions, weiszfeld
 from spmc.params import ParamLayout
@@ -163,7 +163,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, layerwise: bool) 
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rfa = DEFENSE_BUILDERS["rfa"](Experiment(rfa_layerwise=False, rfa_maxiter=5, rfa_eps=1e-4, rfa_ftol=0.0))
+    rfa = build_as("rfa", Experiment(rfa_layerwise=False, rfa_maxiter=5, rfa_eps=1e-4, rfa_ftol=0.0))
     assert (rfa.options.layerwise, rfa.options.maxiter, rfa.options.eps, rfa.options.ftol) == (False, 5, 1e-4, 0.0)
     with pytest.raises(ValueError, match="rfa_maxiter"):
         RFA(RFAOptions(maxiter=0))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.rlr import RLR, RLROptions, robust_learning_rates, sign_agreement
 from spmc.params import ParamLayout
@@ -102,7 +102,7 @@ def test_permutation_invariance_and_weights(seed: int, n: int, threshold: float)
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rlr = DEFENSE_BUILDERS["rlr"](Experiment(rlr_threshold=2.0, rlr_server_lr=0.5))
+    rlr = build_as("rlr", Experiment(rlr_threshold=2.0, rlr_server_lr=0.5))
     assert (rlr.options.threshold, rlr.options.server_lr) == (2.0, 0.5)
     with pytest.raises(ValueError, match="rlr_threshold"):
         RLR(RLROptions(threshold=-1.0))

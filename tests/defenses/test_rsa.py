@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.rsa import RSA, RSAOptions, clipped_sign_sum, rsa_step
 from spmc.params import ParamLayout
@@ -106,7 +106,7 @@ def test_permutation_invariance_and_bounded_step(seed: int, n: int) -> None:
 def test_from_config_and_validation() -> None:
     from spmc.config import Experiment
 
-    rsa = DEFENSE_BUILDERS["rsa"](Experiment(rsa_alpha=0.1, rsa_lambda=0.5, rsa_wd=0.01, rsa_clip=2.0))
+    rsa = build_as("rsa", Experiment(rsa_alpha=0.1, rsa_lambda=0.5, rsa_wd=0.01, rsa_clip=2.0))
     assert (rsa.options.alpha, rsa.options.lam, rsa.options.wd, rsa.options.clip, rsa.options.update_bn_buffers) == (
         0.1,
         0.5,
@@ -114,7 +114,7 @@ def test_from_config_and_validation() -> None:
         2.0,
         True,
     )
-    assert DEFENSE_BUILDERS["rsa"](Experiment(rsa_update_bn_buffers=False)).options.update_bn_buffers is False
+    assert build_as("rsa", Experiment(rsa_update_bn_buffers=False)).options.update_bn_buffers is False
     for field, kwargs in (
         ("rsa_alpha", {"alpha": 0.0}),
         ("rsa_lambda", {"lam": -1.0}),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spmc.config import DEFENSE_BUILDERS, Experiment
+from spmc.config import Experiment, build_as
 from spmc.defenses.base import RoundInputs
 from spmc.defenses.sageflow import Sageflow, SageflowOptions, sageflow_kept, sageflow_weights
 from spmc.defenses.server_data import ServerData
@@ -160,8 +160,8 @@ def test_missing_or_too_small_server_data() -> None:
 
 
 def test_from_config() -> None:
-    d = DEFENSE_BUILDERS["sageflow"](
-        Experiment(defense="fedavg", sageflow_eth=1.5, sageflow_delta=2.0, sageflow_size_weight=True)
+    d = build_as(
+        "sageflow", Experiment(defense="fedavg", sageflow_eth=1.5, sageflow_delta=2.0, sageflow_size_weight=True)
     )
     assert (d.options.eth, d.options.delta, d.options.size_weight) == (1.5, 2.0, True)
     assert Sageflow.needs_server_data and Sageflow.name == "sageflow"

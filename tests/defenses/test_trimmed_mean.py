@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spmc import make_experiment
-from spmc.config import DEFENSE_BUILDERS
+from spmc.config import build_as
 from spmc.defenses.trimmed_mean import TrimmedMean, TrimmedMeanOptions, closest_to_median_mean, trimmed_mean
 
 from ._helpers import BN, LINEAR, make_inputs
@@ -71,9 +71,9 @@ def test_errors_and_config() -> None:
         TrimmedMean(TrimmedMeanOptions(k=-1))
     with pytest.raises(ValueError, match="tm_mode.*allowed"):
         TrimmedMean(TrimmedMeanOptions(k=1, mode="winsorize"))  # type: ignore[arg-type]
-    d = DEFENSE_BUILDERS["trimmed_mean"](make_experiment(gamma=0.3, num_clients=10, tm_mode="closest_to_median"))
+    d = build_as("trimmed_mean", make_experiment(gamma=0.3, num_clients=10, tm_mode="closest_to_median"))
     assert (d.k, d.options.mode) == (3, "closest_to_median")
-    assert DEFENSE_BUILDERS["trimmed_mean"](make_experiment(trimmed_mean_k=4)).k == 4
+    assert build_as("trimmed_mean", make_experiment(trimmed_mean_k=4)).k == 4
 
 
 @settings(max_examples=40, deadline=None)

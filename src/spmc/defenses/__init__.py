@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from spmc.defenses.base import Aggregate, Defense, RoundInputs, Stateful, weighted_average
+from spmc.defenses.bucketing import Bucketing, BucketingOptions
 from spmc.defenses.bulyan import Bulyan, BulyanOptions
+from spmc.defenses.centered_clip import CenteredClip, CenteredClipOptions
 from spmc.defenses.crfl import CRFL, CRFLOptions
 from spmc.defenses.dnc import DnC, DnCOptions
 from spmc.defenses.fedavg import FedAvg, FedAvgOptions, fedavg_weights
@@ -14,10 +16,12 @@ from spmc.defenses.foolsgold import FoolsGold, FoolsGoldOptions
 from spmc.defenses.krum import Krum, KrumOptions
 from spmc.defenses.median import Median, MedianOptions
 from spmc.defenses.multikrum import MultiKrum, MultiKrumOptions
+from spmc.defenses.norm_clip import NormClip, NormClipOptions
 from spmc.defenses.rfa import RFA, RFAOptions
 from spmc.defenses.rlr import RLR, RLROptions
 from spmc.defenses.rsa import RSA, RSAOptions
 from spmc.defenses.sageflow import Sageflow, SageflowOptions
+from spmc.defenses.signguard import SignGuard, SignGuardOptions
 from spmc.defenses.spmc import (
     SPMC,
     SPMCOptions,
@@ -27,6 +31,7 @@ from spmc.defenses.spmc import (
     spmc_weights,
 )
 from spmc.defenses.trimmed_mean import TrimmedMean, TrimmedMeanOptions
+from spmc.defenses.weak_dp import WeakDP, WeakDPOptions
 from spmc.plugins import DEFENSE, load_entry_points
 from spmc.threat import ThreatModel
 
@@ -48,6 +53,11 @@ DEFENSES: dict[str, type[Defense]] = {
     "median": Median,
     "fltrust": FLTrust,
     "fedcpa": FedCPA,
+    "norm_clip": NormClip,
+    "weak_dp": WeakDP,
+    "centered_clip": CenteredClip,
+    "bucketing": Bucketing,
+    "signguard": SignGuard,
 }
 load_entry_points("spmc.defenses", DEFENSES, DEFENSE)
 
@@ -60,9 +70,13 @@ __all__ = [
     "RSA",
     "SPMC",
     "Aggregate",
+    "Bucketing",
+    "BucketingOptions",
     "Bulyan",
     "BulyanOptions",
     "CRFLOptions",
+    "CenteredClip",
+    "CenteredClipOptions",
     "Defense",
     "DnC",
     "DnCOptions",
@@ -82,6 +96,8 @@ __all__ = [
     "MedianOptions",
     "MultiKrum",
     "MultiKrumOptions",
+    "NormClip",
+    "NormClipOptions",
     "RFAOptions",
     "RLROptions",
     "RSAOptions",
@@ -89,10 +105,14 @@ __all__ = [
     "SPMCOptions",
     "Sageflow",
     "SageflowOptions",
+    "SignGuard",
+    "SignGuardOptions",
     "Stateful",
     "ThreatModel",
     "TrimmedMean",
     "TrimmedMeanOptions",
+    "WeakDP",
+    "WeakDPOptions",
     "fedavg_weights",
     "loo_cosine_scores",
     "marginal_teachers",

@@ -86,9 +86,11 @@ class Defense(Protocol):
     """What the engine needs of a server-side defense.
 
     A defense is built from its own frozen options dataclass (whose constructor is the one place its options are
-    validated), plus a :class:`spmc.threat.ThreatModel` for the few that need the attacker count or the seed;
-    ``build_defense`` of the configuration module composes both from the flat options. Every argument has a default, so
-    ``DEFENSES[name]()`` is the defense with its default options.
+    validated), plus a :class:`spmc.threat.ThreatModel` for the few that need the attacker count or the seed. A
+    defense with options points to that dataclass with the class attribute ``options_type`` and declares each field
+    with :func:`spmc.options.option` (its flat configuration key, one line of help);
+    :func:`spmc.options.build_method` composes the defense from the configuration's values. Every argument has a
+    default, so ``DEFENSES[name]()`` is the defense with its default options.
     """
 
     name: ClassVar[str]

@@ -23,10 +23,12 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, finite_global, stat_mask
 from spmc.defenses.krum import lowest_scores, nearest_sums, pairwise_sq_distances
 from spmc.defenses.median import coordinatewise
 from spmc.defenses.trimmed_mean import closest_to_median_mean
+from spmc.options import option
 
 
 def check_bulyan_size(n: int, f: int) -> None:
@@ -63,12 +65,14 @@ def bulyan_coordinate_step(updates: torch.Tensor, f: int) -> torch.Tensor:
 class BulyanOptions:
     """Bulyan's options: f assumed attackers (``bulyan_f``), integer counters left out."""
 
-    f: int = 1
-    exclude_int_buffers: bool = True
+    f: int = option(
+        1, key="bulyan_f", help="f assumed attackers, integer >= 0; needs n >= 4f + 3 clients (ALGORITHMS.md §6.4, D20)"
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if self.f < 0:
-            raise ValueError(f"bulyan_f: got {self.f}; must be an integer >= 0")
+        check_int("bulyan_f", self.f, 0)
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class Bulyan:
@@ -77,6 +81,7 @@ class Bulyan:
     name: ClassVar[str] = "bulyan"
     description: ClassVar[str] = "Bulyan: recursive Krum, then mean of the β values nearest the median (spec §6.4)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[BulyanOptions]] = BulyanOptions
 
     def __init__(self, options: BulyanOptions | None = None) -> None:
         self.options = options if options is not None else BulyanOptions()

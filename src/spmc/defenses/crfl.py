@@ -18,8 +18,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_int, check_real
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, round_generator, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
+from spmc.options import option
 from spmc.threat import ThreatModel
 
 
@@ -55,27 +57,34 @@ def scaled_mean(
 class CRFLOptions:
     """CRFL's options: the run's T = ``rounds`` (no noise in round T − 1), the clip schedule, σ and the scale."""
 
-    rounds: int = 50
-    clip_cap: float = 100.0
-    clip_slope: float = 5.0
-    clip_bias: float = 30.0
-    sigma: float = 1e-4
-    scale: float = 1.0
+    rounds: int = option(
+        50, key="rounds", help="T, the run's rounds (no noise in round T − 1); integer >= 1 (ALGORITHMS.md §6.7)"
+    )
+    clip_cap: float = option(
+        100.0,
+        key="crfl_clip_cap",
+        help="cap of the norm threshold ρ_t = min(slope·t + bias, cap); > 0 (ALGORITHMS.md §6.7, D23)",
+    )
+    clip_slope: float = option(
+        5.0, key="crfl_clip_slope", help="growth of ρ_t per round; >= 0 (ALGORITHMS.md §6.7, D23)"
+    )
+    clip_bias: float = option(
+        30.0, key="crfl_clip_bias", help="ρ_0, the threshold in round 0; > 0 (ALGORITHMS.md §6.7, D23)"
+    )
+    sigma: float = option(
+        1e-4, key="crfl_sigma", help="σ of the Gaussian noise added to the parameters; >= 0 (ALGORITHMS.md §6.7, D23)"
+    )
+    scale: float = option(
+        1.0, key="crfl_scale", help="s in θ_k ← θ_g + s·(θ_k − θ_g) before the mean; > 0 (ALGORITHMS.md §6.7, D23)"
+    )
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(
-                f"rounds: got {self.rounds}; CRFL needs the number of rounds T >= 1 (no noise in round T-1)"
-            )
-        for field, value, ok, allowed in (
-            ("crfl_clip_cap", self.clip_cap, self.clip_cap > 0, "> 0"),
-            ("crfl_clip_slope", self.clip_slope, self.clip_slope >= 0, ">= 0"),
-            ("crfl_clip_bias", self.clip_bias, self.clip_bias > 0, "> 0"),
-            ("crfl_sigma", self.sigma, self.sigma >= 0, ">= 0"),
-            ("crfl_scale", self.scale, self.scale > 0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{field}: got {value}; must be {allowed}")
+        check_int("rounds", self.rounds, 1)
+        check_real("crfl_clip_cap", self.clip_cap, gt=0.0)
+        check_real("crfl_clip_slope", self.clip_slope, ge=0.0)
+        check_real("crfl_clip_bias", self.clip_bias, gt=0.0)
+        check_real("crfl_sigma", self.sigma, ge=0.0)
+        check_real("crfl_scale", self.scale, gt=0.0)
 
 
 class CRFL:
@@ -84,6 +93,7 @@ class CRFL:
     name: ClassVar[str] = "crfl"
     description: ClassVar[str] = "CRFL: weighted mean, parameter-norm clipping and Gaussian noise (spec §6.7)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[CRFLOptions]] = CRFLOptions
 
     def __init__(self, options: CRFLOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else CRFLOptions()

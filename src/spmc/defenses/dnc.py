@@ -19,16 +19,17 @@ union is used and a warning logged. The diagnostics report σ_k (averaged over t
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
+from spmc.defenses._options import check_bool, check_choice, check_int, check_real, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, round_generator, stat_mask, weighted_average
 from spmc.defenses.krum import lowest_scores
 from spmc.defenses.linalg import row_sq_norms
+from spmc.options import option
 from spmc.threat import ThreatModel, num_attackers
 
 log = logging.getLogger(__name__)
@@ -107,28 +108,38 @@ def dnc_keep(
 class DnCOptions:
     """DnC's options (``dnc_*``); γ and the seed come from the threat model."""
 
-    filter_frac: float = 0.5
-    niters: int = 1
-    subdim: int = 10_000
-    normalize: bool = True
-    combine: Combine = "union"
-    exclude_int_buffers: bool = True
+    filter_frac: float = option(
+        0.5,
+        key="dnc_filter_frac",
+        help="c: remove r = ⌊c·m̂⌋ clients, m̂ = ⌊γn⌋; >= 0 (ALGORITHMS.md §6.2, D18)",
+    )
+    niters: int = option(
+        1, key="dnc_niters", help="SVD iterations, each on a fresh coordinate subset; integer >= 1 (ALGORITHMS.md §6.2)"
+    )
+    subdim: int = option(
+        10_000,
+        key="dnc_subdim",
+        help="b: coordinates sampled per iteration (all when d <= b); integer >= 1 (ALGORITHMS.md §6.2)",
+    )
+    normalize: bool = option(
+        True,
+        key="dnc_normalize",
+        help="unit-normalise the updates for detection (the repo's) (ALGORITHMS.md §6.2, D18)",
+    )
+    combine: Combine = option(
+        "union",
+        key="dnc_combine",
+        help="kept sets across iterations: union (repo) or intersection (original) (ALGORITHMS.md §6.2, D18)",
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        checks = (
-            (
-                "dnc_filter_frac",
-                self.filter_frac,
-                self.filter_frac >= 0.0 and math.isfinite(self.filter_frac),
-                "a number >= 0",
-            ),
-            ("dnc_niters", self.niters, self.niters >= 1, "an integer >= 1"),
-            ("dnc_subdim", self.subdim, self.subdim >= 1, "an integer >= 1"),
-            ("dnc_combine", self.combine, self.combine in COMBINES, f"one of {', '.join(COMBINES)}"),
-        )
-        for field, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{field}: got {value!r}; must be {allowed}")
+        check_real("dnc_filter_frac", self.filter_frac, ge=0.0)
+        check_int("dnc_niters", self.niters, 1)
+        check_int("dnc_subdim", self.subdim, 1)
+        check_bool("dnc_normalize", self.normalize)
+        check_choice("dnc_combine", self.combine, COMBINES)
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class DnC:
@@ -137,6 +148,7 @@ class DnC:
     name: ClassVar[str] = "dnc"
     description: ClassVar[str] = "DnC: SVD outlier scores on sampled coordinates, mean of the kept clients (spec §6.2)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[DnCOptions]] = DnCOptions
 
     def __init__(self, options: DnCOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else DnCOptions()

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 
+from spmc.defenses._options import check_choice
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.options import option
 
 Weighting = Literal["uniform", "samples"]
 
@@ -32,10 +34,14 @@ def fedavg_weights(num_samples: torch.Tensor, weighting: Weighting = "uniform") 
 class FedAvgOptions:
     """FedAvg's option: uniform weights or weights proportional to the clients' sample counts."""
 
-    weighting: Weighting = "uniform"
+    weighting: Weighting = option(
+        "uniform",
+        key="fedavg_weighting",
+        help="client weights: uniform (1/n, Table 2's) or samples (n_k / Σ n_j) (ALGORITHMS.md §6.1, D11)",
+    )
 
     def __post_init__(self) -> None:
-        fedavg_weights(torch.ones(1), self.weighting)
+        check_choice("fedavg_weighting", self.weighting, get_args(Weighting))
 
 
 class FedAvg:
@@ -44,6 +50,7 @@ class FedAvg:
     name: ClassVar[str] = "fedavg"
     description: ClassVar[str] = "FedAvg: (sample-)weighted mean of client states, no defense (spec §6.1)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[FedAvgOptions]] = FedAvgOptions
 
     def __init__(self, options: FedAvgOptions | None = None) -> None:
         self.options = options if options is not None else FedAvgOptions()

@@ -26,8 +26,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_real
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.defenses.linalg import column_slices, gram
+from spmc.options import option
 from spmc.params import ParamLayout
 
 log = logging.getLogger(__name__)
@@ -154,11 +156,12 @@ def fedcpa_aggregate(
 class FedCPAOptions:
     """FedCPA's option: the fraction of coordinates counted as critical."""
 
-    top_rate: float = 0.5
+    top_rate: float = option(
+        0.5, key="fedcpa_top_rate", help="fraction of coordinates counted as critical, in (0, 1] (ALGORITHMS.md §6.11)"
+    )
 
     def __post_init__(self) -> None:
-        if not 0 < self.top_rate <= 1:
-            raise ValueError(f"fedcpa_top_rate: got {self.top_rate}; must be in (0, 1]")
+        check_real("fedcpa_top_rate", self.top_rate, gt=0.0, le=1.0)
 
 
 class FedCPA:
@@ -167,6 +170,7 @@ class FedCPA:
     name: ClassVar[str] = "fedcpa"
     description: ClassVar[str] = "FedCPA: critical-parameter similarity with logit weights (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[FedCPAOptions]] = FedCPAOptions
 
     def __init__(self, options: FedCPAOptions | None = None) -> None:
         self.options = options if options is not None else FedCPAOptions()

@@ -13,20 +13,28 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.options import option
 
 
 @dataclass(frozen=True)
 class FinetuningOptions:
     """Fine-tuning's options: epochs on the server's data, and whether the tuned model is broadcast."""
 
-    epochs: int = 1
-    broadcast: bool = False
+    epochs: int = option(
+        1, key="finetune_epochs", help="server epochs on its validation split; integer >= 0 (ALGORITHMS.md §6.10)"
+    )
+    broadcast: bool = option(
+        False,
+        key="finetune_broadcast",
+        help="broadcast the fine-tuned model (the repo only evaluates it) (ALGORITHMS.md §6.10, D26)",
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"finetune_epochs: got {self.epochs!r}; must be an integer >= 0")
+        check_int("finetune_epochs", self.epochs, 0)
+        check_bool("finetune_broadcast", self.broadcast)
 
 
 class Finetuning:
@@ -35,6 +43,7 @@ class Finetuning:
     name: ClassVar[str] = "finetuning"
     description: ClassVar[str] = "Finetuning: uniform mean, then SGD on the server's clean data (spec §6.10)"
     needs_server_data: ClassVar[bool] = True
+    options_type: ClassVar[type[FinetuningOptions]] = FinetuningOptions
 
     def __init__(self, options: FinetuningOptions | None = None) -> None:
         self.options = options if options is not None else FinetuningOptions()

@@ -21,9 +21,11 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int, exclude_int_buffers_option
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask
 from spmc.defenses.linalg import column_slices
+from spmc.options import option
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,16 @@ def fltrust_apply(
 class FLTrustOptions:
     """FLTrust's options: the server's epochs on its clean data, integer counters left out."""
 
-    public_epochs: int = 10
-    exclude_int_buffers: bool = True
+    public_epochs: int = option(
+        10,
+        key="fltrust_public_epochs",
+        help="server epochs on its clean data for the reference update; integer >= 1 (ALGORITHMS.md §6.11)",
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if isinstance(self.public_epochs, bool) or not isinstance(self.public_epochs, int) or self.public_epochs < 1:
-            raise ValueError(f"fltrust_public_epochs: got {self.public_epochs!r}; must be an integer >= 1")
+        check_int("fltrust_public_epochs", self.public_epochs, 1)
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class FLTrust:
@@ -103,6 +109,7 @@ class FLTrust:
     name: ClassVar[str] = "fltrust"
     description: ClassVar[str] = "FLTrust: ReLU-cosine trust against a server update on clean data (spec §6.11)"
     needs_server_data: ClassVar[bool] = True
+    options_type: ClassVar[type[FLTrustOptions]] = FLTrustOptions
 
     def __init__(self, options: FLTrustOptions | None = None) -> None:
         self.options = options if options is not None else FLTrustOptions()

@@ -24,8 +24,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_real
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.defenses.linalg import gram
+from spmc.options import option
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +78,25 @@ def normalize_or_uniform(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class FoolsGoldOptions:
     """FoolsGold's options (``foolsgold_*``)."""
 
-    norm_eps: float = 0.1
-    kappa: float = 1.0
-    normalize_weights: bool = True
+    norm_eps: float = option(
+        0.1, key="foolsgold_norm_eps", help="ε in û_k = Δ_k / (‖Δ_k‖ + ε); >= 0 (ALGORITHMS.md §6.8)"
+    )
+    kappa: float = option(
+        1.0,
+        key="foolsgold_kappa",
+        help="confidence κ scaling the logit weights κ·(ln(w / (1 − w)) + 0.5); > 0 (ALGORITHMS.md §6.8)",
+    )
+    normalize_weights: bool = option(
+        True,
+        key="foolsgold_normalize_weights",
+        help="weights normalised to sum 1 and models averaged (repo) or Σ w_k Δ_k added (original) "
+        "(ALGORITHMS.md §6.8, D24)",
+    )
 
     def __post_init__(self) -> None:
-        if not self.norm_eps >= 0:
-            raise ValueError(f"foolsgold_norm_eps: got {self.norm_eps}; must be >= 0")
-        if not self.kappa > 0:
-            raise ValueError(f"foolsgold_kappa: got {self.kappa}; must be > 0")
+        check_real("foolsgold_norm_eps", self.norm_eps, ge=0.0)
+        check_real("foolsgold_kappa", self.kappa, gt=0.0)
+        check_bool("foolsgold_normalize_weights", self.normalize_weights)
 
 
 class FoolsGold:
@@ -93,6 +105,7 @@ class FoolsGold:
     name: ClassVar[str] = "foolsgold"
     description: ClassVar[str] = "FoolsGold: down-weights clients with similar update histories (spec §6.8)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[FoolsGoldOptions]] = FoolsGoldOptions
 
     def __init__(self, options: FoolsGoldOptions | None = None) -> None:
         self.options = options if options is not None else FoolsGoldOptions()

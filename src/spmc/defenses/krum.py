@@ -21,8 +21,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, stat_mask
 from spmc.defenses.linalg import gram
+from spmc.options import option
 from spmc.threat import ThreatModel, resolve_count
 
 
@@ -90,16 +92,20 @@ def update_distances(inputs: RoundInputs, exclude_int_buffers: bool) -> torch.Te
     return pairwise_sq_distances(inputs.updates[:, mask])
 
 
+#: ``krum_f``, declared alike by Krum and Multi-Krum.
+KRUM_F_HELP = "f assumed attackers, integer >= 0, or None for m = ⌊γK⌋; needs n > 2f + 2 clients (ALGORITHMS.md §6.11)"
+
+
 @dataclass(frozen=True)
 class KrumOptions:
     """Krum's options: f assumed attackers (None: m = ⌊γK⌋ of the threat model), integer counters left out."""
 
-    f: int | None = None
-    exclude_int_buffers: bool = True
+    f: int | None = option(None, key="krum_f", help=KRUM_F_HELP)
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if self.f is not None and self.f < 0:
-            raise ValueError(f"krum_f: got {self.f}; must be an integer >= 0 (or None for m)")
+        check_int("krum_f", self.f, 0, none="m")
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class Krum:
@@ -108,6 +114,7 @@ class Krum:
     name: ClassVar[str] = "krum"
     description: ClassVar[str] = "Krum: the client nearest its n − f − 2 neighbours (squared distances) (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[KrumOptions]] = KrumOptions
 
     def __init__(self, options: KrumOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else KrumOptions()

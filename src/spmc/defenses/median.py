@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
 
 _BLOCK = 1 << 18
@@ -62,7 +63,10 @@ def coordinatewise(states: torch.Tensor, robust: torch.Tensor, rule: ColumnRule)
 class MedianOptions:
     """The median's option: integer counters left out (spec D31)."""
 
-    exclude_int_buffers: bool = True
+    exclude_int_buffers: bool = exclude_int_buffers_option()
+
+    def __post_init__(self) -> None:
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class Median:
@@ -71,6 +75,7 @@ class Median:
     name: ClassVar[str] = "median"
     description: ClassVar[str] = "Median: coordinate-wise median of the client states (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[MedianOptions]] = MedianOptions
 
     def __init__(self, options: MedianOptions | None = None) -> None:
         self.options = options if options is not None else MedianOptions()

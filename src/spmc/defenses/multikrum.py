@@ -17,8 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
-from spmc.defenses.krum import check_krum_size, krum_scores, lowest_scores, update_distances
+from spmc.defenses.krum import KRUM_F_HELP, check_krum_size, krum_scores, lowest_scores, update_distances
+from spmc.options import option
 from spmc.threat import ThreatModel, resolve_count
 
 
@@ -36,15 +38,18 @@ def multikrum_weights(scores: torch.Tensor, client_ids: tuple[int, ...], select:
 class MultiKrumOptions:
     """Multi-Krum's options: f (None: m = ⌊γK⌋), m' = ``select`` (None: n − f), integer counters left out."""
 
-    f: int | None = None
-    select: int | None = None
-    exclude_int_buffers: bool = True
+    f: int | None = option(None, key="krum_f", help=KRUM_F_HELP)
+    select: int | None = option(
+        None,
+        key="multikrum_select",
+        help="m', the clients averaged: integer >= 1, or None for n − f (ALGORITHMS.md §6.11)",
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if self.f is not None and self.f < 0:
-            raise ValueError(f"krum_f: got {self.f}; must be an integer >= 0 (or None for m)")
-        if self.select is not None and self.select < 1:
-            raise ValueError(f"multikrum_select: got {self.select}; must be >= 1 (or None for n − f)")
+        check_int("krum_f", self.f, 0, none="m")
+        check_int("multikrum_select", self.select, 1, none="n − f")
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class MultiKrum:
@@ -53,6 +58,7 @@ class MultiKrum:
     name: ClassVar[str] = "multikrum"
     description: ClassVar[str] = "Multi-Krum: mean of the m' = n − f lowest Krum scores (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[MultiKrumOptions]] = MultiKrumOptions
 
     def __init__(self, options: MultiKrumOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else MultiKrumOptions()

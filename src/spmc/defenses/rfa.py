@@ -23,9 +23,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_int, check_real, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
 from spmc.defenses.linalg import column_slices
+from spmc.options import option
 from spmc.params import EntryKind
 
 _TINY = float(torch.finfo(torch.float64).tiny)
@@ -116,19 +118,24 @@ def rfa_update(
 class RFAOptions:
     """RFA's options (``rfa_*``), integer counters left out."""
 
-    layerwise: bool = True
-    maxiter: int = 3
-    eps: float = 1e-5
-    ftol: float = 1e-6
-    exclude_int_buffers: bool = True
+    layerwise: bool = option(
+        True,
+        key="rfa_layerwise",
+        help="geometric median per state tensor (repo) or of the whole vector (original) (ALGORITHMS.md §6.5, D21)",
+    )
+    maxiter: int = option(3, key="rfa_maxiter", help="Weiszfeld iterations at most; integer >= 1 (ALGORITHMS.md §6.5)")
+    eps: float = option(1e-5, key="rfa_eps", help="smoothing ν: distances floored at it; > 0 (ALGORITHMS.md §6.5)")
+    ftol: float = option(
+        1e-6, key="rfa_ftol", help="stop when the objective changes by < ftol × objective; >= 0 (ALGORITHMS.md §6.5)"
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if self.maxiter < 1:
-            raise ValueError(f"rfa_maxiter: got {self.maxiter}; must be an integer >= 1")
-        if not self.eps > 0:
-            raise ValueError(f"rfa_eps: got {self.eps}; must be > 0")
-        if not self.ftol >= 0:
-            raise ValueError(f"rfa_ftol: got {self.ftol}; must be >= 0")
+        check_bool("rfa_layerwise", self.layerwise)
+        check_int("rfa_maxiter", self.maxiter, 1)
+        check_real("rfa_eps", self.eps, gt=0.0)
+        check_real("rfa_ftol", self.ftol, ge=0.0)
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class RFA:
@@ -137,6 +144,7 @@ class RFA:
     name: ClassVar[str] = "rfa"
     description: ClassVar[str] = "RFA: smoothed Weiszfeld geometric median of the updates, per tensor (spec §6.5)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[RFAOptions]] = RFAOptions
 
     def __init__(self, options: RFAOptions | None = None) -> None:
         self.options = options if options is not None else RFAOptions()

@@ -17,8 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_real
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, weighted_average
 from spmc.defenses.fedavg import fedavg_weights
+from spmc.options import option
 
 
 def sign_agreement(updates: torch.Tensor) -> torch.Tensor:
@@ -56,14 +58,16 @@ def rlr_aggregate(
 class RLROptions:
     """RLR's options: the sign-agreement threshold θ and the server learning rate."""
 
-    threshold: float = 4.0
-    server_lr: float = 1.0
+    threshold: float = option(
+        4.0,
+        key="rlr_threshold",
+        help="θ: coordinates whose sign agreement |Σ sign Δ_k| is below it get −η_s; >= 0 (ALGORITHMS.md §6.6, D22)",
+    )
+    server_lr: float = option(1.0, key="rlr_server_lr", help="η_s, the server learning rate; > 0 (ALGORITHMS.md §6.6)")
 
     def __post_init__(self) -> None:
-        if not self.threshold >= 0:
-            raise ValueError(f"rlr_threshold: got {self.threshold}; must be >= 0")
-        if not self.server_lr > 0:
-            raise ValueError(f"rlr_server_lr: got {self.server_lr}; must be > 0")
+        check_real("rlr_threshold", self.threshold, ge=0.0)
+        check_real("rlr_server_lr", self.server_lr, gt=0.0)
 
 
 class RLR:
@@ -72,6 +76,7 @@ class RLR:
     name: ClassVar[str] = "rlr"
     description: ClassVar[str] = "RLR: per-coordinate server lr flipped where update signs disagree (spec §6.6)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[RLROptions]] = RLROptions
 
     def __init__(self, options: RLROptions | None = None) -> None:
         self.options = options if options is not None else RLROptions()

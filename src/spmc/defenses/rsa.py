@@ -20,7 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_real
 from spmc.defenses.base import Aggregate, RoundInputs, finite_global, weighted_average
+from spmc.options import option
 
 
 def clipped_sign_sum(
@@ -49,21 +51,24 @@ def rsa_step(
 class RSAOptions:
     """RSA's options (``rsa_*``; ``lam`` is ``rsa_lambda``)."""
 
-    alpha: float = 0.05
-    lam: float = 0.1
-    wd: float = 0.001
-    clip: float = 3.0
-    update_bn_buffers: bool = True
+    alpha: float = option(0.05, key="rsa_alpha", help="α, the server step size; > 0 (ALGORITHMS.md §6.9)")
+    lam: float = option(0.1, key="rsa_lambda", help="λ, the weight of the clipped sign sum; >= 0 (ALGORITHMS.md §6.9)")
+    wd: float = option(0.001, key="rsa_wd", help="λ_w, the server step's weight decay; >= 0 (ALGORITHMS.md §6.9)")
+    clip: float = option(
+        3.0, key="rsa_clip", help="the sign sum is clipped to ±clip after every addition; > 0 (ALGORITHMS.md §6.9)"
+    )
+    update_bn_buffers: bool = option(
+        True,
+        key="rsa_update_bn_buffers",
+        help="global BN buffers = the clients' uniform mean (paper) or never updated (repo) (ALGORITHMS.md §6.9, D25)",
+    )
 
     def __post_init__(self) -> None:
-        for field, value, ok, allowed in (
-            ("rsa_alpha", self.alpha, self.alpha > 0, "> 0"),
-            ("rsa_lambda", self.lam, self.lam >= 0, ">= 0"),
-            ("rsa_wd", self.wd, self.wd >= 0, ">= 0"),
-            ("rsa_clip", self.clip, self.clip > 0, "> 0"),
-        ):
-            if not ok:
-                raise ValueError(f"{field}: got {value}; must be {allowed}")
+        check_real("rsa_alpha", self.alpha, gt=0.0)
+        check_real("rsa_lambda", self.lam, ge=0.0)
+        check_real("rsa_wd", self.wd, ge=0.0)
+        check_real("rsa_clip", self.clip, gt=0.0)
+        check_bool("rsa_update_bn_buffers", self.update_bn_buffers)
 
 
 class RSA:
@@ -72,6 +77,7 @@ class RSA:
     name: ClassVar[str] = "rsa"
     description: ClassVar[str] = "RSA: server step on the clipped sum of signs of model differences (spec §6.9)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[RSAOptions]] = RSAOptions
 
     def __init__(self, options: RSAOptions | None = None) -> None:
         self.options = options if options is not None else RSAOptions()

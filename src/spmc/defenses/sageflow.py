@@ -15,14 +15,15 @@ removed client really gets weight 0.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from spmc.defenses._options import check_bool, check_real
 from spmc.defenses._proxy import check_split_size, require_server_data
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
+from spmc.options import option
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,24 @@ def sageflow_weights(
 class SageflowOptions:
     """Sageflow's options: the entropy threshold, the loss exponent δ, and optional sample-size weighting."""
 
-    eth: float = 2.0
-    delta: float = 1.0
-    size_weight: bool = False
+    eth: float = option(
+        2.0,
+        key="sageflow_eth",
+        help="E_th: drop models whose mean prediction entropy (nats; at most ln C) is >= it; > 0 (ALGORITHMS.md §6.3)",
+    )
+    delta: float = option(
+        1.0, key="sageflow_delta", help="loss exponent δ of the weights ∝ ℓ_k^−δ; >= 0 (ALGORITHMS.md §6.3)"
+    )
+    size_weight: bool = option(
+        False,
+        key="sageflow_size_weight",
+        help="also weight by the sample count n_k (the original's; the repo has none) (ALGORITHMS.md §6.3, D19)",
+    )
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.eth) and self.eth > 0):
-            raise ValueError(f"sageflow_eth: got {self.eth}; must be a finite number > 0 (max entropy is ln C)")
-        if not (math.isfinite(self.delta) and self.delta >= 0):
-            raise ValueError(f"sageflow_delta: got {self.delta}; must be a finite number >= 0")
+        check_real("sageflow_eth", self.eth, gt=0.0)
+        check_real("sageflow_delta", self.delta, ge=0.0)
+        check_bool("sageflow_size_weight", self.size_weight)
 
 
 class Sageflow:
@@ -85,6 +95,7 @@ class Sageflow:
     name: ClassVar[str] = "sageflow"
     description: ClassVar[str] = "Sageflow: drop high-entropy local models, weight the rest by 1/loss^delta (spec §6.3)"
     needs_server_data: ClassVar[bool] = True
+    options_type: ClassVar[type[SageflowOptions]] = SageflowOptions
 
     def __init__(self, options: SageflowOptions | None = None) -> None:
         self.options = options if options is not None else SageflowOptions()

@@ -18,12 +18,14 @@ overflows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 
+from spmc.defenses._options import check_choice, check_real
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, weighted_average
 from spmc.defenses.linalg import column_slices
+from spmc.options import option
 
 WeightFn = Literal["softmax", "sigmoid"]
 ScoreRef = Literal["loo", "global"]
@@ -177,29 +179,46 @@ def marginal_teachers(global_state: torch.Tensor, client_states: torch.Tensor, w
 class SPMCOptions:
     """SPMC's server options (``spmc_temperature``, ``spmc_weight_fn``, ``spmc_score_*``, ``spmc_loo_prior``)."""
 
-    temperature: float = 1.0
-    weight_fn: WeightFn = "softmax"
-    score_ref: ScoreRef = "loo"
-    score_space: ScoreSpace = "params"
-    loo_prior: LooPrior = "uniform"
-    score_eps: float = 1e-5
+    temperature: float = option(
+        1.0, key="spmc_temperature", help="temperature τ of the weights α ∝ exp(s/τ), > 0 (ALGORITHMS.md §3.4, D3)"
+    )
+    weight_fn: WeightFn = option(
+        "softmax",
+        key="spmc_weight_fn",
+        help="weights from the scores: softmax (the code's exp) or sigmoid (the seed's σ) (ALGORITHMS.md §3.2, D3)",
+    )
+    score_ref: ScoreRef = option(
+        "loo",
+        key="spmc_score_ref",
+        help="score reference: loo (leave-one-out coalition) or global (the global model; needs "
+        "spmc_score_space = params) (ALGORITHMS.md §3.2, D4)",
+    )
+    score_space: ScoreSpace = option(
+        "params",
+        key="spmc_score_space",
+        help="scored vectors: params (raw parameters, the code's) or updates θ_k − θ_g (ALGORITHMS.md §3.2, D4)",
+    )
+    loo_prior: LooPrior = option(
+        "uniform",
+        key="spmc_loo_prior",
+        help="prior weights of the leave-one-out coalition: uniform or samples (ALGORITHMS.md §3.3, D9)",
+    )
+    score_eps: float = option(
+        1e-5, key="spmc_score_eps", help="ε in the cosine score's denominator, >= 0 (ALGORITHMS.md §3.2)"
+    )
 
     def __post_init__(self) -> None:
-        spmc_weights(torch.zeros(1), self.temperature, self.weight_fn)
-        for field, value, allowed in (
-            ("spmc_score_ref", self.score_ref, ("loo", "global")),
-            ("spmc_score_space", self.score_space, ("params", "updates")),
-            ("spmc_loo_prior", self.loo_prior, ("uniform", "samples")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{field}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+        check_real("spmc_temperature", self.temperature, gt=0.0)
+        check_choice("spmc_weight_fn", self.weight_fn, get_args(WeightFn))
+        check_choice("spmc_score_ref", self.score_ref, get_args(ScoreRef))
+        check_choice("spmc_score_space", self.score_space, get_args(ScoreSpace))
+        check_choice("spmc_loo_prior", self.loo_prior, get_args(LooPrior))
         if self.score_ref == "global" and self.score_space == "updates":
             raise ValueError(
                 "spmc_score_ref: 'global' compares client models with the global model and needs "
                 "spmc_score_space = 'params' (the global model has no update of its own)"
             )
-        if self.score_eps < 0:
-            raise ValueError(f"spmc_score_eps: got {self.score_eps}; must be >= 0")
+        check_real("spmc_score_eps", self.score_eps, ge=0.0)
 
 
 class SPMC:
@@ -208,6 +227,7 @@ class SPMC:
     name: ClassVar[str] = "spmc"
     description: ClassVar[str] = "SPMC: softmax of leave-one-out cosine scores, no attacker count (spec §3)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[SPMCOptions]] = SPMCOptions
 
     def __init__(self, options: SPMCOptions | None = None) -> None:
         self.options = options if options is not None else SPMCOptions()

@@ -19,8 +19,10 @@ from typing import ClassVar, Literal
 
 import torch
 
+from spmc.defenses._options import check_bool, check_choice, check_int, exclude_int_buffers_option
 from spmc.defenses.base import Aggregate, RoundInputs, stable_mean, stat_mask
 from spmc.defenses.median import coordinate_median, coordinatewise
+from spmc.options import option
 from spmc.threat import ThreatModel, resolve_count
 
 TrimMode = Literal["trim_extremes", "closest_to_median"]
@@ -68,15 +70,24 @@ def trimmed_rule(values: torch.Tensor, k: int, mode: TrimMode = "trim_extremes")
 class TrimmedMeanOptions:
     """The trimmed mean's options: k trimmed per side (None: m = ⌊γK⌋), the rule, integer counters left out."""
 
-    k: int | None = None
-    mode: TrimMode = "trim_extremes"
-    exclude_int_buffers: bool = True
+    k: int | None = option(
+        None,
+        key="trimmed_mean_k",
+        help="k trimmed from each side per coordinate: integer >= 0, or None for m = ⌊γK⌋; needs n > 2k "
+        "(ALGORITHMS.md §6.11)",
+    )
+    mode: TrimMode = option(
+        "trim_extremes",
+        key="tm_mode",
+        help="trim_extremes (drop the k largest and k smallest) or closest_to_median (mean of the n − 2k values "
+        "nearest the median) (ALGORITHMS.md §6.11)",
+    )
+    exclude_int_buffers: bool = exclude_int_buffers_option()
 
     def __post_init__(self) -> None:
-        if self.k is not None and self.k < 0:
-            raise ValueError(f"trimmed_mean_k: got {self.k}; must be an integer >= 0 (or None for m)")
-        if self.mode not in TRIM_MODES:
-            raise ValueError(f"tm_mode: unknown value {self.mode!r}; allowed: {', '.join(TRIM_MODES)}")
+        check_int("trimmed_mean_k", self.k, 0, none="m")
+        check_choice("tm_mode", self.mode, TRIM_MODES)
+        check_bool("exclude_int_buffers", self.exclude_int_buffers)
 
 
 class TrimmedMean:
@@ -85,6 +96,7 @@ class TrimmedMean:
     name: ClassVar[str] = "trimmed_mean"
     description: ClassVar[str] = "TrimmedMean: per coordinate drop the k largest and k smallest, average (spec §6.11)"
     needs_server_data: ClassVar[bool] = False
+    options_type: ClassVar[type[TrimmedMeanOptions]] = TrimmedMeanOptions
 
     def __init__(self, options: TrimmedMeanOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else TrimmedMeanOptions()

@@ -134,7 +134,7 @@ def load_final_model(run_dir: str | Path, cfg: Experiment) -> nn.Module:
     done = int(payload.get("round", cfg.rounds))
     if done < cfg.rounds:
         log.warning("%s: the checkpoint holds the model after round %d of %d", path, done, cfg.rounds)
-    if cfg.defense == "finetuning" and not cfg.finetune_broadcast:
+    if cfg.defense == "finetuning" and not getattr(cfg, "finetune_broadcast", False):
         log.warning("%s: finetuning evaluates a fine-tuned copy; the checkpoint holds the global model", run_dir)
     model = build_model(cfg.resolved_model, DATASETS[cfg.dataset].num_classes)
     layout = ParamLayout.from_module(model)
