@@ -308,6 +308,7 @@ class Federation:
         context = AttackContext(copy.deepcopy(model), layout, clean)
         for attack in plan.attacks:
             attack.attach(context)
+        plan.bind(layout)
         return cls(cfg, device, data, model, layout, layout.flatten(model), plan)
 
     def method_for(self, client_id: int) -> ClientMethod:
@@ -355,9 +356,10 @@ class Federation:
         )
 
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> None:
-        """The training attacks' per-round preparation before the local training of round ``t``
-        (:meth:`spmc.attacks.AttackPlan.prepare_round`); when the data attack changed its data (an optimised
-        trigger), the attackers' data are poisoned again and the attack's test set rebuilt."""
+        """The attacks' per-round preparation before the local training of round ``t``, called every round
+        (:meth:`spmc.attacks.AttackPlan.prepare_round`: every attack observes θ_g^t, the training attacks prepare
+        when an attacker takes part); when the data attack changed its data (an optimised trigger), the attackers'
+        data are poisoned again and the attack's test set rebuilt."""
         if self.attack.prepare_round(t, global_state, ids) and self.data.repoison is not None:
             self.data.repoison()
 

@@ -230,8 +230,11 @@ class Simulation:
         return final, summary
 
     def checkpoint(self, next_round: int) -> dict[str, Any]:
-        """Everything needed to continue at ``next_round`` (:meth:`ServerCore.checkpoint`, the Flower format)."""
-        return self.core.checkpoint(next_round, self.config_hash)
+        """Everything needed to continue at ``next_round`` (:meth:`ServerCore.checkpoint`, the Flower format),
+        with the attacks' state across rounds (:meth:`spmc.attacks.AttackPlan.state_dict`) when they keep one."""
+        attack_state = self.federation.attack.state_dict()
+        extra = {"attack_state": attack_state} if attack_state else {}
+        return self.core.checkpoint(next_round, self.config_hash, **extra)
 
     @property
     def config_hash(self) -> str:
@@ -246,13 +249,18 @@ class Simulation:
                 entries do not fit this run (round, state size, client ids).
         """
         where = str(self.store.checkpoint_path) if self.store is not None else "checkpoint"
-        return self.core.restore(
+        rounds = self.core.restore(
             payload,
             self.config_hash,
             where=where,
             max_round=self.cfg.rounds,
             teacher_ids=range(self.cfg.num_clients),
         )
+        try:
+            self.federation.attack.load_state_dict(payload.get("attack_state") or {})
+        except (ValueError, TypeError, AttributeError, RuntimeError) as err:
+            raise RunDirError(f"{where}: does not fit this run ({type(err).__name__}: {err})") from None
+        return rounds
 
     def resume_records(self, next_round: int) -> list[dict[str, Any]]:
         """The records of rounds 0..next_round-1 from ``metrics.jsonl`` (a torn last line dropped, later rounds

@@ -3,9 +3,9 @@
 1. **data** (``"data" in hooks``): which training samples of an attacker are poisoned and how, and the test set of
    the attack success rate;
 2. **training** (``"training" in hooks``): :meth:`Attack.prepare_round` once before the attackers' local training
-   of an attack round, then per local step :meth:`Attack.gradient` on the attackers' stacked gradient rows
-   g ∈ R^{m×d} (before momentum and weight decay) and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the
-   SGD step;
+   of an attack round (and :meth:`Attack.observe` before every round, attackers or not), then per local step
+   :meth:`Attack.gradient` on the attackers' stacked gradient rows g ∈ R^{m×d} (before momentum and weight decay)
+   and :meth:`Attack.project` on their rows θ ∈ R^{m×d} after the SGD step;
 3. **crafting** (``"crafting" in hooks``): after local training, :meth:`Attack.craft` replaces the attackers'
    states θ_M ∈ R^{m×d}, seeing θ_g, the round and the benign states: under ``attacker_knowledge = full`` those of
    the round's benign clients; under ``partial`` their estimate, the attackers' own clean models (each attacker
@@ -15,6 +15,11 @@
 
 The schedule of §A1: round t is an attack round when start ≤ t ≤ end and (t − start) mod every = 0; outside attack
 rounds an attacker trains like a benign client on clean data. Nothing here imports :mod:`spmc.config`.
+
+An attack that keeps state across rounds (Neurotoxin's θ_g^{t−1}, PGD's radius) returns it from
+:meth:`Attack.state_dict`; the simulator saves :meth:`AttackPlan.state_dict` in its checkpoint and restores it on
+resume. :meth:`Attack.bind` hands an attack the model's :class:`spmc.params.ParamLayout` (which coordinates of a
+state are parameters, float buffers, integer counters) when the federation is built.
 """
 
 from __future__ import annotations
@@ -22,15 +27,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from spmc.params import ParamLayout
 from spmc.threat import ThreatModel, num_attackers
-
-if TYPE_CHECKING:
-    from spmc.params import ParamLayout
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,41 @@ class Attack:
             options = self.options_type()
         self.options = options
         self.threat = threat if threat is not None else ThreatModel()
+        #: The model's layout once :meth:`bind` was called (None: every coordinate of a state is a float entry).
+        self.layout: ParamLayout | None = None
+        self._all_float = True
+        self._all_params = True
+
+    def bind(self, layout: ParamLayout) -> None:
+        """Called once when the federation is built, with the layout of the model's flat states."""
+        self.layout = layout
+        self._all_float = not bool(layout.int_mask().any())
+        self._all_params = layout.num_params == layout.dim
+
+    def float_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The [d] mask of the float entries of a state (parameters and float buffers, integer counters left out;
+        :meth:`spmc.params.ParamLayout.stat_mask`), or None when every entry is a float one or no layout is bound."""
+        if self.layout is None or self._all_float:
+            return None
+        return self.layout.stat_mask(device)
+
+    def param_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The [d] mask of the trainable parameters of a state, or None when every entry is one or no layout is
+        bound."""
+        if self.layout is None or self._all_params:
+            return None
+        return self.layout.param_mask(device)
+
+    # --------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the attack keeps across rounds, as CPU tensors by name (checkpointed; empty by default)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on anything that does not fit."""
+        if state:
+            raise ValueError(f"attack {self.name!r} keeps no state; got entries {sorted(state)}")
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -188,6 +226,11 @@ class Attack:
     def attach(self, context: AttackContext) -> None:
         """Called once by :meth:`spmc.federation.Federation.build` with the run's model and the attackers' clean
         data, for an attack that needs them in :meth:`prepare_round` (A3FL); the default ignores it."""
+
+    def observe(self, t: int, global_state: torch.Tensor) -> None:
+        """Called before the local training of every round ``t``, whether or not an attacker takes part (the
+        attackers see θ_g^t whenever they are sampled; e.g. Neurotoxin's θ_g^t − θ_g^{t−1}). Must be idempotent
+        for a repeated ``t`` (a Flower process may train several partitions in one round)."""
 
     def prepare_round(self, t: int, global_state: torch.Tensor, attacker_ids: Sequence[int]) -> bool:
         """Called once before the attackers' local training of attack round ``t`` (e.g. a trigger optimisation).
@@ -299,6 +342,23 @@ class Crafter:
             out[i] = crafted[row]
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The update attack's :meth:`Attack.state_dict`, named as in :meth:`AttackPlan.state_dict` (``update.``):
+        what the Flower strategy, which holds the crafter but not the plan, checkpoints."""
+        return {f"update.{k}": v for k, v in self.attack.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the ``update.`` entries of an :meth:`AttackPlan.state_dict` (``data.`` entries are the
+        clients'); raises ``ValueError`` on an entry of neither."""
+        own: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            role, _, name = str(key).partition(".")
+            if role not in ("data", "update") or not name:
+                raise ValueError(f"attack state: entry {key!r} belongs to no attack of this run (data, update)")
+            if role == "update":
+                own[name] = value
+        self.attack.load_state_dict(own)
+
 
 @dataclass(frozen=True)
 class TrainingHooks:
@@ -351,9 +411,38 @@ class AttackPlan:
         hooked = tuple(a for a in self.attacks if "training" in a.hooks and _steps(a))
         return TrainingHooks(hooked) if hooked else None
 
+    def bind(self, layout: ParamLayout) -> None:
+        """:meth:`Attack.bind` of every attack."""
+        for attack in self.attacks:
+            attack.bind(layout)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every attack's :meth:`Attack.state_dict`, its names prefixed ``data.`` and ``update.``."""
+        out: dict[str, torch.Tensor] = {}
+        for role, attack in self._roles():
+            out.update({f"{role}.{k}": v for k, v in attack.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` on an entry of no attack of this plan."""
+        roles = dict(self._roles())
+        split: dict[str, dict[str, torch.Tensor]] = {role: {} for role in roles}
+        for key, value in state.items():
+            role, _, name = str(key).partition(".")
+            if role not in roles or not name:
+                raise ValueError(f"attack state: entry {key!r} belongs to no attack of this run ({', '.join(roles)})")
+            split[role][name] = value
+        for role, attack in roles.items():
+            attack.load_state_dict(split[role])
+
+    def _roles(self) -> list[tuple[str, Attack]]:
+        return [("data", self.data)] + ([] if self.update is None else [("update", self.update)])
+
     def prepare_round(self, t: int, global_state: torch.Tensor, ids: Sequence[int]) -> bool:
-        """:meth:`Attack.prepare_round` of every training attack, when some of ``ids`` attacks in round ``t``;
-        True when the data attack's data changed."""
+        """:meth:`Attack.observe` of every attack, then :meth:`Attack.prepare_round` of every training attack when
+        some of ``ids`` attacks in round ``t``; True when the data attack's data changed."""
+        for attack in self.attacks:
+            attack.observe(t, global_state)
         attackers = [k for k in ids if self.attacking(t, k)]
         if not attackers:
             return False

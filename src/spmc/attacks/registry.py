@@ -9,6 +9,7 @@ from spmc.attacks.a3fl import A3FL
 from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack, AttackKind, attack_kind
 from spmc.attacks.blended import Blended
+from spmc.attacks.constrain_scale import ConstrainScale
 from spmc.attacks.dba import DBA
 from spmc.attacks.gaussian import Gaussian
 from spmc.attacks.ipm import Ipm
@@ -16,7 +17,9 @@ from spmc.attacks.label_flip import LabelFlip
 from spmc.attacks.lie import Lie
 from spmc.attacks.min_max import MinMax
 from spmc.attacks.min_sum import MinSum
+from spmc.attacks.neurotoxin import Neurotoxin
 from spmc.attacks.none import NoAttack
+from spmc.attacks.pgd import PGD
 from spmc.attacks.scaling import Scaling
 from spmc.attacks.semantic import Semantic
 from spmc.attacks.sign_flip import SignFlip
@@ -38,6 +41,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "ipm": Ipm,
     "sign_flip": SignFlip,
     "gaussian": Gaussian,
+    "pgd": PGD,
+    "constrain_scale": ConstrainScale,
+    "neurotoxin": Neurotoxin,
 }
 
 

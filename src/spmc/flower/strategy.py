@@ -43,6 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from spmc.attacks import Crafter
 from spmc.config import ConfigError
 from spmc.defenses import Defense
 from spmc.flower.convert import MalformedUpdate, arrays_to_state, finite_number, metric_record, state_to_arrays
@@ -471,11 +472,15 @@ class DefenseStrategy(Strategy):
 
     def state_dict(self, server_round: int) -> dict[str, Any]:
         """Everything needed to resume after ``server_round``: the server core's checkpoint (the simulator's format:
-        global state, teachers, defense state, config hash) and the node → client map."""
+        global state, teachers, defense state, config hash), the node → client map and the crafting attack's state
+        across rounds (e.g. PGD's learned radius) when it keeps one."""
         if self.global_state is None:
             raise RuntimeError("no global state to checkpoint")
         node_clients = {str(n): c for n, c in self.node_clients.items()}
-        return self.core.checkpoint(server_round, self.config_hash, node_clients=node_clients)
+        crafter = self.core.crafter
+        attack_state = crafter.state_dict() if isinstance(crafter, Crafter) else {}
+        extra: dict[str, Any] = {"attack_state": attack_state} if attack_state else {}
+        return self.core.checkpoint(server_round, self.config_hash, node_clients=node_clients, **extra)
 
     def load_state_dict(self, payload: dict[str, Any]) -> int:
         """Restore a :meth:`state_dict`; returns the last completed round. Refuses another model or defense (a
@@ -484,6 +489,8 @@ class DefenseStrategy(Strategy):
         try:
             done = self.core.restore(payload, self.config_hash, where=where, strict_config=False)
             node_clients = {int(n): int(c) for n, c in payload["node_clients"].items()}
+            if isinstance(self.core.crafter, Crafter):
+                self.core.crafter.load_state_dict(payload.get("attack_state") or {})
         except (RunDirError, KeyError, ValueError, TypeError, AttributeError) as err:
             raise ConfigError(str(err) if isinstance(err, RunDirError) else f"{where}: {err!r}") from None
         self._has_state = True
