@@ -13,14 +13,18 @@ point never needs the lost worker's disk. ``ray`` is imported only when a Ray sw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,7 +83,9 @@ def ray_session(options: RayOptions) -> Iterator[None]:
     if options.address == "local":
         kwargs["include_dashboard"] = False
     try:
-        ray.init(address=options.address, **kwargs)
+        with warnings.catch_warnings():  # Ray's notice about a future change of accelerator variables
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=options.address, **kwargs)
     except ConnectionError as err:
         raise ConfigError(f"--ray: cannot connect to {options.address!r} ({err})") from None
     try:
@@ -202,3 +208,123 @@ class RayRunner:
                 self._ray.cancel(ref, force=True)
             except Exception as err:  # a task that just finished cannot be cancelled: nothing left to stop
                 log.debug("cancel: %s", err)
+
+
+def _proc_stat(pid: str) -> tuple[int, int] | None:
+    """(parent PID, session ID) of a process from ``/proc/PID/stat``; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+    return int(fields[1]), int(fields[3])
+
+
+def processes_of(sessions: set[int], ancestor: int | None = None) -> list[int]:
+    """Live PIDs (Linux ``/proc``) whose session is one of ``sessions``, or, with ``ancestor``, whose parent
+    chain leads to it: what is left of process trees that should have been stopped."""
+    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _proc_stat(p)) is not None}
+    left = []
+    for pid, (ppid, sid) in stats.items():
+        chain, seen = ppid, 0
+        while ancestor is not None and chain > 1 and chain != ancestor and seen < 4096:
+            chain, seen = stats.get(chain, (0, 0))[0], seen + 1
+        if sid in sessions or (ancestor is not None and chain == ancestor and pid != ancestor):
+            left.append(pid)
+    return sorted(left)
+
+
+class LocalCluster:
+    """A Ray cluster on 127.0.0.1 for tests and benchmarks: a head and worker nodes, each a ``ray start --block``
+    with its own CPU count, in its own session and process group, so that :meth:`kill_node` and :meth:`stop`
+    end a node with all its processes by PID (never ``ray stop``, which stops every Ray on the machine).
+
+    ``temp_dir`` must be short (Ray's socket paths live under it; a Unix socket path has at most 107 bytes)."""
+
+    def __init__(self, cpus: list[int], temp_dir: Path, ray_bin: str | None = None) -> None:
+        if not cpus or any(c < 0 for c in cpus):
+            raise ValueError(f"cpus: got {cpus!r}; must be one count >= 0 per node, the head first")
+        self.cpus = list(cpus)
+        self.temp_dir = Path(temp_dir)
+        self.ray_bin = ray_bin or str(Path(sys.executable).with_name("ray"))
+        self.port = 0
+        self.nodes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start_node(self, index: int, head: bool) -> None:
+        cmd = [self.ray_bin, "start", "--block", "--num-cpus", str(self.cpus[index]), "--disable-usage-stats"]
+        if head:
+            cmd += ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port)]
+            cmd += ["--temp-dir", str(self.temp_dir), "--include-dashboard", "false"]
+        else:
+            cmd += ["--address", self.address, "--node-ip-address", "127.0.0.1"]
+        log_file = open(self.temp_dir / f"node{index}.log", "wb")  # noqa: SIM115 (the node keeps writing it)
+        with log_file:
+            self.nodes.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the head, then the worker nodes; return once every node is alive in the cluster."""
+        import ray
+
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._start_node(0, head=True)
+        self._wait(lambda: _can_connect(self.port), timeout, "the head's GCS port")
+        for i in range(1, len(self.cpus)):
+            self._start_node(i, head=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        try:
+            self._wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(self.cpus), timeout, "every node")
+        finally:
+            ray.shutdown()
+
+    def _wait(self, ready: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [p.pid for p in self.nodes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"ray cluster: no {what} after {timeout:.0f} s (exited nodes: {dead}); logs in {self.temp_dir}"
+                )
+            time.sleep(0.3)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node ``index`` with every process of its group (its raylet, workers and their children)."""
+        node = self.nodes[index]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """Stop every node by its process group (SIGTERM, SIGKILL after ``grace`` s), workers first; the PIDs still
+        alive in the nodes' sessions afterwards (empty when all is gone)."""
+        sessions = {p.pid for p in self.nodes}
+        for node in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while processes_of(sessions) and time.monotonic() < deadline:
+            for node in self.nodes:
+                node.poll()
+            time.sleep(0.2)
+        for node in self.nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        deadline = time.monotonic() + grace
+        while (left := processes_of(sessions)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
+
+def _can_connect(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
