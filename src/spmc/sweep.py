@@ -26,6 +26,8 @@ Processes and locks: each ``spmc run`` child dies with the sweep (Linux ``PR_SET
 the sweep takes its children along; a SIGTERM or Ctrl-C of the sweep terminates them first). While a grid point
 runs, the sweep holds ``.sweep.lock`` in its directory (the child takes the run's own ``.lock``), so a second
 sweep on the same grid reports that point as ``busy`` instead of running it twice.
+
+With ``ray`` (:class:`spmc.cluster.RayOptions`) the points run as Ray tasks under the same rules (:mod:`spmc.cluster`).
 """
 
 from __future__ import annotations
