@@ -16,6 +16,7 @@ import pytest
 
 from spmc.cluster import LocalCluster, RayOptions, processes_of, write_results
 from spmc.config import ConfigError
+from spmc.store import SWEEP_LOCK, RunLock
 from spmc.sweep import run_sweep
 
 GRID = {
@@ -26,9 +27,10 @@ TIMING = ("seconds", "train_seconds", "seconds_per_round")
 
 
 def _results(root: Path) -> dict[str, tuple[dict, list[dict]]]:
-    """Per run: its summary and metrics records, without the wall-clock timings."""
+    """Per run (``root`` itself when it is one): its summary and metrics records, without wall-clock timings."""
     out = {}
-    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+    runs = [root] if (root / "config.json").exists() else sorted(p for p in root.iterdir() if p.is_dir())
+    for run in runs:
         summary = json.loads((run / "summary.json").read_text())
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         strip = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
@@ -104,9 +106,13 @@ def test_ray_sweep_resumes_an_interrupted_point_from_the_drivers_files(cluster: 
     ray_root = tmp_path / "ray"
     shutil.copytree(local, ray_root)
     (ray_root / "seed0" / "summary.json").unlink()  # interrupted after its last checkpoint
-    (outcome,) = run_sweep(grid, ray_root, ray=RayOptions(cluster.address))
-    assert outcome.status == "resumed", outcome.error
-    assert _results(ray_root) == _results(local)
+    (ray_root / "seed1").mkdir()
+    with RunLock(ray_root / "seed1", SWEEP_LOCK):  # another sweep runs this point
+        resumed, busy = run_sweep({**grid, "grid": {"seed": [0, 1]}}, ray_root, ray=RayOptions(cluster.address))
+    assert resumed.status == "resumed", resumed.error
+    assert busy.status == "busy" and "in use by process" in busy.error
+    assert not (ray_root / "seed1" / "config.json").exists()
+    assert _results(ray_root / "seed0") == _results(local / "seed0")
 
 
 @pytest.mark.parametrize(
