@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from spmc.attacks import ATTACKS, HOOKS, Attack, attack_kind
+from spmc.cluster import RayOptions
 from spmc.config import PRESET_DESCRIPTIONS, PRESETS, ConfigError, Experiment, resolve
 from spmc.data import DATASETS, DataError
 from spmc.defenses import DEFENSES
@@ -206,7 +207,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def report(o: SweepOutcome) -> None:
         console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
 
-    outcomes = run_sweep(spec, args.out, args.jobs, report)
+    outcomes = run_sweep(spec, args.out, args.jobs, report, _ray_options(args))
     for o in outcomes:
         table.add_row(escape(o.run.name), o.status, *(_metric_text(o.summary.get(k)) for k in ("A", "R", "V")))
     console.print(table)
@@ -220,6 +221,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from spmc import matrix
 
     root = Path(args.out)
+    ray = _ray_options(args)
     if args.report_only:
         spec = load_grid(root / matrix.MATRIX_FILE)
     else:
@@ -236,18 +238,43 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             args.seeds,
             base,
             root,
-            args.jobs,
+            1 if args.jobs is None else args.jobs,
         )
         matrix.save_spec(spec, root)
 
         def report(o: SweepOutcome) -> None:
             console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
 
-        outcomes = run_sweep(spec, root, args.jobs, report)
+        outcomes = run_sweep(spec, root, args.jobs, report, ray)
         matrix.record_outcomes(root, outcomes)
     for path in matrix.write_report(spec, root, args.title):
         console.print(f"wrote {escape(str(path))}", highlight=False)
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The Ray options of ``--ray [ADDRESS]``, ``--cpus-per-run``, ``--gpus-per-run``; None without ``--ray``."""
+    if args.ray is None:
+        return None
+    return RayOptions(args.ray, args.cpus_per_run, args.gpus_per_run)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray cluster (extra spmc[ray]; see docs/cluster.md)")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the points as Ray tasks: on a local Ray instance, or on the cluster at ADDRESS (host:port); "
+        "results are written here, --jobs then caps the tasks in flight (default: all points)",
+    )
+    group.add_argument(
+        "--cpus-per-run", type=int, default=1, help="with --ray: CPUs each point reserves, also its threads (default 1)"
+    )
+    group.add_argument(
+        "--gpus-per-run", type=float, default=0.0, help="with --ray: GPUs each point reserves (default 0)"
+    )
 
 
 def _metric_text(value: Any) -> str:
@@ -381,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("grid", help="grid file (TOML with [base] and [grid]; see docs/reproducing.md)")
     sweep.add_argument("--out", "-o", help="root folder of the run directories (default: the file's `out`)")
     sweep.add_argument("--jobs", "-j", type=int, help="runs at once (default: the file's `jobs`, else 1)")
+    _add_ray_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
     mat = sub.add_parser(
         "matrix",
@@ -396,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--attacks", nargs="+", default=["all"], help="attacks, each a row (default all; see docs)")
     mat.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="any other option")
     mat.add_argument("--out", "-o", default="runs/matrix", help="folder of the cells and the report")
-    mat.add_argument("--jobs", "-j", type=int, default=1, help="cells at once (default 1)")
+    mat.add_argument("--jobs", "-j", type=int, help="cells at once (default 1; with --ray: all)")
     mat.add_argument("--title", default="", help="title of matrix.md")
     mat.add_argument(
         "--report-only", action="store_true", help="only rebuild the report from --out/matrix.toml and its cells"
     )
+    _add_ray_options(mat)
     mat.set_defaults(func=cmd_matrix)
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
     lst.add_argument("--options", action="store_true", help="list every configuration option instead")

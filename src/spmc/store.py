@@ -73,10 +73,15 @@ def config_hash(config: dict[str, Any]) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file; on
     failure the old file is untouched and the temporary file removed."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`atomic_write_text` does (temporary file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with naming_path(path), open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with naming_path(path), open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -26,6 +26,8 @@ Processes and locks: each ``spmc run`` child dies with the sweep (Linux ``PR_SET
 the sweep takes its children along; a SIGTERM or Ctrl-C of the sweep terminates them first). While a grid point
 runs, the sweep holds ``.sweep.lock`` in its directory (the child takes the run's own ``.lock``), so a second
 sweep on the same grid reports that point as ``busy`` instead of running it twice.
+
+With ``ray`` (:class:`spmc.cluster.RayOptions`) the points run as Ray tasks under the same rules (:mod:`spmc.cluster`).
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spmc.config import ConfigError, load_toml_file, resolve
 from spmc.data import DataError
 from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file
+
+if TYPE_CHECKING:
+    from spmc.cluster import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +165,36 @@ def run_dir_in(root: Path, name: str) -> Path:
 
 def command_for(run: SweepRun, run_dir: Path, threads: int) -> tuple[list[str], str]:
     """The ``spmc run`` command for a run and what it will do: ``skip``, ``resume`` or ``start``."""
-    if (run_dir / "summary.json").exists():
-        return [], "skip"
+    action = point_action(run_dir)
     cmd = [sys.executable, "-m", "spmc", "run", "-q"]
+    if action == "skip":
+        return [], action
+    if action == "resume":
+        return [*cmd, "--resume", str(run_dir)], action
+    return [*cmd, *run_options_args(run, threads), "--out", str(run_dir)], action
+
+
+def point_action(run_dir: Path) -> str:
+    """What a sweep does with a grid point's directory: ``skip`` (it has ``summary.json``), ``resume`` (a
+    ``checkpoint.pt`` and its ``config.json``) or ``start``."""
+    if (run_dir / "summary.json").exists():
+        return "skip"
     if (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").exists():
-        return [*cmd, "--resume", str(run_dir)], "resume"
+        return "resume"
+    return "start"
+
+
+def run_options_args(run: SweepRun, threads: int) -> list[str]:
+    """The ``spmc run`` arguments that set a point's options: ``--preset`` and one ``--set key=JSON`` each
+    (``threads`` added when non-zero and the point does not set it)."""
     options = dict(run.options)
     preset = options.pop("preset", None)
-    if preset is not None:
-        cmd += ["--preset", str(preset)]
+    args = ["--preset", str(preset)] if preset is not None else []
     if threads:
         options.setdefault("threads", threads)
     for key, value in options.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    return [*cmd, "--out", str(run_dir)], "start"
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
 
 
 def run_sweep(
@@ -181,16 +202,68 @@ def run_sweep(
     out: str | Path | None = None,
     jobs: int | None = None,
     on_done: Callable[[SweepOutcome], None] | None = None,
+    ray: RayOptions | None = None,
 ) -> list[SweepOutcome]:
-    """Run every grid point not finished yet, ``jobs`` at a time, each in its own process."""
+    """Run every grid point not finished yet, each in its own process: ``jobs`` at a time on this machine, or,
+    with ``ray``, as Ray tasks (``jobs``, when given, caps the tasks in flight; the grid file's ``jobs`` is for
+    local sweeps only) whose results are written into the run directories here (:mod:`spmc.cluster`)."""
     runs = expand_grid(spec)
     root = sweep_root(spec, out)
-    jobs = sweep_jobs(spec, jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    if ray is None:
+        jobs = sweep_jobs(spec, jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    else:
+        jobs = sweep_jobs({}, jobs) if jobs is not None else max(1, len(runs))
+        threads = ray.cpus_per_run
     run_dirs = {run.name: run_dir_in(root, run.name) for run in runs}
     root.mkdir(parents=True, exist_ok=True)
+    if ray is None:
+        return _run_points(runs, run_dirs, jobs, _LocalRunner(threads), on_done)
+    from spmc.cluster import RayRunner, ray_session
 
-    children = _Children()
+    with ray_session(ray):
+        return _run_points(runs, run_dirs, jobs, RayRunner(ray), on_done)
+
+
+class _Runner(Protocol):
+    """What runs one grid point's ``spmc run``: here (:class:`_LocalRunner`) or on Ray (``RayRunner``)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def execute(self, run: SweepRun, run_dir: Path, action: str) -> tuple[int, str, str]: ...
+
+    def stop(self) -> None: ...
+
+
+class _LocalRunner:
+    """Runs a grid point as an ``spmc run`` child of this process (``threads`` each when non-zero)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.children = _Children()
+
+    @property
+    def stopping(self) -> bool:
+        return self.children.stopping
+
+    def execute(self, run: SweepRun, run_dir: Path, action: str) -> tuple[int, str, str]:
+        cmd, _ = command_for(run, run_dir, self.threads)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})}
+        return self.children.run(cmd, env)
+
+    def stop(self) -> None:
+        self.children.stop()
+
+
+def _run_points(
+    runs: list[SweepRun],
+    run_dirs: dict[str, Path],
+    jobs: int,
+    runner: _Runner,
+    on_done: Callable[[SweepOutcome], None] | None,
+) -> list[SweepOutcome]:
+    """Each point under its ``.sweep.lock``: skipped, resumed or started by ``runner``, ``jobs`` at a time."""
 
     def done(outcome: SweepOutcome) -> SweepOutcome:
         if on_done is not None:
@@ -207,13 +280,17 @@ def run_sweep(
         except OSError as err:
             return done(SweepOutcome(run, "failed", error=f"{err.filename or run_dir}: {err.strerror or err}"))
         with point:
-            cmd, action = command_for(run, run_dir, threads)
+            action = point_action(run_dir)
             if action != "skip":
                 log.info("%s %s", action, run_dir)
-                env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-                code, stdout, stderr = children.run(cmd, env)
+                try:
+                    code, stdout, stderr = runner.execute(run, run_dir, action)
+                except OSError as err:
+                    return done(SweepOutcome(run, "failed", error=f"{err.filename or run_dir}: {err.strerror or err}"))
+                except ValueError as err:  # a Ray task's result that is not a run directory's files
+                    return done(SweepOutcome(run, "failed", error=str(err)))
                 if code != 0:
-                    status = "stopped" if children.stopping else "failed"
+                    status = "stopped" if runner.stopping else "failed"
                     return done(SweepOutcome(run, status, error=child_error(stderr, stdout, code)))
             try:
                 summary = read_json_file(run_dir / "summary.json")
@@ -221,11 +298,11 @@ def run_sweep(
                 return done(SweepOutcome(run, "failed", error=f"{run_dir / 'summary.json'}: {err}"))
         return done(SweepOutcome(run, {"skip": "skipped", "resume": "resumed", "start": "done"}[action], summary))
 
-    with _terminate_on_signal(children), ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _terminate_on_signal(runner), ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
             return list(pool.map(one, runs))
         except BaseException:
-            children.stop()
+            runner.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
@@ -307,8 +384,8 @@ class _Children:
 
 
 @contextmanager
-def _terminate_on_signal(children: _Children) -> Iterator[None]:
-    """While the sweep runs (main thread only), SIGTERM stops the children and exits with status 143."""
+def _terminate_on_signal(children: _Runner) -> Iterator[None]:
+    """While the sweep runs (main thread only), SIGTERM stops the children (or Ray tasks) and exits with 143."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
