@@ -69,6 +69,7 @@ class Scaling(Attack):
     name: ClassVar[str] = "scaling"
     description: ClassVar[str] = "model replacement: θ_g + Γ·(θ_k − θ_g), Γ = scale_factor or K/m (Bagdasaryan 2020)"
     hooks: ClassVar[frozenset[Hook]] = frozenset({"crafting"})
+    carries_backdoor: ClassVar[bool] = True
     options_type: ClassVar[type[ScalingOptions]] = ScalingOptions
     options: ScalingOptions
 
