@@ -14,11 +14,9 @@ import torch
 
 pytest.importorskip("flwr")
 
-import itertools  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
 from spmc.attacks import ATTACKS, Attack, CraftingInputs  # noqa: E402
@@ -29,6 +27,8 @@ from spmc.flower.convert import state_to_arrays  # noqa: E402
 from spmc.flower.strategy import SHADOW_KEY  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
+
+from ._flower_grid import StandInGrid  # noqa: E402
 
 K = 4
 MEAN = "test-benign-mean-flower"
@@ -64,43 +64,6 @@ class BenignMean(Attack):
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 Handler = Callable[[Message], Message]
-
-
-class StandInGrid(Grid):
-    """Delivers each pushed message to a node's handler at once (as ``tests/test_flower_protocol.py``'s)."""
-
-    def __init__(self, handlers: dict[int, Handler]) -> None:
-        self.handlers = handlers
-        self.replies: dict[str, Message] = {}
-        self._ids = itertools.count()
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        pass
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.handlers)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = f"m{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = msg_id
-            self.replies[msg_id] = self.handlers[msg.metadata.dst_node_id](msg)
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,49 @@
+"""A stand-in Flower Grid that delivers each pushed message to a node's handler at once, so the ServerApp and
+ClientApp logic run in one process (as ``tests/test_flower_protocol.py``'s)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+Handler = Callable[[Message], Message]
+
+
+class StandInGrid(Grid):
+    """Delivers each pushed message to a node's handler at once (as ``tests/test_flower_protocol.py``'s)."""
+
+    def __init__(self, handlers: dict[int, Handler]) -> None:
+        self.handlers = handlers
+        self.replies: dict[str, Message] = {}
+        self._ids = itertools.count()
+
+    def set_run(self, run: object) -> None:  # type: ignore[override]
+        pass
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.handlers)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self.replies[msg_id] = self.handlers[msg.metadata.dst_node_id](msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
