@@ -5,7 +5,7 @@ whose trigger each attacker node optimises on its own data (docs/attacks.md)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
-from spmc.attacks import ATTACKS  # noqa: E402
+from spmc.attacks import ATTACKS, Attack, CraftingInputs  # noqa: E402
+from spmc.attacks.base import Hook  # noqa: E402
 from spmc.flower import client_app, parse_run_config, run_server  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
@@ -80,3 +81,41 @@ def test_every_attack_runs_a_round_over_flower(name: str, tmp_path: Any) -> None
         assert not torch.equal(flower_state, engine.global_state)  # per-node triggers: documented, not hidden
     else:
         torch.testing.assert_close(flower_state, engine.global_state, rtol=0, atol=1e-6)
+
+
+class Recorder(Attack):
+    """Crafting hook that records which attackers it crafts for and leaves their states as they are."""
+
+    name: ClassVar[str] = "test-recorder"
+    hooks: ClassVar[frozenset[Hook]] = frozenset({"crafting"})
+    seen: ClassVar[list[tuple[int, ...]]] = []
+
+    def craft(self, inputs: CraftingInputs) -> torch.Tensor:
+        Recorder.seen.append(inputs.attacker_ids)
+        return inputs.attacker_states
+
+
+def test_a_node_made_malicious_by_its_node_config_is_crafted_too(tmp_path: Any, monkeypatch: Any) -> None:
+    """Under Flower the crafting step's attackers are the nodes that report themselves malicious: the configured
+    last ⌊γK⌋ (2, 3) and node 0, whose node config says ``malicious = true``."""
+    monkeypatch.setitem(ATTACKS, Recorder.name, Recorder)
+    Recorder.seen = []
+    overrides = {**TINY, "attack": "badnets", "update_attack": Recorder.name}
+
+    def handler(pid: int) -> Handler:
+        config = {"partition-id": pid, "num-partitions": K, **({"malicious": True} if pid == 0 else {})}
+
+        def handle(msg: Message) -> Message:
+            ctx = Context(
+                run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={}
+            )
+            if msg.metadata.message_type == "query":
+                return client_app.query(msg, ctx)
+            return client_app.train(msg, ctx, overrides)
+
+        return handle
+
+    grid = StandInGrid({500 + k: handler(k) for k in range(K)})
+    cfg, opts = parse_run_config({}, {**overrides, "rounds": 1, "round-timeout": 30.0, "out-dir": str(tmp_path)})
+    run_server(grid, cfg, opts)
+    assert Recorder.seen == [(0, 2, 3)]

@@ -222,6 +222,7 @@ class DefenseStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id)
         ids = [u.client_id for u in updates]
         shadows = {u.client_id: u.shadow for u in updates if u.shadow is not None}
+        self._attackers_as_reported(updates)
         outcome = self.core.step(t, [u.state for u in updates], ids, [u.num_samples for u in updates], shadows)
         rejected += list(outcome.refused)
         aggregated = [u for u in updates if u.client_id in outcome.kept_ids]
@@ -450,6 +451,18 @@ class DefenseStrategy(Strategy):
             train_seconds=math.nan if train_seconds is None else train_seconds,
             shadow=shadow,
         )
+
+    def _attackers_as_reported(self, updates: list[ClientUpdate]) -> None:
+        """The crafting step's attackers as the nodes report them: a node's ``malicious`` flag (its node config, or
+        the configured last ⌊γK⌋ ids) decides whether its reply is crafted, so a node made malicious by its node
+        config is an attacker of the crafting step too. Nodes that report nothing keep the configured role."""
+        crafter = self.core.crafter
+        reported = [u for u in updates if u.malicious is not None]
+        if not reported or not isinstance(crafter, Crafter):
+            return
+        known = {u.client_id for u in reported}
+        flagged = {u.client_id for u in reported if u.malicious}
+        crafter.attackers = frozenset((crafter.attackers - known) | flagged)
 
     def _round_record(self, outcome: RoundOutcome, updates: list[ClientUpdate]) -> dict[str, Any]:
         """What the round decided, for ``metrics.jsonl`` and (flattened) the train MetricRecord."""
