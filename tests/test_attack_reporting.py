@@ -105,10 +105,14 @@ def test_update_attack_accepts_training_or_crafting_attacks_only(test_attacks: N
     assert make_experiment(attack="none", update_attack="test_shrink").update_attack == "test_shrink"
     assert make_experiment(attack="none", update_attack="test_sign_flip").update_attack == "test_sign_flip"
     with pytest.raises(
-        ConfigError,
-        match="update_attack: got .semantic.; unknown update attack; allowed: none, test_shrink, test_sign_flip",
-    ):
+        ConfigError, match="update_attack: got .semantic.; unknown update attack; allowed: none, "
+    ) as err:
         make_experiment(update_attack="semantic")  # a data attack only
+    allowed = str(err.value).split("allowed: ")[1].split(", ")
+    assert {"test_shrink", "test_sign_flip", "scaling", "pgd"} <= set(allowed)
+    assert not {"semantic", "badnets", "a3fl", "label_flip"} & set(allowed)  # data attacks (a3fl trains a trigger)
+    with pytest.raises(ConfigError, match="attack: got 'lie'; unknown data attack"):
+        make_experiment(attack="lie")  # an update attack is no data attack
 
 
 # ------------------------------------------------------------------------------------------------- summaries
