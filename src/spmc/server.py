@@ -5,6 +5,7 @@
 S_t       ← sample_participants(pool, p, seed, t)              (all of the pool at p = 1, else ⌈p·|pool|⌉ seeded)
 crafting  ← the update attack's crafting hook rewrites the attackers' states (ATTACKS.md §A2.3; attack rounds),
             seeing the attackers' clean shadow models when they trained some (``attacker_knowledge = partial``)
+            and the teachers sent this round, when the server sends teachers (§A5 ``coalition_mimic``)
 screen    ← update guard over the states: refused ones are logged and dropped, or stop the run (spec.guard)
 θ_g, α    ← defense.aggregate(states, ids, counts)
 θ_g       ← finalise_global(θ_g)                                (integer counters rounded; non-finite refused)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 class Crafting(Protocol):
     """The crafting step (:class:`spmc.attacks.Crafter`): (round, θ_g, states, ids, the attackers' clean models
-    by id) → states with the attackers' replaced."""
+    by id, the teachers sent this round by id) → states with the attackers' replaced."""
 
     def __call__(
         self,
@@ -46,6 +47,7 @@ class Crafting(Protocol):
         states: Sequence[torch.Tensor],
         ids: Sequence[int],
         clean: Mapping[int, torch.Tensor] | None = None,
+        teachers: Mapping[int, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]: ...
 
 
@@ -150,9 +152,13 @@ class ServerCore:
         crafting → screen → defense → finalise_global → teachers. A crafted state passes the guard like any
         other. ``shadows`` (attacker id → its clean model of the round, ``attacker_knowledge = partial``) go to
         the crafting step only: never to the guard, the defense or the record. When every state is refused the
-        global model and the teachers stay as they are and the outcome has no aggregate."""
+        global model and the teachers stay as they are and the outcome has no aggregate.
+
+        The crafting step also sees the teachers sent this round (:attr:`teachers`, computed after the previous
+        round), when the server sends teachers at all: some client of the round learns from one."""
         if self.crafter is not None:
-            states = self.crafter(t, self.global_state, states, ids, shadows)
+            sent = self.teachers if any(self.learns_from_teacher(k) for k in ids) else None
+            states = self.crafter(t, self.global_state, states, ids, shadows, sent)
         refused = self.screen(t, states, ids)
         keep = [i for i, k in enumerate(ids) if k not in refused]
         outcome = RoundOutcome(tuple(ids), refused)

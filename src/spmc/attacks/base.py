@@ -34,6 +34,7 @@ import torch
 
 from spmc.params import ParamLayout
 from spmc.threat import ThreatModel, num_attackers
+from spmc.training import ClientMethod
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ class CraftingInputs:
     ``partial`` they are the attackers' pooled clean models (their estimate of benign behaviour) and
     ``benign_ids`` is empty. ``clean_states`` [m, d] holds the attackers' own clean models, row i for
     ``attacker_ids[i]``, when they were trained (``partial``, or an attack with :attr:`Attack.needs_clean`) and
-    every attacker of the round sent one; else None."""
+    every attacker of the round sent one; else None.
+
+    ``teachers`` [m, d] holds the teacher the server sent each attacker this round (row i for ``attacker_ids[i]``:
+    SPMC's α-weighted marginal-coalition model, ALGORITHMS.md §4.1), when the server sends teachers (some client
+    of the round distils from one); an attacker the server holds no teacher for yet (Flower's first round, a new
+    node) gets θ_g, what the SPMC client distils from without one. None when the server sends no teachers. It is
+    the attacker's own message from the server, so it is there under either knowledge."""
 
     round: int
     global_state: torch.Tensor
@@ -110,6 +117,7 @@ class CraftingInputs:
     benign_states: torch.Tensor
     benign_ids: tuple[int, ...]
     clean_states: torch.Tensor | None = None
+    teachers: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,11 @@ class Attack:
     #: ``attacker_knowledge = full`` too (under ``partial`` they are always trained): each attacker of an attack
     #: round then also trains a clean model on its clean data, as under ``partial``.
     needs_clean: ClassVar[bool] = False
+    #: The client procedure the attackers run in attack rounds whatever the configured one (``plain``: they skip
+    #: SPMC's, ALGORITHMS.md §4; the adaptive attacks of ATTACKS.md §A5); None: the configured one (or
+    #: ``malicious_client``). Read by :meth:`spmc.federation.Federation.method_for`, so the engines and the Flower
+    #: ClientApp alike train with it.
+    client_procedure: ClassVar[ClientMethod | None] = None
 
     def __init__(
         self, settings: AttackSettings | None = None, options: Any = None, threat: ThreatModel | None = None
@@ -301,8 +314,12 @@ class Crafter:
         states: Sequence[torch.Tensor],
         ids: Sequence[int],
         clean: Mapping[int, torch.Tensor] | None = None,
+        teachers: Mapping[int, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """``states`` with the attackers' rows crafted (unchanged outside attack rounds or without attackers)."""
+        """``states`` with the attackers' rows crafted (unchanged outside attack rounds or without attackers).
+
+        ``teachers`` (client id → the teacher the server sent it this round; None when it sends none) become
+        :attr:`CraftingInputs.teachers`, θ_g for an attacker without one."""
         bad = [i for i, k in enumerate(ids) if k in self.attackers]
         if not bad or not self.schedule.active(t):
             return list(states)
@@ -330,6 +347,9 @@ class Crafter:
             benign_states=benign,
             benign_ids=benign_ids,
             clean_states=clean_states,
+            teachers=None
+            if teachers is None
+            else torch.stack([teachers.get(k, global_state).to(global_state) for k in bad_ids]),
         )
         crafted = self.attack.craft(inputs)
         if crafted.shape != inputs.attacker_states.shape:
@@ -451,6 +471,15 @@ class AttackPlan:
             if "training" in attack.hooks:
                 changed |= bool(attack.prepare_round(t, global_state, attackers)) and attack is self.data
         return changed
+
+    @property
+    def client_procedure(self) -> ClientMethod | None:
+        """The client procedure the attackers run in attack rounds by the attacks' choice
+        (:attr:`Attack.client_procedure` of the update attack, else of the data attack), or None."""
+        for attack in reversed(self.attacks):
+            if attack.client_procedure is not None:
+                return attack.client_procedure
+        return None
 
     def crafter(self) -> Crafter | None:
         """The crafting step of the update attack (None when it has no crafting hook or there are no attackers)."""

@@ -9,6 +9,7 @@ from spmc.attacks.a3fl import A3FL
 from spmc.attacks.badnets import BadNets
 from spmc.attacks.base import Attack, AttackKind, attack_kind
 from spmc.attacks.blended import Blended
+from spmc.attacks.coalition_mimic import CoalitionMimic
 from spmc.attacks.constrain_scale import ConstrainScale
 from spmc.attacks.dba import DBA
 from spmc.attacks.gaussian import Gaussian
@@ -23,6 +24,7 @@ from spmc.attacks.pgd import PGD
 from spmc.attacks.scaling import Scaling
 from spmc.attacks.semantic import Semantic
 from spmc.attacks.sign_flip import SignFlip
+from spmc.attacks.spmc_skip import SpmcSkip
 
 ATTACKS: dict[str, type[Attack]] = {
     "badnets": BadNets,
@@ -44,6 +46,9 @@ ATTACKS: dict[str, type[Attack]] = {
     "pgd": PGD,
     "constrain_scale": ConstrainScale,
     "neurotoxin": Neurotoxin,
+    # adaptive attacks (the attacker knows the defense), ATTACKS.md §A5
+    "spmc_skip": SpmcSkip,
+    "coalition_mimic": CoalitionMimic,
 }
 
 
