@@ -11,6 +11,7 @@ from spmc.attacks.base import Attack, AttackKind, attack_kind
 from spmc.attacks.blended import Blended
 from spmc.attacks.constrain_scale import ConstrainScale
 from spmc.attacks.dba import DBA
+from spmc.attacks.defense_aware import DefenseAware
 from spmc.attacks.gaussian import Gaussian
 from spmc.attacks.ipm import Ipm
 from spmc.attacks.label_flip import LabelFlip
@@ -44,6 +45,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "pgd": PGD,
     "constrain_scale": ConstrainScale,
     "neurotoxin": Neurotoxin,
+    # adaptive attacks, ATTACKS.md §A5
+    "defense_aware": DefenseAware,
 }
 
 
