@@ -323,7 +323,7 @@ def test_it_runs_unchanged_against_every_registered_defense(name: str) -> None:
     except Exception as err:  # a defense whose configuration this synthetic round cannot give (server data)
         pytest.skip(f"{name}: {err}")
     if defense.needs_server_data:
-        pytest.skip(f"{name} needs the server's data (covered by the run tests)")
+        pytest.skip(f"{name} needs the server's data (fltrust is covered by the CLI run test)")
     before = snapshot(defense)
     g, states = round_states(10, {7, 8, 9})
     crafter = Crafter(attack(10, 0.3), frozenset({7, 8, 9}))
@@ -353,7 +353,7 @@ TINY = ["--preset", "smoke", "--rounds", "1", "-q", "--set", "kernel=torch", "--
 TINY += ["--set", "synthetic_test_size=20", "--set", "batch_size=32"]
 
 
-@pytest.mark.parametrize(("defense", "engine"), [("fedavg", "batched"), ("median", "sequential")])
+@pytest.mark.parametrize(("defense", "engine"), [("fedavg", "batched"), ("fltrust", "sequential")])
 def test_cli_run_records_the_chosen_gamma(tmp_path: Path, defense: str, engine: str) -> None:
     out = tmp_path / "run"
     args = ["--set", "update_attack=defense_aware", "--set", f"defense={defense}", "--set", f"engine={engine}"]
