@@ -29,7 +29,7 @@ from spmc.cli import main
 from spmc.config import build_attack
 from spmc.defenses import DEFENSES, Aggregate, FedAvg, FedAvgOptions, RoundInputs, Stateful
 from spmc.params import ParamLayout
-from spmc.server import ServerCore
+from spmc.server import RoundOutcome, ServerCore
 from spmc.sweep import expand_grid
 from spmc.threat import ThreatModel
 
@@ -65,15 +65,14 @@ def step(
     knowledge: str = "full",
     counts: list[float] | None = None,
     **kw: Any,
-) -> ServerCore:
-    """One server round (crafting → defense) over ``round_states``; the core keeps the outcome in ``.last``."""
+) -> tuple[ServerCore, RoundOutcome]:
+    """One server round (crafting → defense) over ``round_states``: the server core and the round's outcome."""
     g, states = round_states(n, bad, **kw)
-    crafter = Crafter(a, frozenset(bad), knowledge=knowledge)  # type: ignore[arg-type]
+    crafter = Crafter(a, frozenset(bad), knowledge="partial" if knowledge == "partial" else "full")
     core = ServerCore(defense, LAYOUT, g, crafter=crafter)
     ids = list(range(n))
     clean = {k: g + 0.05 * (k + 1) * torch.ones(D, dtype=torch.float64) for k in bad}
-    core.last = core.step(0, states, ids, counts or [1.0] * n, clean)  # type: ignore[attr-defined]
-    return core
+    return core, core.step(0, states, ids, counts or [1.0] * n, clean)
 
 
 # ----------------------------------------------------------------------------------------------- registry, options
@@ -110,8 +109,8 @@ def test_options_are_validated(values: dict[str, Any], key: str) -> None:
 def test_fedavg_finds_scalings_gamma_k_over_m(n: int, bad: set[int]) -> None:
     """FedAvg, uniform counts: D(γ) = m·γ·‖δ‖/n, so γ* = n/m (all attackers: 1), within the bisection's step."""
     a = attack(n, min(len(bad) / n, 0.75))  # the threat model only serves partial knowledge
-    core = step(DEFENSES["fedavg"](), a, n, bad)
-    diag = core.last.crafting  # type: ignore[attr-defined]
+    core, last = step(DEFENSES["fedavg"](), a, n, bad)
+    diag = last.crafting
     expected = n / len(bad)
     assert expected <= diag["da_gamma"] <= expected * (1 + 2**-9), diag
     assert diag["da_calls"] <= 24 and diag["da_displacement"] >= 1.0
@@ -120,7 +119,7 @@ def test_fedavg_finds_scalings_gamma_k_over_m(n: int, bad: set[int]) -> None:
     benign = [s for k, s in enumerate(states) if k not in bad]
     mu = torch.stack(benign).mean(0) - g if benign else torch.zeros(D, dtype=torch.float64)
     delta = torch.stack([states[k] for k in sorted(bad)]).mean(0) - g
-    sent = core.last.states  # type: ignore[attr-defined]
+    sent = last.states
     for k in bad:
         assert torch.allclose(sent[k], g + mu + diag["da_gamma"] * delta, atol=1e-12)
     # the new global model: the benign average plus (about) the whole backdoor (model replacement)
@@ -132,15 +131,15 @@ def test_fedavg_with_sample_counts_finds_w_over_w_m() -> None:
     """fedavg_weighting = samples: D(γ) = γ·‖δ‖·W_M/W, so γ* = W/W_M (the sample counts reach the copy)."""
     counts = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]  # attackers 4, 5: W_M = 110 of W = 210
     a = attack(6, 0.34)
-    core = step(FedAvg(FedAvgOptions("samples")), a, 6, {4, 5}, counts=counts)
-    assert 210 / 110 <= core.last.crafting["da_gamma"] <= 210 / 110 * (1 + 2**-9)  # type: ignore[attr-defined]
+    _, last = step(FedAvg(FedAvgOptions("samples")), a, 6, {4, 5}, counts=counts)
+    assert 210 / 110 <= last.crafting["da_gamma"] <= 210 / 110 * (1 + 2**-9)
 
 
 def test_partial_knowledge_replicates_the_clean_estimates_to_k_minus_m() -> None:
     """partial: the benign set is the attackers' clean models standing for the run's K − m clients: γ* = K/m."""
     a = attack(10, 0.3)
-    core = step(DEFENSES["fedavg"](), a, 10, {7, 8, 9}, knowledge="partial")
-    assert 10 / 3 <= core.last.crafting["da_gamma"] <= 10 / 3 * (1 + 2**-9)  # type: ignore[attr-defined]
+    _, last = step(DEFENSES["fedavg"](), a, 10, {7, 8, 9}, knowledge="partial")
+    assert 10 / 3 <= last.crafting["da_gamma"] <= 10 / 3 * (1 + 2**-9)
 
 
 class NormGate:
@@ -300,7 +299,9 @@ def test_partial_knowledge_never_reads_a_benign_state(seed: int, junk: float) ->
         outs.append((torch.stack([out[k] for k in sorted(bad)]), crafter.diagnostics))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
     full = Crafter(attack(6, 0.34), frozenset(bad))
-    out = full(1, g, poisoned, list(range(6)), counts=[1.0] * 6, defense=DEFENSES["median"](), make_inputs=_builder(g, 1))
+    out = full(
+        1, g, poisoned, list(range(6)), counts=[1.0] * 6, defense=DEFENSES["median"](), make_inputs=_builder(g, 1)
+    )
     assert not torch.equal(torch.stack([out[k] for k in sorted(bad)]), outs[0][0])  # full does read them
 
 
@@ -339,8 +340,8 @@ def test_the_chosen_gamma_differs_per_defense() -> None:
     only needs γ ≈ 1 (the whole δ in one pick); median: 3 identical rows of 10 cannot move the median by ‖δ‖."""
     chosen = {}
     for name in ("fedavg", "krum", "median", "spmc"):
-        core = step(DEFENSES[name](), attack(10, 0.3), 10, {7, 8, 9}, spread=0.5)
-        chosen[name] = core.last.crafting  # type: ignore[attr-defined]
+        _, last = step(DEFENSES[name](), attack(10, 0.3), 10, {7, 8, 9}, spread=0.5)
+        chosen[name] = last.crafting
     assert 10 / 3 <= chosen["fedavg"]["da_gamma"] <= 10 / 3 * (1 + 2**-9)
     assert chosen["krum"]["da_gamma"] == pytest.approx(1.0, rel=2**-8)
     assert chosen["median"]["da_displacement"] < 1.0
@@ -387,3 +388,46 @@ def test_options_are_sweep_axes() -> None:
     for r in runs:
         plan = build_attack(make_experiment(update_attack="defense_aware", da_max_calls=r.options["da_max_calls"]))
         assert isinstance(plan.update, DefenseAware) and plan.update.options.max_calls == r.options["da_max_calls"]
+
+
+# ---------------------------------------------------------------------------------------------------------- Flower
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("defense", ["median", "foolsgold"])
+def test_the_flower_strategy_crafts_like_the_engine(defense: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crafting acts in the strategy's ServerCore: on the same client states its global model and the recorded γ
+    equal the simulation engine's (a stateful defense included)."""
+    pytest.importorskip("flwr")
+    from spmc.config import build_defense
+    from spmc.flower import DefenseStrategy, arrays_to_state
+    from spmc.simulation import Simulation
+    from spmc.training import ClientResult
+
+    from .test_crafting_flower import SMALL, reply
+
+    cfg = make_experiment(**{**SMALL, "num_clients": 5, "gamma": 0.4}, update_attack="defense_aware", defense=defense)
+    sim = Simulation(cfg)
+    g = torch.Generator().manual_seed(2)
+    states = {k: sim.global_state + 0.01 * torch.randn(sim.layout.dim, generator=g) for k in range(5)}
+    monkeypatch.setattr(
+        sim.engine,
+        "train_round",
+        lambda start, tasks: [ClientResult(t.client_id, states[t.client_id].clone(), 1.0, 1) for t in tasks],
+    )
+    strategy = DefenseStrategy(
+        build_defense(cfg),
+        sim.layout,
+        send_teachers=False,
+        initial_state=sim.global_state.clone(),
+        crafter=build_attack(cfg).crafter(),
+    )
+    replies = [
+        reply(sim.layout, states[k], node=700 - 13 * k, pid=k, num=sim.data.num_samples[k]) for k in (4, 1, 3, 0, 2)
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    record = sim.run_round(0)
+    assert arrays is not None and metrics is not None
+    assert torch.allclose(arrays_to_state(sim.layout, arrays), sim.global_state, atol=1e-7, rtol=0)
+    assert record["crafting"]["da_calls"] <= 24
+    assert float(metrics["crafting.da_gamma"]) == pytest.approx(record["crafting"]["da_gamma"], rel=1e-9)
