@@ -4,8 +4,9 @@
 ```
 S_t       ← sample_participants(pool, p, seed, t)              (all of the pool at p = 1, else ⌈p·|pool|⌉ seeded)
 crafting  ← the update attack's crafting hook rewrites the attackers' states (ATTACKS.md §A2.3; attack rounds),
-            seeing the attackers' clean shadow models when they trained some (``attacker_knowledge = partial``)
-            and the teachers sent this round, when the server sends teachers (§A5 ``coalition_mimic``)
+            seeing the attackers' clean shadow models when they trained some (``attacker_knowledge = partial``),
+            the teachers sent this round, when the server sends teachers (§A5 ``coalition_mimic``), the sample
+            counts, and — for adaptive attacks (§A5) — the defense and a builder of its RoundInputs
 screen    ← update guard over the states: refused ones are logged and dropped, or stop the run (spec.guard)
 θ_g, α    ← defense.aggregate(states, ids, counts)
 θ_g       ← finalise_global(θ_g)                                (integer counters rounded; non-finite refused)
@@ -38,7 +39,11 @@ log = logging.getLogger(__name__)
 
 class Crafting(Protocol):
     """The crafting step (:class:`spmc.attacks.Crafter`): (round, θ_g, states, ids, the attackers' clean models
-    by id, the teachers sent this round by id) → states with the attackers' replaced."""
+    by id, the teachers sent this round by id; the states' sample counts, the server's defense and a builder of
+    the defense's RoundInputs for adaptive attacks) → states with the attackers' replaced. ``diagnostics``: what the
+    last call decided, for the record."""
+
+    diagnostics: dict[str, Any]
 
     def __call__(
         self,
@@ -48,6 +53,10 @@ class Crafting(Protocol):
         ids: Sequence[int],
         clean: Mapping[int, torch.Tensor] | None = None,
         teachers: Mapping[int, torch.Tensor] | None = None,
+        *,
+        counts: Sequence[float] | None = None,
+        defense: Any = None,
+        make_inputs: Callable[[torch.Tensor, Sequence[int], torch.Tensor], RoundInputs] | None = None,
     ) -> list[torch.Tensor]: ...
 
 
@@ -87,6 +96,7 @@ class RoundOutcome:
     kept_ids: tuple[int, ...] = ()
     states: torch.Tensor | None = None
     aggregate: Aggregate | None = None
+    crafting: dict[str, Any] = field(default_factory=dict)
 
     @property
     def accepted(self) -> list[int]:
@@ -97,8 +107,11 @@ class RoundOutcome:
 
     def record(self, malicious: Sequence[int] | None = None) -> dict[str, Any]:
         """The decision part of a round's record: accepted ids, the defense's diagnostics and, when it filtered
-        and the malicious ids are known, its detection scores (spec §6)."""
+        and the malicious ids are known, its detection scores (spec §6); what the crafting step decided (an
+        adaptive attack's chosen scale) under ``crafting`` when it says something."""
         record: dict[str, Any] = {"accepted": self.accepted}
+        if self.crafting:
+            record["crafting"] = dict(self.crafting)
         if self.aggregate is not None:
             record.update(self.aggregate.diagnostics)
         if malicious is not None and len(self.accepted) < len(self.kept_ids):
@@ -140,6 +153,19 @@ class ServerCore:
             log.warning("round %d: client %d's state %s; dropped for this round", t, k, problem)
         return refused
 
+    def round_inputs_builder(self, t: int) -> Callable[[torch.Tensor, Sequence[int], torch.Tensor], RoundInputs]:
+        """(states [r, d], ids, sample counts [r]) → the :class:`RoundInputs` of round ``t`` that this server gives
+        its defense (θ_g, layout, round, the server data when the defense needs it). The crafting step passes it to
+        adaptive attacks (ATTACKS.md §A5), which call a copy of the defense on candidate rounds."""
+        global_state, layout = self.global_state, self.layout
+        server_data = self.server_data if self.defense.needs_server_data else None
+
+        def build(states: torch.Tensor, ids: Sequence[int], counts: torch.Tensor) -> RoundInputs:
+            weights = counts.to(torch.float64)
+            return RoundInputs(global_state, states, tuple(int(k) for k in ids), weights, layout, t, server_data)
+
+        return build
+
     def step(
         self,
         t: int,
@@ -156,21 +182,30 @@ class ServerCore:
 
         The crafting step also sees the teachers sent this round (:attr:`teachers`, computed after the previous
         round), when the server sends teachers at all: some client of the round learns from one."""
+        crafting: dict[str, Any] = {}
         if self.crafter is not None:
             sent = self.teachers if any(self.learns_from_teacher(k) for k in ids) else None
-            states = self.crafter(t, self.global_state, states, ids, shadows, sent)
+            states = self.crafter(
+                t,
+                self.global_state,
+                states,
+                ids,
+                shadows,
+                sent,
+                counts=counts,
+                defense=self.defense,
+                make_inputs=self.round_inputs_builder(t),
+            )
+            crafting = dict(self.crafter.diagnostics)
         refused = self.screen(t, states, ids)
         keep = [i for i, k in enumerate(ids) if k not in refused]
-        outcome = RoundOutcome(tuple(ids), refused)
+        outcome = RoundOutcome(tuple(ids), refused, crafting=crafting)
         if not keep:
             return outcome
         kept_ids = tuple(ids[i] for i in keep)
         stacked = torch.stack([states[i] for i in keep])
         weights = torch.tensor([float(counts[i]) for i in keep], dtype=torch.float64)
-        server_data = self.server_data if self.defense.needs_server_data else None
-        agg = self.defense.aggregate(
-            RoundInputs(self.global_state, stacked, kept_ids, weights, self.layout, t, server_data)
-        )
+        agg = self.defense.aggregate(self.round_inputs_builder(t)(stacked, kept_ids, weights))
         self.global_state = finalise_global(agg.global_state, self.layout, self.defense.name, t).to(
             self.global_state.device
         )

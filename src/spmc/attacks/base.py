@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ import torch
 from spmc.params import ParamLayout
 from spmc.threat import ThreatModel, num_attackers
 from spmc.training import ClientMethod
+
+if TYPE_CHECKING:
+    from spmc.defenses.base import RoundInputs
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ ATTACK_KINDS: tuple[AttackKind, ...] = ("backdoor", "untargeted", "none")
 
 #: Purpose of the seed stream of the random attacker pool (distinct from the federation's purposes 1-6).
 SEED_ATTACKER_POOL = 7
+
+#: (states [r, d], ids, sample counts [r]) → the :class:`spmc.defenses.RoundInputs` the server would hand its
+#: defense for that set of states in this round (θ_g, layout, round, server data when the defense needs it).
+MakeInputs = Callable[[torch.Tensor, Sequence[int], torch.Tensor], "RoundInputs"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,15 @@ class CraftingInputs:
     SPMC's α-weighted marginal-coalition model, ALGORITHMS.md §4.1), when the server sends teachers (some client
     of the round distils from one); an attacker the server holds no teacher for yet (Flower's first round, a new
     node) gets θ_g, what the SPMC client distils from without one. None when the server sends no teachers. It is
-    the attacker's own message from the server, so it is there under either knowledge."""
+    the attacker's own message from the server, so it is there under either knowledge.
+
+
+    For adaptive attacks (§A5; filled by :class:`spmc.server.ServerCore`, None when crafting runs without a
+    server): ``attacker_counts`` [m] and ``benign_counts`` [n] are the sample counts of the rows of
+    ``attacker_states`` and ``benign_states`` (under ``partial`` the benign rows are the attackers' clean models,
+    so their counts are the attackers' own); ``defense`` is the server's defense object itself — an attack must
+    never call or change it, only a ``copy.deepcopy`` of it; ``make_inputs`` builds the
+    :class:`spmc.defenses.RoundInputs` the server would give that defense for a set of states, ids and counts."""
 
     round: int
     global_state: torch.Tensor
@@ -118,6 +133,10 @@ class CraftingInputs:
     benign_ids: tuple[int, ...]
     clean_states: torch.Tensor | None = None
     teachers: torch.Tensor | None = None
+    attacker_counts: torch.Tensor | None = None
+    benign_counts: torch.Tensor | None = None
+    defense: Any = None
+    make_inputs: MakeInputs | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +284,11 @@ class Attack:
         """The attackers' states [m, d] sent to the server."""
         return inputs.attacker_states
 
+    def crafting_diagnostics(self) -> dict[str, Any]:
+        """What the last :meth:`craft` decided (e.g. a chosen scale), JSON-ready, for the round's record under
+        ``crafting``; empty by default (nothing is recorded)."""
+        return {}
+
 
 def attacker_pool(num_clients: int, gamma: float, pool: str, seed: int) -> tuple[int, ...]:
     """The m = ⌊γK⌋ attackers (§A1): ``fixed`` = the last m ids, ``random`` = a seeded m-subset drawn once."""
@@ -301,6 +325,8 @@ class Crafter:
     attackers: frozenset[int]
     schedule: AttackSchedule = AttackSchedule()
     knowledge: Knowledge = "full"
+    #: :meth:`Attack.crafting_diagnostics` of the last call (empty when it crafted nothing).
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def wants_clean(self) -> bool:
@@ -315,11 +341,18 @@ class Crafter:
         ids: Sequence[int],
         clean: Mapping[int, torch.Tensor] | None = None,
         teachers: Mapping[int, torch.Tensor] | None = None,
+        *,
+        counts: Sequence[float] | None = None,
+        defense: Any = None,
+        make_inputs: MakeInputs | None = None,
     ) -> list[torch.Tensor]:
         """``states`` with the attackers' rows crafted (unchanged outside attack rounds or without attackers).
 
         ``teachers`` (client id → the teacher the server sent it this round; None when it sends none) become
-        :attr:`CraftingInputs.teachers`, θ_g for an attacker without one."""
+        :attr:`CraftingInputs.teachers`, θ_g for an attacker without one. ``counts`` (the states' sample counts),
+        ``defense`` and ``make_inputs`` are passed on to adaptive attacks (:class:`CraftingInputs`); under
+        ``partial`` no benign client's count is passed on either."""
+        self.diagnostics = {}
         bad = [i for i, k in enumerate(ids) if k in self.attackers]
         if not bad or not self.schedule.active(t):
             return list(states)
@@ -332,13 +365,19 @@ class Crafter:
         if self.wants_clean and clean_states is None:
             missing = [k for k in bad_ids if k not in clean]
             log.warning("round %d: no clean model from attackers %s; crafting without theirs", t, missing)
+        weight = None if counts is None else torch.tensor([float(c) for c in counts], dtype=torch.float64)
+        benign_counts = None
         if full:
             good = [i for i, k in enumerate(ids) if k not in self.attackers]
             benign = torch.stack([states[i] for i in good]) if good else global_state.new_zeros(0, d)
             benign_ids = tuple(ids[i] for i in good)
+            benign_counts = None if weight is None else weight[good]
         else:  # partial: the attackers' pooled clean models; a benign client's state is never read
             benign = torch.stack(shadows) if shadows else global_state.new_zeros(0, d)
             benign_ids = ()
+            if weight is not None:  # a clean model's count is its attacker's own
+                by_id = dict(zip(ids, weight.tolist()))
+                benign_counts = torch.tensor([by_id[k] for k in bad_ids if k in clean], dtype=torch.float64)
         inputs = CraftingInputs(
             round=t,
             global_state=global_state,
@@ -350,8 +389,13 @@ class Crafter:
             teachers=None
             if teachers is None
             else torch.stack([teachers.get(k, global_state).to(global_state) for k in bad_ids]),
+            attacker_counts=None if weight is None else weight[bad],
+            benign_counts=benign_counts,
+            defense=defense,
+            make_inputs=make_inputs,
         )
         crafted = self.attack.craft(inputs)
+        self.diagnostics = self.attack.crafting_diagnostics()
         if crafted.shape != inputs.attacker_states.shape:
             raise ValueError(
                 f"attack {self.attack.name!r}: craft returned shape {tuple(crafted.shape)}; "

@@ -12,6 +12,7 @@ from spmc.attacks.blended import Blended
 from spmc.attacks.coalition_mimic import CoalitionMimic
 from spmc.attacks.constrain_scale import ConstrainScale
 from spmc.attacks.dba import DBA
+from spmc.attacks.defense_aware import DefenseAware
 from spmc.attacks.gaussian import Gaussian
 from spmc.attacks.ipm import Ipm
 from spmc.attacks.label_flip import LabelFlip
@@ -49,6 +50,7 @@ ATTACKS: dict[str, type[Attack]] = {
     # adaptive attacks (the attacker knows the defense), ATTACKS.md §A5
     "spmc_skip": SpmcSkip,
     "coalition_mimic": CoalitionMimic,
+    "defense_aware": DefenseAware,
 }
 
 
