@@ -44,7 +44,7 @@ def main() -> None:
         out[name] = {}
         for n in args.sizes:
             states = glob + 0.01 * torch.randn(n, layout.dim, generator=gen)
-            cfg = make_experiment(defense=name, num_clients=n, gamma=0.2, rounds=50)
+            cfg = make_experiment(defense=name, num_clients=n, gamma=0.2, rounds=50, drop_last=False)
             inputs = RoundInputs(glob, states, tuple(range(n)), torch.full((n,), 500.0), layout, 1, server)
             best = float("inf")
             for _ in range(args.repeats):
