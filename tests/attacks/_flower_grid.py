@@ -4,7 +4,8 @@ ClientApp logic run in one process (as ``tests/test_flower_protocol.py``'s)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -47,3 +48,30 @@ class StandInGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def node(
+    pid: int,
+    overrides: Mapping[str, Any],
+    replies: list[Message] | None = None,
+    num_partitions: int = 4,
+    node_config: Mapping[str, Any] | None = None,
+) -> Handler:
+    """A node's handler: the ClientApp's query and train for partition ``pid`` with the run-config ``overrides``
+    (and extra ``node_config`` entries); its train replies are appended to ``replies`` when given."""
+    from flwr.app import Context, RecordDict
+
+    from spmc.flower import client_app
+
+    config = {"partition-id": pid, "num-partitions": num_partitions, **(node_config or {})}
+
+    def handle(msg: Message) -> Message:
+        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={})
+        if msg.metadata.message_type == "query":
+            return client_app.query(msg, ctx)
+        answer = client_app.train(msg, ctx, dict(overrides))
+        if replies is not None:
+            replies.append(answer)
+        return answer
+
+    return handle

@@ -12,15 +12,16 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Message  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
-from spmc.flower import client_app, parse_run_config, run_server  # noqa: E402
+from spmc.flower import parse_run_config, run_server  # noqa: E402
 from spmc.flower.strategy import SHADOW_KEY  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
 
-from .test_knowledge_flower import Handler, StandInGrid  # noqa: E402
+from ._flower_grid import Handler, StandInGrid  # noqa: E402
+from ._flower_grid import node as grid_node  # noqa: E402
 
 K = 4
 TINY: dict[str, Any] = {
@@ -42,17 +43,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def node(pid: int, options: dict[str, Any], replies: list[Message]) -> Handler:
-    config = {"partition-id": pid, "num-partitions": K}
-
-    def handle(msg: Message) -> Message:
-        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={})
-        if msg.metadata.message_type == "query":
-            return client_app.query(msg, ctx)
-        answer = client_app.train(msg, ctx, options)
-        replies.append(answer)
-        return answer
-
-    return handle
+    return grid_node(pid, options, replies, K)
 
 
 @pytest.mark.parametrize("attack", ["spmc_skip", "coalition_mimic"])

@@ -12,16 +12,15 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
 from spmc.attacks import ATTACKS, Attack, CraftingInputs  # noqa: E402
 from spmc.attacks.base import Hook  # noqa: E402
-from spmc.flower import client_app, parse_run_config, run_server  # noqa: E402
+from spmc.flower import parse_run_config, run_server  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
 
-from ._flower_grid import Handler, StandInGrid  # noqa: E402
+from ._flower_grid import StandInGrid, node  # noqa: E402
 
 K = 4
 TINY: dict[str, Any] = {
@@ -52,22 +51,10 @@ def options(name: str) -> dict[str, Any]:
     return {"attack": "badnets" if cls.carries_backdoor else "none", "update_attack": name}
 
 
-def node(pid: int, overrides: dict[str, Any]) -> Handler:
-    config = {"partition-id": pid, "num-partitions": K}
-
-    def handle(msg: Message) -> Message:
-        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={})
-        if msg.metadata.message_type == "query":
-            return client_app.query(msg, ctx)
-        return client_app.train(msg, ctx, overrides)
-
-    return handle
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_every_attack_runs_a_round_over_flower(name: str, tmp_path: Any) -> None:
     overrides = {**TINY, **options(name)}
-    grid = StandInGrid({500 + k: node(k, overrides) for k in range(K)})
+    grid = StandInGrid({500 + k: node(k, overrides, num_partitions=K) for k in range(K)})
     cfg, opts = parse_run_config({}, {**overrides, "rounds": 1, "round-timeout": 30.0, "out-dir": str(tmp_path)})
     run_server(grid, cfg, opts)
     checkpoint = RunStore(tmp_path).load_checkpoint()
@@ -102,20 +89,8 @@ def test_a_node_made_malicious_by_its_node_config_is_crafted_too(tmp_path: Any, 
     Recorder.seen = []
     overrides = {**TINY, "attack": "badnets", "update_attack": Recorder.name}
 
-    def handler(pid: int) -> Handler:
-        config = {"partition-id": pid, "num-partitions": K, **({"malicious": True} if pid == 0 else {})}
-
-        def handle(msg: Message) -> Message:
-            ctx = Context(
-                run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={}
-            )
-            if msg.metadata.message_type == "query":
-                return client_app.query(msg, ctx)
-            return client_app.train(msg, ctx, overrides)
-
-        return handle
-
-    grid = StandInGrid({500 + k: handler(k) for k in range(K)})
+    malicious = {0: {"malicious": True}}
+    grid = StandInGrid({500 + k: node(k, overrides, None, K, malicious.get(k)) for k in range(K)})
     cfg, opts = parse_run_config({}, {**overrides, "rounds": 1, "round-timeout": 30.0, "out-dir": str(tmp_path)})
     run_server(grid, cfg, opts)
     assert Recorder.seen == [(0, 2, 3)]

@@ -14,21 +14,21 @@ import torch
 
 pytest.importorskip("flwr")
 
-from collections.abc import Callable  # noqa: E402
 
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
 from spmc import make_experiment  # noqa: E402
 from spmc.attacks import ATTACKS, Attack, CraftingInputs  # noqa: E402
 from spmc.attacks.base import Hook  # noqa: E402
 from spmc.defenses import DEFENSES  # noqa: E402
-from spmc.flower import DefenseStrategy, MalformedUpdate, client_app, parse_run_config, run_server  # noqa: E402
+from spmc.flower import DefenseStrategy, MalformedUpdate, parse_run_config, run_server  # noqa: E402
 from spmc.flower.convert import state_to_arrays  # noqa: E402
 from spmc.flower.strategy import SHADOW_KEY  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
 
-from ._flower_grid import StandInGrid  # noqa: E402
+from ._flower_grid import Handler, StandInGrid  # noqa: E402
+from ._flower_grid import node as grid_node  # noqa: E402
 
 K = 4
 MEAN = "test-benign-mean-flower"
@@ -63,7 +63,6 @@ class BenignMean(Attack):
 
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-Handler = Callable[[Message], Message]
 
 
 @pytest.fixture(autouse=True)
@@ -75,17 +74,7 @@ def registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def node(pid: int, replies: list[Message]) -> Handler:
-    config = {"partition-id": pid, "num-partitions": K}
-
-    def handle(msg: Message) -> Message:
-        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=config, state=RecordDict(), run_config={})
-        if msg.metadata.message_type == "query":
-            return client_app.query(msg, ctx)
-        answer = client_app.train(msg, ctx, TINY)
-        replies.append(answer)
-        return answer
-
-    return handle
+    return grid_node(pid, TINY, replies, K)
 
 
 def test_partial_knowledge_over_flower_equals_the_engine(tmp_path) -> None:
