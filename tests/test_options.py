@@ -125,3 +125,21 @@ def test_every_registered_method_option_is_a_field_of_the_experiment() -> None:
             field = Experiment.model_fields[spec.key]
             assert field.default == spec.default, spec.key
     assert set(Experiment.option_types) == set(method_option_types())  # none skipped
+
+
+def test_list_options_filters_by_name_and_every_option_is_described(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from spmc import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=400))
+    assert cli.main(["list", "--options", "spmc_"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert names and all("spmc_" in n for n in names) and "spmc_temperature" in names and "krum_f" not in names
+    assert cli.main(["list", "--options", "no_such_thing"]) == 2
+    assert "--options: no option name contains 'no_such_thing'" in capsys.readouterr().err
+    undescribed = [n for n, f in Experiment.model_fields.items() if not f.description]
+    assert undescribed == []

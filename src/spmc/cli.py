@@ -314,11 +314,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         "models": _with_origin("spmc.models", {name: _first_line(f.__doc__) for name, f in MODELS.items()}),
         "presets": PRESET_DESCRIPTIONS,
     }
-    if args.options:
+    if args.options is not None:
+        chosen = {n: f for n, f in Experiment.model_fields.items() if args.options in n}
+        if not chosen:
+            raise ConfigError(f"--options: no option name contains {args.options!r} (see `spmc list --options`)")
         sections = {
             "options": {
-                name: f"{field.description or ''} (default {field.default!r})".strip()
-                for name, field in Experiment.model_fields.items()
+                name: f"{field.description or ''} (default {field.default!r})".strip() for name, field in chosen.items()
             }
         }
     for title, items in sections.items():
@@ -432,7 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_options(mat)
     mat.set_defaults(func=cmd_matrix)
     lst = sub.add_parser("list", help="defenses, clients, attacks, datasets and presets")
-    lst.add_argument("--options", action="store_true", help="list every configuration option instead")
+    lst.add_argument(
+        "--options",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILTER",
+        help="list the configuration options instead (those whose name contains FILTER, e.g. spmc_)",
+    )
     lst.set_defaults(func=cmd_list)
     _add_report_commands(sub)
     return parser
