@@ -73,6 +73,21 @@ def test_summary_worst_case_and_ranking_by_hand() -> None:
     assert rows[3]["dA"] == "-20.00" and rows[3]["R"] == "" and rows[6]["status"] == "running"
 
 
+def test_an_unfinished_backdoor_row_is_listed_in_the_r_table_as_unfinished(tmp_path: Path) -> None:
+    cols = matrix.defense_columns(["fedavg"])
+    rows = matrix.attack_rows(["none", "badnets", "sign_flip"], ATTACKS)
+    spec = matrix.matrix_spec(cols, rows, [0], {"preset": "smoke"}, tmp_path)
+    cells = matrix.collect(spec, tmp_path)
+    assert [(c.attack, c.kind, c.status) for c in cells] == [
+        ("none", "none", "pending"),
+        ("badnets", "backdoor", "pending"),
+        ("sign_flip", "untargeted", "pending"),
+    ]
+    md = matrix.to_markdown(matrix.summarise(cells))
+    r_table = md.split("## A, clean accuracy")[0]
+    assert "| badnets | pending |" in r_table and "sign_flip" not in r_table
+
+
 def test_a_matrix_folder_of_other_base_options_is_refused(tmp_path: Path) -> None:
     cols, rows = matrix.defense_columns(["fedavg"]), matrix.attack_rows(["none"], ATTACKS)
     matrix.save_spec(matrix.matrix_spec(cols, rows, [0], {"preset": "smoke", "gamma": 0.3}, tmp_path), tmp_path)

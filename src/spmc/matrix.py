@@ -180,8 +180,9 @@ def collect(spec: dict[str, Any], root: Path) -> list[Cell]:
                 run_dir = run_dir_in(root, name)
                 status, summary, error = _status(run_dir, failed)
                 cell = Cell(_axis_label(d, "defense"), _axis_label(a, "attack"), int(s), run_dir, status, error=error)
+                cell.kind = _kind_of(a)  # an unfinished backdoor row is still listed in the R table, as unfinished
                 if summary is not None:
-                    cell.kind = str(summary.get("attack_kind") or _kind_of(a))
+                    cell.kind = str(summary.get("attack_kind") or cell.kind)
                     cell.A = _number(summary.get("A"))
                     cell.R = _number(summary.get("R")) if cell.kind == "backdoor" else None
                 cells.append(cell)
