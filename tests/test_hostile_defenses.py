@@ -112,3 +112,18 @@ def test_round_inputs_reject_mixed_dtypes(states: torch.dtype, glob: torch.dtype
         RoundInputs(torch.zeros(BN.dim, dtype=glob), torch.zeros(2, BN.dim, dtype=states), (0, 1), torch.ones(2), BN, 0)
     with pytest.raises(ValueError, match="floating-point"):
         RoundInputs(torch.zeros(BN.dim), torch.zeros(2, BN.dim, dtype=torch.long), (0, 1), torch.ones(2), BN, 0)
+
+
+def test_weighted_average_at_the_float64_limit_with_weights_summing_to_one_plus_rounding() -> None:
+    """SPMC's softmax weights can sum to 1 + 2⁻⁵²; on columns at ±the largest float64 the convex combination must
+    stay finite (hypothesis found ±inf here), while a true overflow (weights summing to 2) still shows as inf."""
+    from spmc.defenses.base import weighted_average
+
+    big = torch.finfo(torch.float64).max
+    f64 = torch.float64
+    states = torch.tensor([[-big, big, 1.0], [-big, big, 2.0], [-big, big, 3.0], [-big, big, 4.0]], dtype=f64)
+    w = torch.tensor([0.25, 0.25, 0.25, 0.25 + 2.0**-50], dtype=f64)
+    assert float(w.sum()) > 1.0  # rounding of the kind that overflowed
+    out = weighted_average(states, w)
+    assert out.tolist() == [-big, big, pytest.approx(float(w @ states[:, 2]))]
+    assert not bool(torch.isfinite(weighted_average(states, w * 2)).all())

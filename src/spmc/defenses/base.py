@@ -128,7 +128,8 @@ def column_scales(values: torch.Tensor) -> torch.Tensor:
 def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k θ_k over the whole state, accumulated in float64 over column blocks (no [n, d] float64 copy) and
     returned in the states' dtype. Float64 states are summed on columns divided by :func:`column_scales`, so no
-    finite input overflows (weights summing to at most 1)."""
+    finite input overflows (weights summing to at most 1): a column at the largest float64 whose normalised sum
+    exceeds 1 by rounding alone (softmax weights summing to 1 + 2⁻⁵²) gives that largest value, not ±inf."""
     if weights.shape != (states.shape[0],):
         raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({states.shape[0]},)")
     w = weights.to(device=states.device, dtype=torch.float64)
@@ -137,7 +138,11 @@ def weighted_average(states: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
         block = states[:, cols].to(torch.float64)
         if states.dtype == torch.float64:
             scale = column_scales(block)
-            out[cols] = (w @ (block / scale)) * scale
+            normed = block / scale
+            unit = w @ normed
+            value = unit * scale
+            rounding = ~torch.isfinite(value) & (unit.abs() <= normed.abs().amax(dim=0) * (1.0 + 1e-9))
+            out[cols] = torch.where(rounding, unit.sign() * torch.finfo(torch.float64).max, value)
         else:
             out[cols] = w @ block
     return out
