@@ -497,6 +497,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick-fmnist": {"dataset": "fmnist", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
     "quick-mnist": {"dataset": "mnist", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
     "quick-cifar10": {"dataset": "cifar10", "rounds": 15, "baseline_local_epochs": 2, "spmc_local_epochs": 2},
+    "matrix-fmnist": {
+        "dataset": "fmnist",
+        "rounds": 10,
+        "baseline_local_epochs": 1,
+        "spmc_local_epochs": 1,
+        "lr": 0.02,
+        "gamma": 0.3,
+        "trigger_space": "pixel",
+        "trigger_channels": (0, 1, 2),
+    },
     "demo": {
         "dataset": "fmnist-sample",
         "rounds": 10,
@@ -518,6 +528,10 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "quick-fmnist": "paper protocol on full Fashion-MNIST reduced for CPUs: 15 rounds of 2 local epochs",
     "quick-mnist": "paper protocol on MNIST reduced for CPUs: 15 rounds of 2 local epochs",
     "quick-cifar10": "paper protocol on CIFAR-10 reduced for CPUs: 15 rounds of 2 local epochs",
+    "matrix-fmnist": (
+        "the robustness matrix's setting (docs/matrix.md): full Fashion-MNIST, 10 rounds of 1 local epoch, lr 0.02,"
+        " the trigger as white pixels in all channels, γ = 0.3"
+    ),
     "demo": "paper protocol on the embedded Fashion-MNIST sample, 10 rounds: a few minutes on a laptop CPU",
     "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
 }
