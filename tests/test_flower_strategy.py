@@ -270,3 +270,21 @@ def test_the_update_guard_refuses_an_absurd_update_before_the_defense() -> None:
     stop = DefenseStrategy(DEFENSES["fedavg"](), BN, on_invalid_update="stop", initial_state=initial.clone())
     with pytest.raises(InvalidUpdateError, match=r"\[2\]"):
         stop.aggregate_train(1, [reply(BN, states[k], node=10 + k, pid=k) for k in range(3)])
+
+
+def test_failure_warnings_name_the_round_under_way(caplog: pytest.LogCaptureFixture) -> None:
+    """Round 2's failed node and rejected update are reported as round 2 (the 1-based server round of every other
+    message), not as round 1 (the server core's 0-based index)."""
+    initial = random_states(BN, 1, seed=6)[0]
+    strategy = DefenseStrategy(DEFENSES["fedavg"](), BN, initial_state=initial.clone())
+    bad = random_states(BN, 1, seed=7)[0]
+    bad[0] = math.nan
+    replies = [reply(BN, initial, node=10, pid=0), error_reply(node=12), reply(BN, bad, node=13, pid=3)]
+    with caplog.at_level(logging.WARNING, logger="spmc.flower.strategy"):
+        strategy.aggregate_train(2, replies)
+    assert "round 2: node 12 failed" in caplog.text
+    assert "round 2: update from node 13 rejected" in caplog.text
+    assert "round 1" not in caplog.text
+    stop = DefenseStrategy(DEFENSES["fedavg"](), BN, on_invalid_update="stop", initial_state=initial.clone())
+    with pytest.raises(InvalidUpdateError, match=r"^round 2: rejected updates from \[13\]"):
+        stop.aggregate_train(2, replies)
