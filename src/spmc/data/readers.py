@@ -468,6 +468,7 @@ def load_split_folder(name: str, folder: str | os.PathLike[str], split: Split) -
         raise DataError(f"{root}: the {split} files of {name} hold no image")
     if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
         raise DataError(
-            f"{root}: {split} labels span [{int(labels.min())}, {int(labels.max())}], expected 0..{info.num_classes - 1}"
+            f"{root}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+            f"expected 0..{info.num_classes - 1}"
         )
     return images, labels

@@ -32,12 +32,15 @@ FLOWER_DEFAULTS: dict[str, UserValue] = {
     "connect-timeout": 120.0,
     "identify-timeout": 30.0,
     "poll-interval": 0.2,
+    "local-data": False,
 }
 """Flower-only keys with their defaults: ``out-dir`` (run directory with ``config.json``, ``metrics.jsonl``,
 ``summary.json`` and ``checkpoint.pt``; empty = none), ``resume`` (continue from the checkpoint in ``out-dir``),
 ``round-timeout`` (seconds to wait for the replies of one round), ``min-nodes`` (nodes to wait for before the first
 round; 0 = ``num_clients``), ``connect-timeout`` (longest wait for them), ``identify-timeout`` (wait for the
-partition ids of nodes never seen before) and ``poll-interval`` (seconds between two pulls of replies)."""
+partition ids of nodes never seen before), ``poll-interval`` (seconds between two pulls of replies) and
+``local-data`` (the nodes train on their own files, ``data-dir`` of their node config; the server loads only its own
+test set, and the validation split of the defenses that need server data, from the run's ``data_dir``)."""
 
 SOURCE_KEYS = ("preset", "config-file")
 ALIASES = {"num_server_rounds": "rounds"}
@@ -54,6 +57,7 @@ class FlowerOptions:
     connect_timeout: float = 120.0
     identify_timeout: float = 30.0
     poll_interval: float = 0.2
+    local_data: bool = False
 
     def __post_init__(self) -> None:
         for name in ("round_timeout", "connect_timeout", "identify_timeout", "poll_interval"):
@@ -123,16 +127,27 @@ def parse_run_config(
     try:
         opts = FlowerOptions(
             out_dir=str(flower["out-dir"]),
-            resume=bool(flower["resume"]),
+            resume=flag("resume", flower["resume"]),
             round_timeout=float(flower["round-timeout"]),
             min_nodes=int(flower["min-nodes"]),
             connect_timeout=float(flower["connect-timeout"]),
             identify_timeout=float(flower["identify-timeout"]),
             poll_interval=float(flower["poll-interval"]),
+            local_data=flag("local-data", flower["local-data"]),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"run config: {err}") from None
     return cfg, opts
+
+
+def flag(key: str, value: UserValue) -> bool:
+    """A boolean run-config value (``true``/``false``, also as a string), or a ConfigError naming the key."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"run config: {key} = {value!r}; expected true or false")
 
 
 def with_num_clients(cfg: Experiment, num_clients: int) -> Experiment:
