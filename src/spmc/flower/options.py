@@ -5,7 +5,9 @@ Keys of ``[tool.flwr.app.config]`` (and of ``flwr run --run-config``) are read a
 * ``preset`` and ``config-file`` pick a preset and an spmc TOML file, as ``spmc run --preset/--config`` do;
 * any key that names an :class:`~spmc.config.Experiment` option (``defense``, ``client``, ``rounds``, ``gamma``,
   ``spmc_temperature``, ...; ``-`` may stand for ``_``) sets it, after the preset and the file (later wins);
-  ``num-server-rounds`` is accepted for ``rounds``;
+  ``num-server-rounds`` is accepted for ``rounds``. The value ``""`` (:data:`UNSET`) sets nothing: an app declares
+  its spmc options with it, so that only the keys a user sets override the preset (Flower hands the app its
+  declared defaults and the user's keys merged, with no way to tell them apart);
 * the keys of :data:`FLOWER_DEFAULTS` configure the Flower side (time-outs, run directory, resume).
 
 Run-config values are TOML scalars, so a tuple option takes a JSON list in a string (``trigger_channels =
@@ -43,6 +45,8 @@ partition ids of nodes never seen before), ``poll-interval`` (seconds between tw
 test set, and the validation split of the defenses that need server data, from the run's ``data_dir``)."""
 
 SOURCE_KEYS = ("preset", "config-file")
+UNSET = ""
+"""An spmc option's run-config value that sets nothing (the preset's, config file's or spmc's default stays)."""
 ALIASES = {"num_server_rounds": "rounds"}
 
 
@@ -113,7 +117,8 @@ def parse_run_config(
         if key in FLOWER_DEFAULTS:
             flower[key] = value
         elif (field := field_name(key)) is not None:
-            experiment[field] = experiment_value(field, value)
+            if not (isinstance(value, str) and value.strip() == UNSET):
+                experiment[field] = experiment_value(field, value)
         else:
             unknown.append(key)
     if unknown:
