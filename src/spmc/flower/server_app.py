@@ -198,7 +198,11 @@ def make_server_app(overrides: Mapping[str, UserValue] | None = None) -> ServerA
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         _ensure_logging()
-        cfg, opts = parse_run_config(context.run_config, overrides)
-        run_server(grid, cfg, opts)
+        try:
+            cfg, opts = parse_run_config(context.run_config, overrides)
+            run_server(grid, cfg, opts)
+        except (ConfigError, DataError) as err:  # one line naming the key first; Flower then marks the run failed
+            log.error("%s", " ".join(str(err).split()))
+            raise
 
     return app
