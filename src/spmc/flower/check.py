@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flwr.common.config import flatten_dict, parse_config_args
 
-from spmc.config import ConfigError, Experiment
+from spmc.config import ConfigError, Experiment, load_toml_file
 from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
 
 
 def declared_run_config(app_dir: str | Path) -> dict[str, UserValue]:
     """The run config an app declares (``[tool.flwr.app.config]`` of its ``pyproject.toml``), flattened as Flower
     does."""
-    path = Path(app_dir) / "pyproject.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: {err}") from None
+    data = load_toml_file(Path(app_dir) / "pyproject.toml")
     config = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
     return dict(flatten_dict(config))
 
@@ -71,12 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         user = parse_config_args(args.run_config)
         cfg, opts, _ = check_run_config(args.app_dir, user)
     except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
         return 2
     except Exception as err:  # Flower's parser raises click's exception for a malformed string
-        print(f"error: {' '.join(str(getattr(err, 'message', err)).split())}", file=sys.stderr)
+        sys.stderr.write(f"error: {' '.join(str(getattr(err, 'message', err)).split())}\n")
         return 2
-    print(describe(cfg, opts))
+    sys.stdout.write(describe(cfg, opts) + "\n")
     return 0
 
 
