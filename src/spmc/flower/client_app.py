@@ -24,10 +24,11 @@ its clean data, like a benign client with its own seed stream, and returns it as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -260,16 +261,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 
+@contextlib.contextmanager
+def logged_config_errors() -> Iterator[None]:
+    """Log a node or run configuration error as one line before Flower turns it into an error reply (and prints
+    its traceback); the error still fails the reply."""
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        log.error("%s", " ".join(str(err).split()))
+        raise
+
+
 def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientApp:
     """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests)."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, overrides)
+        with logged_config_errors():
+            return train(msg, context, overrides)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        return query(msg, context)
+        with logged_config_errors():
+            return query(msg, context)
 
     return app
