@@ -228,9 +228,12 @@ def test_a_node_logs_its_configuration_error_as_one_line(caplog: pytest.LogCaptu
     import logging
 
     ctx = node_context({"partition-id": 0, "data-dir": "/nonexistent/spmc-node"})
-    with caplog.at_level(logging.ERROR, logger="spmc.flower.client_app"), pytest.raises(ConfigError):
-        with client_app.logged_config_errors():
-            client_app.client_setup(ctx, NODE_RUN)
+    with (
+        caplog.at_level(logging.ERROR, logger="spmc.flower.client_app"),
+        pytest.raises(ConfigError),
+        client_app.logged_config_errors(),
+    ):
+        client_app.client_setup(ctx, NODE_RUN)
     (record,) = [r for r in caplog.records if r.name == "spmc.flower.client_app"]
     assert record.getMessage().startswith("node config: data-dir = '/nonexistent/spmc-node': ")
     assert "\n" not in record.getMessage()
