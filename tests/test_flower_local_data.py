@@ -237,3 +237,17 @@ def test_a_node_logs_its_configuration_error_as_one_line(caplog: pytest.LogCaptu
     (record,) = [r for r in caplog.records if r.name == "spmc.flower.client_app"]
     assert record.getMessage().startswith("node config: data-dir = '/nonexistent/spmc-node': ")
     assert "\n" not in record.getMessage()
+
+
+def test_the_servers_data_dir_need_not_exist_on_a_node(folders: dict[str, Path]) -> None:
+    """The run config's data_dir names the server's folder; on another machine it is not there, and a node with its
+    own data never reads it."""
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "data-dir": str(folders["node0"])},
+        state=RecordDict(),
+        run_config={"data_dir": "/nonexistent/server-only", "local-data": True},
+    )
+    setup = client_app.client_setup(ctx, NODE_RUN)
+    assert len(setup.data) == SIZES[0] and setup.cfg.data_dir is None

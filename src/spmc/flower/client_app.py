@@ -39,7 +39,7 @@ from spmc.config import ConfigError, Experiment, optim_config
 from spmc.data import DataError, load_split_folder
 from spmc.federation import Federation, OwnData
 from spmc.flower.convert import arrays_to_state, state_to_arrays
-from spmc.flower.options import UserValue, parse_run_config, with_num_clients
+from spmc.flower.options import UserValue, field_name, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SHADOW_KEY, TEACHER_KEY
 from spmc.params import ParamLayout
 from spmc.training import ClientData, SequentialEngine
@@ -162,6 +162,12 @@ def node_files(cfg: Experiment, data_dir: str) -> tuple[torch.Tensor, torch.Tens
         raise ConfigError(f"node config: {DATA_DIR_KEY} = {data_dir!r}: {err}") from None
 
 
+def without_data_dir(run_config: Mapping[str, UserValue]) -> dict[str, UserValue]:
+    """The run config without ``data_dir``: that is the server's folder (``local-data``), which need not exist on a
+    node's machine, and a node with its own data reads only its ``data-dir``."""
+    return {k: v for k, v in run_config.items() if field_name(k) != "data_dir"}
+
+
 def local_setup(context: Context, cfg: Experiment, data_dir: str) -> ClientSetup:
     """A node training on its own files (``data-dir``): client id ``partition-id``, malicious only by its flag."""
     pid = node_client_id(context.node_config, cfg)
@@ -186,10 +192,11 @@ def local_setup(context: Context, cfg: Experiment, data_dir: str) -> ClientSetup
 
 def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = None) -> ClientSetup:
     """The node's setup from its run and node configs (data and trainer built once per process)."""
-    cfg, _ = parse_run_config(context.run_config, overrides)
     data_dir = node_data_dir(context.node_config)
     if data_dir is not None:
+        cfg, _ = parse_run_config(without_data_dir(context.run_config), without_data_dir(overrides or {}))
         return local_setup(context, cfg, data_dir)
+    cfg, _ = parse_run_config(context.run_config, overrides)
     pid, k = node_partition(context.node_config)
     if cfg.num_clients != k:
         log.info("num_clients = %d in the run config; using num-partitions = %d of the node config", cfg.num_clients, k)
