@@ -713,3 +713,35 @@ def test_a_registered_idx_dataset_is_read_by_its_info_not_its_name(
     assert load_dataset("kmnist", tmp_path).train_images.shape[0] == 12
     with pytest.raises(ValueError, match="not read from files"):
         resolve_data_dir("synthetic")
+
+
+def test_load_split_folder_reads_one_split_of_one_folder(tmp_path: Path) -> None:
+    """A party's own files (a Flower node's training files, a server's test files): only that split is needed."""
+    from spmc.data import load_split_folder
+
+    tr_x, tr_y, te_x, te_y = write_mnist_folder(tmp_path / "both", dotted=True)
+    x, y = load_split_folder("mnist", tmp_path / "both", "train")
+    assert np.array_equal(x[:, 0].numpy(), tr_x) and np.array_equal(y.numpy(), tr_y)
+    x, y = load_split_folder("mnist", tmp_path / "both", "test")
+    assert np.array_equal(x[:, 0].numpy(), te_x) and np.array_equal(y.numpy(), te_y)
+    (tmp_path / "train-only").mkdir()
+    for stem in IDX_FILES[:2]:
+        (tmp_path / "both" / f"{'.idx'.join(stem.rsplit('-idx', 1))}.gz").rename(tmp_path / "train-only" / f"{stem}.gz")
+    assert load_split_folder("mnist", tmp_path / "train-only", "train")[1].shape == (12,)
+    with pytest.raises(
+        DataError, match="missing IDX file.* t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte .* test split"
+    ):
+        load_split_folder("mnist", tmp_path / "train-only", "test")
+    images, labels = write_cifar_folder(tmp_path / "cifar", per_batch=4)
+    for name in ("data_batch_3", "data_batch_4", "data_batch_5"):
+        (tmp_path / "cifar" / name).unlink()  # a party may hold some of the batches
+    x, y = load_split_folder("cifar10", tmp_path / "cifar", "train")
+    assert np.array_equal(x.reshape(8, -1).numpy(), images[:8]) and np.array_equal(y.numpy(), labels[:8])
+    assert load_split_folder("cifar10", tmp_path / "cifar", "test")[1].shape == (4,)
+    with pytest.raises(DataError, match="does not exist"):
+        load_split_folder("mnist", tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match="not read from files"):
+        load_split_folder("fmnist-sample", tmp_path / "both", "train")
+    write_idx(tmp_path / "train-only" / f"{IDX_FILES[1]}.gz", np.full(12, 10, np.uint8), gz=True)
+    with pytest.raises(DataError, match=r"train labels span \[10, 10\], expected 0..9"):
+        load_split_folder("mnist", tmp_path / "train-only", "train")

@@ -3,6 +3,7 @@ rejection of failed, malformed and non-finite replies."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -21,6 +22,7 @@ from spmc import make_experiment  # noqa: E402
 from spmc.config import ConfigError, build_defense  # noqa: E402
 from spmc.defenses import DEFENSES, RoundInputs  # noqa: E402
 from spmc.flower import (  # noqa: E402
+    FLOWER_DEFAULTS,
     DefenseStrategy,
     MalformedUpdate,
     arrays_to_state,
@@ -270,3 +272,84 @@ def test_the_update_guard_refuses_an_absurd_update_before_the_defense() -> None:
     stop = DefenseStrategy(DEFENSES["fedavg"](), BN, on_invalid_update="stop", initial_state=initial.clone())
     with pytest.raises(InvalidUpdateError, match=r"\[2\]"):
         stop.aggregate_train(1, [reply(BN, states[k], node=10 + k, pid=k) for k in range(3)])
+
+
+def test_failure_warnings_name_the_round_under_way(caplog: pytest.LogCaptureFixture) -> None:
+    """Round 2's failed node and rejected update are reported as round 2 (the 1-based server round of every other
+    message), not as round 1 (the server core's 0-based index)."""
+    initial = random_states(BN, 1, seed=6)[0]
+    strategy = DefenseStrategy(DEFENSES["fedavg"](), BN, initial_state=initial.clone())
+    bad = random_states(BN, 1, seed=7)[0]
+    bad[0] = math.nan
+    replies = [reply(BN, initial, node=10, pid=0), error_reply(node=12), reply(BN, bad, node=13, pid=3)]
+    with caplog.at_level(logging.WARNING, logger="spmc.flower.strategy"):
+        strategy.aggregate_train(2, replies)
+    assert "round 2: node 12 failed" in caplog.text
+    assert "round 2: update from node 13 rejected" in caplog.text
+    assert "round 1" not in caplog.text
+    stop = DefenseStrategy(DEFENSES["fedavg"](), BN, on_invalid_update="stop", initial_state=initial.clone())
+    with pytest.raises(InvalidUpdateError, match=r"^round 2: rejected updates from \[13\]"):
+        stop.aggregate_train(2, replies)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower"
+
+
+def example_run_config(**user: object) -> dict:
+    """What Flower hands the example's apps: its declared run config, with the user's keys merged over it."""
+    import tomllib
+
+    declared = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {**declared, **user}
+
+
+def test_a_preset_applies_over_the_example_apps_declared_defaults(tmp_path: Path) -> None:
+    from spmc.config import resolve
+    from spmc.flower import run_server
+    from tests.attacks._flower_grid import StandInGrid
+
+    cfg, _ = parse_run_config(example_run_config(preset="smoke"))
+    assert cfg == resolve("smoke")  # every spmc option the example declares is unset: the preset decides
+    cfg, _ = parse_run_config(example_run_config(preset="smoke", rounds=1, defense="spmc"))
+    assert (cfg.dataset, cfg.num_clients, cfg.rounds, cfg.defense) == ("synthetic", 4, 1, "spmc")  # user keys win
+    assert parse_run_config(example_run_config())[0] == make_experiment()  # nothing set: spmc's defaults
+    run = example_run_config(preset="smoke", rounds=1, **{"out-dir": str(tmp_path), "connect-timeout": 0.01})
+    run_server(StandInGrid({}), *parse_run_config(run))  # no node: the run only writes what it is
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["dataset"], written["num_clients"], written["rounds"]) == ("synthetic", 4, 1)
+
+
+def test_every_key_the_docs_document_is_declared_by_the_example() -> None:
+    """docs/flower.md's run-config section (its Flower-only table and the option keys it names) against the
+    example's pyproject.toml: `flwr run --run-config` can only change declared keys."""
+    from spmc.flower.options import SOURCE_KEYS, field_name
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "flower.md").read_text()
+    section = docs[docs.index("## The app and its configuration") : docs.index("Node config (")]
+    node_table = docs[docs.index("Node config (") : docs.index("### Nodes with their own data")]
+    node_keys = set(re.findall(r"^\| `([a-z-]+)`", node_table, re.MULTILINE))  # --node-config keys, not run config
+    assert "data-dir" in node_keys
+    table = re.findall(r"^\| `([a-z][a-z0-9_-]*)` \|", section, re.MULTILINE)
+    named = [
+        k
+        for k in re.findall(r"`([a-z][a-z0-9_-]*)(?: = [^`]*)?`", section)
+        if field_name(k) is not None and k not in node_keys
+    ]
+    documented = set(table) | set(named) | set(SOURCE_KEYS)
+    assert set(table) >= set(FLOWER_DEFAULTS), "a Flower-only key is missing from the docs' table"
+    declared = set(example_run_config())
+    assert sorted(documented - declared) == []
+    parse_run_config(example_run_config())  # and every declared key is one the apps accept
+
+
+def test_the_run_config_check_names_an_undeclared_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """Flower refuses an undeclared key with '[code: 15] Invalid run configuration' only; the check names it."""
+    from spmc.flower.check import main
+
+    assert main([str(EXAMPLE), "--run-config", 'preset="smoke" identify-timeout=5 no-such-key=1']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'no-such-key' not declared" in err and "identify-timeout" in err
+    assert main([str(EXAMPLE), "--run-config", 'preset="smoke" identify-timeout=5 rounds=3']) == 0
+    assert "dataset=synthetic num_clients=4 rounds=3" in capsys.readouterr().out
+    assert main([str(EXAMPLE), "--run-config", 'defense="nope"']) == 2
+    assert "defense: got 'nope'" in capsys.readouterr().err

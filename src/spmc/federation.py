@@ -176,32 +176,81 @@ def server_transform(info: DatasetInfo, pre: Preprocessor) -> Transform:
     return pre.train
 
 
-def build_federated_data(
-    cfg: Experiment, device: torch.device, malicious: Sequence[int] | None = None
-) -> FederatedData:
-    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets.
+@dataclass(frozen=True, eq=False)  # tensors have no boolean ==
+class OwnData:
+    """One party's own files instead of a share of the whole dataset (a Flower deployment with node-local data).
 
-    ``malicious`` overrides the last-⌊γK⌋ rule (a Flower node configured as malicious, for instance)."""
-    info = DATASETS[cfg.dataset]
+    A node (``client_id`` set): ``train_*`` are all its training data, no test set. The server (``client_id`` None):
+    ``test_*`` its test set, ``train_*`` its clean validation split (empty unless a defense needs server data).
+    Images uint8 ``[N, C, H, W]``, labels int64 ``[N]``."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    client_id: int | None = None
+
+    @classmethod
+    def node(cls, client_id: int, images: torch.Tensor, labels: torch.Tensor) -> OwnData:
+        """A node's own training data; its test set is empty."""
+        empty = images[:0]
+        return cls(images, labels, empty, labels[:0], client_id)
+
+
+def _split_and_partition(
+    cfg: Experiment, own: OwnData | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[int, np.ndarray], np.ndarray]:
+    """The training and test arrays, each client's training indices and the server's validation indices: the whole
+    dataset split (spec §1.2) and partitioned (Dirichlet) — or, with ``own``, a node's whole data as its only
+    client, or the server's own validation split and no client."""
+    if own is not None:
+        arrays = (own.train_images, own.train_labels, own.test_images, own.test_labels)
+        everything = np.arange(int(own.train_labels.shape[0]), dtype=np.int64)
+        if own.client_id is None:
+            return arrays, {}, everything
+        return arrays, {own.client_id: everything}, everything[:0]
     raw = load_dataset(
         cfg.dataset, cfg.data_dir, synthetic_size=(cfg.synthetic_train_size, cfg.synthetic_test_size), seed=cfg.seed
     )
-    pre = Preprocessor(info)
-    train01 = to_unit_float(raw.train_images).to(device)
-    labels = raw.train_labels.to(device)
-    pool, val = server_split(int(labels.shape[0]), cfg.val_fraction)
+    pool, val = server_split(int(raw.train_labels.shape[0]), cfg.val_fraction)
     parts = dirichlet_partition(
         raw.train_labels[torch.as_tensor(pool)].numpy(), cfg.num_clients, cfg.beta, cfg.min_client_size, cfg.seed
     )
+    members = {k: pool[part] for k, part in enumerate(parts)}
+    return (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels), members, val
+
+
+def backdoor_set(
+    cfg: Experiment, attack: Attack, test_x: torch.Tensor, test_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The data attack's triggered test set with its mask of non-target rows (spec §2.4); empty without a test set
+    (a Flower node with its own data evaluates nothing)."""
+    if not test_y.numel():
+        return test_x, test_y, torch.zeros(0, dtype=torch.bool, device=test_y.device)
+    return attack.test_set(test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST)))
+
+
+def build_federated_data(
+    cfg: Experiment, device: torch.device, malicious: Sequence[int] | None = None, own: OwnData | None = None
+) -> FederatedData:
+    """Load, split (spec §1.2), partition (Dirichlet), poison the malicious clients (spec §2) and build test sets.
+
+    ``malicious`` overrides the last-⌊γK⌋ rule (a Flower node configured as malicious, for instance). ``own``
+    replaces loading and partitioning by one party's own files (:class:`OwnData`)."""
+    info = DATASETS[cfg.dataset]
+    (train_images, train_labels, test_images, test_labels), members, val = _split_and_partition(cfg, own)
+    pre = Preprocessor(info)
+    train01 = to_unit_float(train_images).to(device)
+    labels = train_labels.to(device)
     plan = build_attack(cfg, malicious)
     bad = plan.attackers
     poisons = "data" in plan.data.hooks and bool(bad)
-    mask = poison_mask(cfg, plan.data, raw.train_labels, device) if poisons else None
+    mask = poison_mask(cfg, plan.data, train_labels, device) if poisons else None
     clients: dict[int, ClientData] = {}
     clean: dict[int, ClientData] = {}
     masks: dict[int, torch.Tensor] = {}
-    for k, part in enumerate(parts):
-        idx = torch.as_tensor(pool[part], dtype=torch.long, device=device)
+    for k, rows in members.items():
+        idx = torch.as_tensor(rows, dtype=torch.long, device=device)
         x, y = train01[idx], labels[idx]
         clients[k] = benign_data(x, y, pre)
         if mask is not None and k in bad:
@@ -213,11 +262,9 @@ def build_federated_data(
     if small and cfg.drop_last:
         log.warning("clients with fewer samples than one batch take no step (spec D30): %s", small)
     log.info("client sizes n_k: %s; malicious ids: %s", num_samples, list(bad))
-    test_x = pre.test(to_unit_float(raw.test_images).to(device))
-    test_y = raw.test_labels.to(device)
-    bd_x, bd_y, bd_not_target = plan.data.test_set(
-        test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST))
-    )
+    test_x = pre.test(to_unit_float(test_images).to(device))
+    test_y = test_labels.to(device)
+    bd_x, bd_y, bd_not_target = backdoor_set(cfg, plan.data, test_x, test_y)
     val_idx = torch.as_tensor(val, dtype=torch.long, device=device)
     data = FederatedData(
         info, clients, num_samples, bad, test_x, test_y, bd_x, bd_y, bd_not_target,
@@ -228,9 +275,7 @@ def build_federated_data(
     def repoison() -> None:
         for k, m in masks.items():
             data.clients[k] = poisoned_data(cfg, k, clean[k].x, clean[k].y, m, pre, plan.data, bad.index(k))
-        data.backdoor_x, data.backdoor_y, data.backdoor_not_target = plan.data.test_set(
-            test_x, test_y, torch.Generator().manual_seed(derive_seed(cfg.seed, SEED_TEST))
-        )
+        data.backdoor_x, data.backdoor_y, data.backdoor_not_target = backdoor_set(cfg, plan.data, test_x, test_y)
 
     data.repoison = repoison
     return data
@@ -288,13 +333,14 @@ class Federation:
     attack: AttackPlan
 
     @classmethod
-    def build(cls, cfg: Experiment, malicious: Sequence[int] | None = None) -> Federation:
+    def build(cls, cfg: Experiment, malicious: Sequence[int] | None = None, own: OwnData | None = None) -> Federation:
         """Data first, then θ⁰ from ``torch.manual_seed(cfg.seed)``; ``malicious`` overrides the configured
-        attackers (:attr:`Experiment.malicious_ids`)."""
+        attackers (:attr:`Experiment.malicious_ids`); ``own`` is one party's own data instead of a share of the
+        whole dataset (:class:`OwnData`)."""
         device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        data = build_federated_data(cfg, device, malicious)
+        data = build_federated_data(cfg, device, malicious, own)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.resolved_model, data.info.num_classes).to(device)
         layout = ParamLayout.from_module(model)

@@ -23,6 +23,7 @@ from spmc.data.readers import (
     IDX_FILES,
     load_cifar10_folder,
     load_idx_folder,
+    load_split_folder,
     read_idx,
     resolve_data_dir,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "load_dataset",
     "load_embedded_sample",
     "load_idx_folder",
+    "load_split_folder",
     "make_synthetic",
     "normalize",
     "random_crop",

@@ -25,7 +25,7 @@ import pickle
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "IDX_FILES",
     "load_cifar10_folder",
     "load_idx_folder",
+    "load_split_folder",
     "read_idx",
     "resolve_data_dir",
 ]
@@ -410,3 +411,64 @@ def resolve_data_dir(name: str, data_dir: str | os.PathLike[str] | None = None) 
     if not os.environ.get(DATA_DIR_ENV):
         report.append(f"  - (${DATA_DIR_ENV} is not set)")
     raise DataError(f"dataset {name!r} was not found. Looked in:\n" + "\n".join(report) + "\n" + _how_to_provide(info))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One split of one folder (a Flower node's own data, a server's own test set)
+# ------------------------------------------------------------------------------------------------------------
+
+Split = Literal["train", "test"]
+
+
+def _idx_split(root: Path, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    images_stem, labels_stem = IDX_FILES[:2] if split == "train" else IDX_FILES[2:]
+    images_path, labels_path = _find_idx_file(root, images_stem), _find_idx_file(root, labels_stem)
+    if images_path is None or labels_path is None:
+        missing = [s for s, p in ((images_stem, images_path), (labels_stem, labels_path)) if p is None]
+        raise DataError(f"{root}: missing IDX file(s) {', '.join(missing)} (plain or .gz) of the {split} split")
+    images = _idx_images(read_idx(images_path), images_path)
+    return images, _idx_labels(read_idx(labels_path), labels_path, images.shape[0])
+
+
+def _cifar_split(root: Path, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    root = _cifar_root(root)
+    names = CIFAR10_FILES[:-1] if split == "train" else CIFAR10_FILES[-1:]
+    present = [name for name in names if (root / name).is_file()]
+    if not present:
+        raise DataError(f"{root}: no CIFAR-10 python batch of the {split} split ({', '.join(names)})")
+    parts = [_read_cifar_batch(root / name) for name in present]
+    images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
+    return torch.from_numpy(images), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+
+
+def load_split_folder(name: str, folder: str | os.PathLike[str], split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``split`` images (uint8 ``[N, C, H, W]``) and labels (int64 ``[N]``) of dataset ``name`` stored in
+    ``folder`` itself, in file order; no other folder is searched and the other split's files need not exist.
+
+    Used where one party holds part of a dataset in its standard files: a Flower node's own training data
+    (``data-dir`` of its node config) and the Flower server's own test set. IDX datasets read the split's two files
+    (``train-images-idx3-ubyte`` + ``train-labels-idx1-ubyte``, or the ``t10k-`` pair; plain, ``.gz`` or dotted);
+    CIFAR-10 reads the ``data_batch_*`` files present (train) or ``test_batch`` (test), also in
+    ``cifar-10-batches-py/``. Labels must lie in 0..num_classes − 1.
+
+    Raises:
+        ValueError: ``name`` is not a dataset read from files (the message lists those that are).
+        DataError: the folder does not exist, holds no file of the split or no image, or a file is malformed; the
+            message names the folder or file.
+    """
+    info = DATASETS.get(name)
+    if info is None or info.source not in ("idx", "cifar10"):
+        files = sorted(k for k, v in DATASETS.items() if v.source in ("idx", "cifar10"))
+        raise ValueError(f"dataset={name!r} is not read from files; file-backed datasets: {', '.join(files)}")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: folder does not exist")
+    images, labels = _cifar_split(root, split) if info.source == "cifar10" else _idx_split(root, split)
+    if images.shape[0] == 0:
+        raise DataError(f"{root}: the {split} files of {name} hold no image")
+    if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
+        raise DataError(
+            f"{root}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+            f"expected 0..{info.num_classes - 1}"
+        )
+    return images, labels

@@ -10,6 +10,13 @@ otherwise with ``malicious = true|false``. Malicious nodes run the configured cl
 ``malicious_client = "plain"``. With the SPMC client the node distils from the teacher the server sent it (its
 marginal-coalition model); without one (round 1, or a node the server does not know yet) from the global model.
 
+**Node-local data.** A node whose node config has ``data-dir = "/path"`` trains on the files of that folder only:
+the training files of the run's dataset in their standard form (``train-images-idx3-ubyte`` and
+``train-labels-idx1-ubyte`` for an IDX dataset, ``data_batch_*`` for CIFAR-10; :func:`spmc.data.load_split_folder`),
+the whole folder as its data, no partitioning and no other node's files. Its ``partition-id`` is then its client id
+(0 … ``num_clients`` − 1 of the run config; ``num-partitions`` is not needed) and it is malicious only when its node
+config says ``malicious = true``: the last-⌊γK⌋ rule assumes a shared partition that does not exist here.
+
 Under ``attacker_knowledge = partial`` (ATTACKS.md §A1) an attacker in an attack round also trains a clean model on
 its clean data, like a benign client with its own seed stream, and returns it as a second ArrayRecord
 (``shadow``); the strategy passes it to the crafting step only.
@@ -17,10 +24,11 @@ its clean data, like a benign client with its own seed stream, and returns it as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +36,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from spmc.config import ConfigError, Experiment, optim_config
-from spmc.federation import Federation
+from spmc.data import DataError, load_split_folder
+from spmc.federation import Federation, OwnData
 from spmc.flower.convert import arrays_to_state, state_to_arrays
-from spmc.flower.options import UserValue, parse_run_config, with_num_clients
+from spmc.flower.options import UserValue, field_name, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SHADOW_KEY, TEACHER_KEY
 from spmc.params import ParamLayout
 from spmc.training import ClientData, SequentialEngine
@@ -61,6 +70,35 @@ def node_partition(node_config: Mapping[str, UserValue]) -> tuple[int, int]:
     if pid >= k:
         raise ConfigError(f"node config: partition-id {pid} must be < num-partitions {k}")
     return pid, k
+
+
+DATA_DIR_KEY = "data-dir"
+
+
+def node_data_dir(node_config: Mapping[str, UserValue]) -> str | None:
+    """The ``data-dir`` of the node config (node-local data), or None when the key is absent."""
+    if DATA_DIR_KEY not in node_config:
+        return None
+    value = node_config[DATA_DIR_KEY]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"node config: {DATA_DIR_KEY} = {value!r}; expected the path of a folder with this node's training files"
+        )
+    return value.strip()
+
+
+def node_client_id(node_config: Mapping[str, UserValue], cfg: Experiment) -> int:
+    """A node with its own data: its ``partition-id`` (its client id), < ``num_clients`` of the run config and <
+    ``num-partitions`` when the node config gives one."""
+    pid = _as_int(node_config, "partition-id")
+    if "num-partitions" in node_config:
+        pid, _ = node_partition(node_config)
+    if pid >= cfg.num_clients:
+        raise ConfigError(
+            f"node config: partition-id = {pid}; expected a client id in 0..{cfg.num_clients - 1} "
+            f"(num_clients = {cfg.num_clients} of the run config)"
+        )
+    return pid
 
 
 def node_malicious_flag(node_config: Mapping[str, UserValue]) -> bool | None:
@@ -103,17 +141,63 @@ def malicious_ids(cfg: Experiment, partition_id: int, flag: bool | None) -> tupl
 
 
 @functools.lru_cache(maxsize=2)
-def federation(cfg_json: str, malicious: tuple[int, ...]) -> tuple[Federation, SequentialEngine]:
-    """Every partition's data exactly as the engine builds it, with ``malicious`` poisoned, and a sequential
-    trainer over the federation's model (cached per process)."""
-    fed = Federation.build(Experiment.model_validate_json(cfg_json), malicious)
+def federation(
+    cfg_json: str, malicious: tuple[int, ...], data_dir: str | None = None, client_id: int = 0
+) -> tuple[Federation, SequentialEngine]:
+    """Every partition's data exactly as the engine builds it, with ``malicious`` poisoned — or, with
+    ``data_dir``, client ``client_id``'s own training files only — and a sequential trainer over the federation's
+    model (cached per process)."""
+    cfg = Experiment.model_validate_json(cfg_json)
+    own = None if data_dir is None else OwnData.node(client_id, *node_files(cfg, data_dir))
+    fed = Federation.build(cfg, malicious, own)
     return fed, SequentialEngine(fed.model, fed.layout, optim_config(fed.cfg))
+
+
+def node_files(cfg: Experiment, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels of ``cfg.dataset`` in the node's ``data-dir``; a missing, empty or malformed
+    folder, or a dataset not read from files, is a :class:`ConfigError` naming the key and the value."""
+    try:
+        return load_split_folder(cfg.dataset, data_dir, "train")
+    except (DataError, ValueError) as err:
+        raise ConfigError(f"node config: {DATA_DIR_KEY} = {data_dir!r}: {err}") from None
+
+
+def without_data_dir(run_config: Mapping[str, UserValue]) -> dict[str, UserValue]:
+    """The run config without ``data_dir``: that is the server's folder (``local-data``), which need not exist on a
+    node's machine, and a node with its own data reads only its ``data-dir``."""
+    return {k: v for k, v in run_config.items() if field_name(k) != "data_dir"}
+
+
+def local_setup(context: Context, cfg: Experiment, data_dir: str) -> ClientSetup:
+    """A node training on its own files (``data-dir``): client id ``partition-id``, malicious only by its flag."""
+    pid = node_client_id(context.node_config, cfg)
+    flag = node_malicious_flag(context.node_config)
+    if flag is not None and cfg.attack == "none" and cfg.update_attack == "none":
+        log.warning("node config: malicious = %s ignored, attack = 'none'", flag)
+        flag = False
+    ids = (pid,) if flag else ()
+    fed, engine = federation(cfg.model_dump_json(), ids, data_dir, pid)
+    return ClientSetup(
+        cfg=cfg,
+        partition_id=pid,
+        malicious=bool(flag),
+        method=fed.method_for(pid),
+        data=fed.data.clients[pid],
+        layout=fed.layout,
+        engine=engine,
+        device=fed.device,
+        federation=fed,
+    )
 
 
 def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = None) -> ClientSetup:
     """The node's setup from its run and node configs (data and trainer built once per process)."""
-    pid, k = node_partition(context.node_config)
+    data_dir = node_data_dir(context.node_config)
+    if data_dir is not None:
+        cfg, _ = parse_run_config(without_data_dir(context.run_config), without_data_dir(overrides or {}))
+        return local_setup(context, cfg, data_dir)
     cfg, _ = parse_run_config(context.run_config, overrides)
+    pid, k = node_partition(context.node_config)
     if cfg.num_clients != k:
         log.info("num_clients = %d in the run config; using num-partitions = %d of the node config", cfg.num_clients, k)
     cfg = with_num_clients(cfg, k)
@@ -176,9 +260,23 @@ def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | N
 
 
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's identification query with the node's partition id."""
-    pid, _ = node_partition(context.node_config)
+    """Answer the server's identification query with the node's partition id (its client id)."""
+    if node_data_dir(context.node_config) is not None:
+        pid = _as_int(context.node_config, "partition-id")
+    else:
+        pid, _ = node_partition(context.node_config)
     return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@contextlib.contextmanager
+def logged_config_errors() -> Iterator[None]:
+    """Log a node or run configuration error as one line before Flower turns it into an error reply (and prints
+    its traceback); the error still fails the reply."""
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        log.error("%s", " ".join(str(err).split()))
+        raise
 
 
 def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientApp:
@@ -187,10 +285,12 @@ def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientA
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, overrides)
+        with logged_config_errors():
+            return train(msg, context, overrides)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        return query(msg, context)
+        with logged_config_errors():
+            return query(msg, context)
 
     return app

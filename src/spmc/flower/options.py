@@ -5,7 +5,9 @@ Keys of ``[tool.flwr.app.config]`` (and of ``flwr run --run-config``) are read a
 * ``preset`` and ``config-file`` pick a preset and an spmc TOML file, as ``spmc run --preset/--config`` do;
 * any key that names an :class:`~spmc.config.Experiment` option (``defense``, ``client``, ``rounds``, ``gamma``,
   ``spmc_temperature``, ...; ``-`` may stand for ``_``) sets it, after the preset and the file (later wins);
-  ``num-server-rounds`` is accepted for ``rounds``;
+  ``num-server-rounds`` is accepted for ``rounds``. The value ``""`` (:data:`UNSET`) sets nothing: an app declares
+  its spmc options with it, so that only the keys a user sets override the preset (Flower hands the app its
+  declared defaults and the user's keys merged, with no way to tell them apart);
 * the keys of :data:`FLOWER_DEFAULTS` configure the Flower side (time-outs, run directory, resume).
 
 Run-config values are TOML scalars, so a tuple option takes a JSON list in a string (``trigger_channels =
@@ -32,14 +34,19 @@ FLOWER_DEFAULTS: dict[str, UserValue] = {
     "connect-timeout": 120.0,
     "identify-timeout": 30.0,
     "poll-interval": 0.2,
+    "local-data": False,
 }
 """Flower-only keys with their defaults: ``out-dir`` (run directory with ``config.json``, ``metrics.jsonl``,
 ``summary.json`` and ``checkpoint.pt``; empty = none), ``resume`` (continue from the checkpoint in ``out-dir``),
 ``round-timeout`` (seconds to wait for the replies of one round), ``min-nodes`` (nodes to wait for before the first
 round; 0 = ``num_clients``), ``connect-timeout`` (longest wait for them), ``identify-timeout`` (wait for the
-partition ids of nodes never seen before) and ``poll-interval`` (seconds between two pulls of replies)."""
+partition ids of nodes never seen before), ``poll-interval`` (seconds between two pulls of replies) and
+``local-data`` (the nodes train on their own files, ``data-dir`` of their node config; the server loads only its own
+test set, and the validation split of the defenses that need server data, from the run's ``data_dir``)."""
 
 SOURCE_KEYS = ("preset", "config-file")
+UNSET = ""
+"""An spmc option's run-config value that sets nothing (the preset's, config file's or spmc's default stays)."""
 ALIASES = {"num_server_rounds": "rounds"}
 
 
@@ -54,6 +61,7 @@ class FlowerOptions:
     connect_timeout: float = 120.0
     identify_timeout: float = 30.0
     poll_interval: float = 0.2
+    local_data: bool = False
 
     def __post_init__(self) -> None:
         for name in ("round_timeout", "connect_timeout", "identify_timeout", "poll_interval"):
@@ -109,7 +117,8 @@ def parse_run_config(
         if key in FLOWER_DEFAULTS:
             flower[key] = value
         elif (field := field_name(key)) is not None:
-            experiment[field] = experiment_value(field, value)
+            if not (isinstance(value, str) and value.strip() == UNSET):
+                experiment[field] = experiment_value(field, value)
         else:
             unknown.append(key)
     if unknown:
@@ -123,16 +132,27 @@ def parse_run_config(
     try:
         opts = FlowerOptions(
             out_dir=str(flower["out-dir"]),
-            resume=bool(flower["resume"]),
+            resume=flag("resume", flower["resume"]),
             round_timeout=float(flower["round-timeout"]),
             min_nodes=int(flower["min-nodes"]),
             connect_timeout=float(flower["connect-timeout"]),
             identify_timeout=float(flower["identify-timeout"]),
             poll_interval=float(flower["poll-interval"]),
+            local_data=flag("local-data", flower["local-data"]),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"run config: {err}") from None
     return cfg, opts
+
+
+def flag(key: str, value: UserValue) -> bool:
+    """A boolean run-config value (``true``/``false``, also as a string), or a ConfigError naming the key."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"run config: {key} = {value!r}; expected true or false")
 
 
 def with_num_clients(cfg: Experiment, num_clients: int) -> Experiment:

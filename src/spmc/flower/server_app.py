@@ -4,6 +4,7 @@ directory, around :class:`~spmc.flower.strategy.DefenseStrategy`."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from spmc.attacks import kind_of
-from spmc.config import Experiment, build_defense
+from spmc.config import ConfigError, Experiment, build_defense
+from spmc.data import DATA_DIR_ENV, DataError, load_split_folder
 from spmc.defenses import Defense
 from spmc.defenses.server_data import ServerData
-from spmc.federation import FederatedData, Federation, update_guard
+from spmc.federation import FederatedData, Federation, OwnData, update_guard
 from spmc.flower.convert import MetricValue, arrays_to_state, state_to_arrays
 from spmc.flower.options import FlowerOptions, UserValue, parse_run_config
 from spmc.flower.strategy import DefenseStrategy
@@ -43,11 +45,13 @@ class ServerSetup:
     federation: Federation
 
 
-def build_server(cfg: Experiment) -> ServerSetup:
+def build_server(cfg: Experiment, local_data: bool = False) -> ServerSetup:
     """The :class:`~spmc.federation.Federation` (evaluation sets, the defenses' server split, θ^0) and the defense,
-    exactly as the simulator builds them."""
-    federation = Federation.build(cfg)
+    exactly as the simulator builds them; with ``local_data`` (nodes with their own files) from the server's own
+    files only (:func:`server_files`)."""
     defense = build_defense(cfg)
+    own = server_files(cfg, defense.needs_server_data) if local_data else None
+    federation = Federation.build(cfg, own=own)
     server_data = federation.server_data() if defense.needs_server_data else None
     return ServerSetup(
         cfg,
@@ -59,6 +63,32 @@ def build_server(cfg: Experiment) -> ServerSetup:
         federation.initial_state.cpu(),
         federation,
     )
+
+
+def server_folder(cfg: Experiment) -> str:
+    """The server's own data folder: ``data_dir`` of the run config, else ``$SPMC_DATA_DIR``."""
+    folder = cfg.data_dir or os.environ.get(DATA_DIR_ENV, "")
+    if not folder:
+        raise ConfigError(
+            f"run config: data_dir is not set (nor ${DATA_DIR_ENV}); local-data = true needs the server's own folder "
+            f"with the test files of dataset {cfg.dataset!r}"
+        )
+    return folder
+
+
+def server_files(cfg: Experiment, needs_server_data: bool) -> OwnData:
+    """The server's own data when the nodes hold theirs: the test files of its folder and, for a defense that needs
+    server data (spec §5), the training files of that folder as its whole clean validation split."""
+    folder = server_folder(cfg)
+    try:
+        test_x, test_y = load_split_folder(cfg.dataset, folder, "test")
+        if needs_server_data:
+            val_x, val_y = load_split_folder(cfg.dataset, folder, "train")
+        else:
+            val_x, val_y = test_x[:0], test_y[:0]
+    except (DataError, ValueError) as err:
+        raise ConfigError(f"run config: data_dir = {folder!r} (local-data = true): {err}") from None
+    return OwnData(val_x, val_y, test_x, test_y)
 
 
 class ServerEvaluator:
@@ -130,7 +160,7 @@ def run_server(grid: Grid, cfg: Experiment, opts: FlowerOptions) -> Result:
     if store is not None:
         store.lock()  # one writer per run directory, taken before any data is loaded
     try:
-        setup = build_server(cfg)
+        setup = build_server(cfg, opts.local_data)
         if store is not None:
             store.write_config(cfg.to_json())
         strategy = build_strategy(setup, opts, store)
@@ -168,7 +198,11 @@ def make_server_app(overrides: Mapping[str, UserValue] | None = None) -> ServerA
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         _ensure_logging()
-        cfg, opts = parse_run_config(context.run_config, overrides)
-        run_server(grid, cfg, opts)
+        try:
+            cfg, opts = parse_run_config(context.run_config, overrides)
+            run_server(grid, cfg, opts)
+        except (ConfigError, DataError) as err:  # one line naming the key first; Flower then marks the run failed
+            log.error("%s", " ".join(str(err).split()))
+            raise
 
     return app

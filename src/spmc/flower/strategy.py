@@ -211,12 +211,14 @@ class DefenseStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check the replies, run the defense on the valid states and update the teachers."""
-        t = server_round - 1
-        updates, rejected, failed = self._collect(t, replies)
+        t = server_round - 1  # the server core's 0-based round; messages name the 1-based server round
+        updates, rejected, failed = self._collect(server_round, replies)
         failed += self._unanswered
         self._unanswered = []
         if rejected and self.on_invalid_update == "stop":
-            raise InvalidUpdateError(f"round {t}: rejected updates from {rejected}; stopping (on_invalid_update)")
+            raise InvalidUpdateError(
+                f"round {server_round}: rejected updates from {rejected}; stopping (on_invalid_update)"
+            )
         if self.global_state is None and updates:
             raise RuntimeError("aggregate_train before any global state: call configure_train or start first")
         updates.sort(key=lambda u: u.client_id)
@@ -235,7 +237,7 @@ class DefenseStrategy(Strategy):
             "failed_nodes": failed,
         }
         if outcome.aggregate is None:
-            log.error("round %d: no valid update arrived; the global model is unchanged", t)
+            log.error("round %d: no valid update arrived; the global model is unchanged", server_round)
             self.last_record = record
             return None, metric_record(record)
         eval_state = outcome.aggregate.eval_state
@@ -391,8 +393,11 @@ class DefenseStrategy(Strategy):
 
     # ------------------------------------------------------------------ checking replies
 
-    def _collect(self, t: int, replies: Iterable[Message]) -> tuple[list[ClientUpdate], list[int], list[int]]:
-        """Valid updates, rejected client ids (malformed, non-finite, duplicate) and failed node ids."""
+    def _collect(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[ClientUpdate], list[int], list[int]]:
+        """Valid updates, rejected client ids (malformed, non-finite, duplicate) and failed node ids; the warnings
+        name ``server_round`` (1-based, as every other message of the strategy)."""
         updates: list[ClientUpdate] = []
         rejected: list[int] = []
         failed: list[int] = []
@@ -401,17 +406,19 @@ class DefenseStrategy(Strategy):
             node = self._reply_node.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             seconds = self._reply_seconds.pop(msg.metadata.reply_to_message_id, math.nan)
             if msg.has_error():
-                log.warning("round %d: node %d failed: %s", t, node, msg.error.reason)
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 failed.append(node)
                 continue
             try:
                 update = self._parse(node, msg.content)
             except MalformedUpdate as err:
-                log.warning("round %d: update from node %d rejected, never aggregated: %s", t, node, err)
+                log.warning("round %d: update from node %d rejected, never aggregated: %s", server_round, node, err)
                 rejected.append(node)
                 continue
             if update.client_id in seen:
-                log.warning("round %d: a second update for client %d (node %d) rejected", t, update.client_id, node)
+                log.warning(
+                    "round %d: a second update for client %d (node %d) rejected", server_round, update.client_id, node
+                )
                 rejected.append(update.client_id)
                 continue
             seen.add(update.client_id)
