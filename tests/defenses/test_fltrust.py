@@ -195,3 +195,30 @@ def test_from_config() -> None:
     d = build_as("fltrust", Experiment(fltrust_public_epochs=4, profile="repo"))
     assert (d.options.public_epochs, d.options.exclude_int_buffers) == (4, False)
     assert FLTrust.needs_server_data and FLTrust.name == "fltrust"
+
+
+def test_server_training_is_reused_for_the_same_state_epochs_and_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServerData.train trains once per (state, epochs, round): an adaptive attack's copies of FLTrust and the server
+    share it; the reused state equals a fresh training, and a caller cannot corrupt it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    layout = ParamLayout.from_module(model)
+    gen = torch.Generator().manual_seed(0)
+    data = ServerData(
+        torch.rand(16, 3, 4, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen), lambda x, g: x, model,
+        layout, 8,
+    )  # fmt: skip
+    g = layout.flatten(model)
+    first = data.train(g, 2, round_seed=1)
+    fresh = ServerData(data.x, data.y, data.transform, model, layout, 8).train(g, 2, round_seed=1)
+    calls = []
+    real = ServerData._train
+    monkeypatch.setattr(ServerData, "_train", lambda self, *a: calls.append(a) or real(self, *a))
+    again = data.train(g.clone(), 2, round_seed=1)
+    assert calls == [] and torch.equal(again, first) and torch.equal(again, fresh)
+    again.add_(1.0)  # the caller's copy, not the memo
+    assert torch.equal(data.train(g, 2, round_seed=1), first) and calls == []
+    data.train(g, 2, round_seed=2)
+    data.train(g, 1, round_seed=2)
+    data.train(g + 1e-3, 1, round_seed=2)
+    assert len(calls) == 3
