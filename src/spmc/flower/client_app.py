@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from spmc.config import ConfigError, Experiment, optim_config
 from spmc.federation import Federation
 from spmc.flower.convert import arrays_to_state, state_to_arrays
+from spmc.flower.nodewatch import watch_node
 from spmc.flower.options import UserValue, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SHADOW_KEY, TEACHER_KEY
 from spmc.params import ParamLayout
@@ -182,15 +183,18 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientApp:
-    """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests)."""
+    """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests). Under a
+    SuperNode, the process stops when its SuperNode is gone (:func:`~spmc.flower.nodewatch.watch_node`)."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
+        watch_node()
         return train(msg, context, overrides)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
+        watch_node()
         return query(msg, context)
 
     return app
