@@ -273,10 +273,12 @@ class LocalDeployment:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def kill_node(self, i: int, whole_group: bool = True) -> None:
+    def kill_node(self, i: int, whole_group: bool = True, reap: bool = True) -> None:
         """Kill SuperNode ``i`` with SIGKILL: with ``whole_group`` everything it started at once (its process
-        group), else the SuperNode process only, as a crash or the OOM killer would; then what it started is left to
-        stop by itself (and is stopped with the deployment if it does not)."""
+        group), else the SuperNode process only, as a crash or the OOM killer would, and what it started is left to
+        stop by itself (it is stopped with the deployment if it does not). ``reap = False`` leaves the dead SuperNode
+        a zombie until :meth:`stop`, as under a parent that does not collect its children at once (a shell busy with
+        a foreground command, a container's PID 1 that is not an init)."""
         proc = self.nodes[i]
         if proc is None:
             return
@@ -286,7 +288,8 @@ class LocalDeployment:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
             self._killed.append(proc)
-        proc.wait(timeout=10.0)
+        if reap:
+            proc.wait(timeout=10.0)
         if whole_group:
             wait_group_gone(proc.pid, timeout=15.0)
         self.nodes[i] = None

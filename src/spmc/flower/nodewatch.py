@@ -55,18 +55,33 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[19])
 
 
+def _argv(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in (PROC / str(pid) / "cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def _command(pid: int) -> str:
     """The base names of the program and its script (``python .../flower-supernode``), space-separated."""
-    try:
-        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return ""
-    return " ".join(Path(a.decode(errors="replace")).name for a in argv[:2] if a)
+    return " ".join(Path(a).name for a in _argv(pid)[:2])
+
+
+def _parent_pid_arg(pid: int) -> int | None:
+    """The ``--parent-pid`` argument of process ``pid`` (Flower passes it to ``flower-superexec``), or None."""
+    argv = _argv(pid)
+    with contextlib.suppress(ValueError, IndexError):
+        return int(argv[argv.index("--parent-pid") + 1])
+    return None
 
 
 def node_ancestry(pid: int | None = None, max_depth: int = 8) -> list[ProcessId]:
     """The ancestors of ``pid`` (this process) from its parent up to the nearest ``flower-supernode``, inclusive;
-    empty when there is none within ``max_depth`` generations or no ``/proc``."""
+    empty when there is none within ``max_depth`` generations or no ``/proc``.
+
+    A ``flower-superexec`` whose parent is no longer the ``--parent-pid`` it was started with outlived its node
+    (it was re-parented when the node died, and Flower's guard took the node's zombie for a live process): the
+    chain then ends with that node as a process that is already gone (start time -1)."""
     stat = _stat(os.getpid() if pid is None else pid)
     chain: list[ProcessId] = []
     while stat is not None and stat[1] > 1 and len(chain) < max_depth:
@@ -78,6 +93,9 @@ def node_ancestry(pid: int | None = None, max_depth: int = 8) -> list[ProcessId]
         chain.append(ProcessId(parent, stat[2], command))
         if SUPERNODE in command.split():
             return chain
+        started_by = _parent_pid_arg(parent) if SUPEREXEC in command.split() else None
+        if started_by is not None and started_by != stat[1]:
+            return [*chain, ProcessId(started_by, -1, SUPERNODE)]
     return []
 
 
