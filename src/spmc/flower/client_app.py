@@ -186,15 +186,14 @@ def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientA
     """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests). Under a
     SuperNode, the process stops when its SuperNode is gone (:func:`~spmc.flower.nodewatch.watch_node`)."""
     app = ClientApp()
+    watch_node()  # the app is built when flwr-clientapp loads it: watch from then on
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        watch_node()
         return train(msg, context, overrides)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        watch_node()
         return query(msg, context)
 
     return app
