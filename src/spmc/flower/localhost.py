@@ -31,8 +31,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from spmc.flower.tls import NodeKey, TlsFiles
+if TYPE_CHECKING:
+    from spmc.flower.tls import NodeKey, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +240,9 @@ class LocalDeployment:
 
     def restart_node(self, i: int) -> subprocess.Popen[bytes]:
         """Start SuperNode ``i`` again, on the Runtime API port it had (after :meth:`kill_node`)."""
-        if self.nodes[i] is not None:
-            raise RuntimeError(f"supernode {i} is still running (pid {self.nodes[i].pid})")  # type: ignore[union-attr]
+        running = self.nodes[i]
+        if running is not None:
+            raise RuntimeError(f"supernode {i} is still running (pid {running.pid})")
         proc = self._start_node(i)
         self.nodes[i] = proc
         return proc
