@@ -39,6 +39,7 @@ from spmc.config import ConfigError, Experiment, optim_config
 from spmc.data import DataError, load_split_folder
 from spmc.federation import Federation, OwnData
 from spmc.flower.convert import arrays_to_state, state_to_arrays
+from spmc.flower.nodewatch import watch_node
 from spmc.flower.options import UserValue, field_name, parse_run_config, with_num_clients
 from spmc.flower.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SHADOW_KEY, TEACHER_KEY
 from spmc.params import ParamLayout
@@ -280,8 +281,10 @@ def logged_config_errors() -> Iterator[None]:
 
 
 def make_client_app(overrides: Mapping[str, UserValue] | None = None) -> ClientApp:
-    """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests)."""
+    """A ClientApp training with spmc; ``overrides`` take precedence over the run config (e.g. in tests). Under a
+    SuperNode, the process stops when its SuperNode is gone (:func:`~spmc.flower.nodewatch.watch_node`)."""
     app = ClientApp()
+    watch_node()  # the app is built when flwr-clientapp loads it: watch from then on
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -10,6 +10,11 @@ on it; runtime installation of app dependencies is disabled (``FLWR_DISABLE_RUNT
 with LocalDeployment(app_dir, workdir, num_nodes=3) as dep:
     done = dep.run({"rounds": 2, "out-dir": str(workdir / "run")}, timeout=300)
 ```
+
+With ``tls`` (:class:`~spmc.flower.tls.TlsFiles`) every connection to the SuperLink (SuperNodes, ``flwr``, the
+ServerApp) is HTTPS checked against the CA certificate; with ``supernode_auth`` as well, the SuperLink admits only
+SuperNodes whose public key was registered (``flwr supernode register``, done by :meth:`LocalDeployment.start` for
+every key in ``node_keys``) and each SuperNode signs its requests with its private key.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spmc.flower.tls import NodeKey, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +124,9 @@ class LocalDeployment:
         num_nodes: int,
         node_configs: Sequence[str] | None = None,
         threads: int = 1,
+        tls: TlsFiles | None = None,
+        node_keys: Sequence[NodeKey | None] | None = None,
+        supernode_auth: bool = False,
     ) -> None:
         self.app_dir = Path(app_dir).resolve()
         self.workdir = Path(workdir).resolve()
@@ -123,10 +135,19 @@ class LocalDeployment:
         if len(self.node_configs) != num_nodes:
             raise ValueError(f"node_configs has {len(self.node_configs)} entries for {num_nodes} nodes")
         self.threads = threads
+        self.tls = tls
+        self.node_keys = list(node_keys or [None] * num_nodes)
+        if len(self.node_keys) != num_nodes:
+            raise ValueError(f"node_keys has {len(self.node_keys)} entries for {num_nodes} nodes")
+        if supernode_auth and tls is None:
+            raise ValueError("supernode_auth needs tls: Flower authenticates SuperNodes over TLS only")
+        self.supernode_auth = supernode_auth
         self.port = 0
+        self.node_ports: list[int] = []
         self.superlink: subprocess.Popen[bytes] | None = None
         self.nodes: list[subprocess.Popen[bytes] | None] = []
         self._others: list[subprocess.Popen[bytes]] = []
+        self._killed: list[subprocess.Popen[bytes]] = []
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
 
@@ -161,43 +182,70 @@ class LocalDeployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.superlink = self._spawn(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(self.workdir / "superlink.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
+        self.superlink = self._spawn("superlink", self._superlink_args())
         if not wait_for_port(self.port, ready_timeout):
             raise RuntimeError(f"flower-superlink did not open port {self.port}; see {self.logs / 'superlink.log'}")
+        security = "insecure = true" if self.tls is None else f"root-certificates = {toml_value(str(self.tls.ca_cert))}"
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{security}\n'
         )
+        if self.supernode_auth:
+            for key in self.node_keys:
+                if key is not None:
+                    self.register_node(key)
+        self.node_ports = [free_port() for _ in range(self.num_nodes)]
         self.nodes = [self._start_node(i) for i in range(self.num_nodes)]
+
+    def _superlink_args(self) -> list[str]:
+        """``flower-superlink`` on 127.0.0.1:``port``: plain HTTP, or HTTPS (and SuperNode authentication)."""
+        args = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.tls is None:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert)]
+            args += ["--ssl-keyfile", str(self.tls.server_key)]
+        if self.supernode_auth:
+            args.append("--enable-supernode-auth")
+        return [*args, "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
+
+    def register_node(self, key: NodeKey, timeout: float = 60.0) -> None:
+        """``flwr supernode register KEY.pub``: admit the SuperNode holding ``key`` (SuperNode authentication)."""
+        args = ["flwr", "supernode", "register", str(key.public), CONNECTION]
+        done = subprocess.run(args, env=self.env, cwd=self.workdir, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace").strip()
+            raise RuntimeError(f"flwr supernode register {key.public} failed (exit {done.returncode}): {output}")
+        log.info("registered SuperNode key %s", key.public)
 
     def _start_node(self, i: int) -> subprocess.Popen[bytes]:
         node_config = f"partition-id={i} num-partitions={self.num_nodes} {self.node_configs[i]}".strip()
-        return self._spawn(
-            f"supernode-{i}",
-            [
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                node_config,
-            ],
-        )
+        return self._spawn(f"supernode-{i}", self.supernode_args(node_config, self.node_ports[i], self.node_keys[i]))
+
+    def supernode_args(self, node_config: str, port: int, key: NodeKey | None) -> list[str]:
+        """``flower-supernode`` connected to this SuperLink, its Runtime API on 127.0.0.1:``port``; over TLS when the
+        deployment has it, signing its requests with ``key`` when one is given."""
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port)]
+        args += ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(key.private)]
+        return [*args, "--node-config", node_config]
+
+    def start_extra_node(self, name: str, node_config: str, key: NodeKey | None = None) -> subprocess.Popen[bytes]:
+        """Start one more SuperNode (output in ``logs/NAME.log``; stopped with the deployment), e.g. one whose key
+        is not registered."""
+        proc = self._spawn(name, self.supernode_args(node_config, free_port(), key))
+        self._others.append(proc)
+        return proc
+
+    def restart_node(self, i: int) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``i`` again, on the Runtime API port it had (after :meth:`kill_node`)."""
+        running = self.nodes[i]
+        if running is not None:
+            raise RuntimeError(f"supernode {i} is still running (pid {running.pid})")
+        proc = self._start_node(i)
+        self.nodes[i] = proc
+        return proc
 
     def _run_args(self, run_config: Mapping[str, bool | int | float | str]) -> list[str]:
         path = self.workdir / f"run-config-{time.time_ns()}.toml"
@@ -228,27 +276,50 @@ class LocalDeployment:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def kill_node(self, i: int) -> None:
-        """Kill SuperNode ``i`` and everything it started at once (SIGKILL to its process group)."""
+    def kill_node(self, i: int, whole_group: bool = True, reap: bool = True) -> None:
+        """Kill SuperNode ``i`` with SIGKILL: with ``whole_group`` everything it started at once (its process
+        group), else the SuperNode process only, as a crash or the OOM killer would, and what it started is left to
+        stop by itself (it is stopped with the deployment if it does not). ``reap = False`` leaves the dead SuperNode
+        a zombie until :meth:`stop`, as under a parent that does not collect its children at once (a shell busy with
+        a foreground command, a container's PID 1 that is not an init)."""
         proc = self.nodes[i]
         if proc is None:
             return
-        signal_group(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10.0)
-        wait_group_gone(proc.pid, timeout=15.0)
+        if whole_group:
+            signal_group(proc.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            self._killed.append(proc)
+        if reap:
+            proc.wait(timeout=10.0)
+        if whole_group:
+            wait_group_gone(proc.pid, timeout=15.0)
         self.nodes[i] = None
-        log.info("killed supernode %d (pid %d)", i, proc.pid)
+        log.info("killed supernode %d (pid %d%s)", i, proc.pid, ", its group" if whole_group else "")
 
     def pids(self) -> list[int]:
         """PIDs of the processes this deployment started that are still running."""
         procs = [self.superlink, *self.nodes, *self._others]
         return [p.pid for p in procs if p is not None and p.poll() is None]
 
+    def group_members(self, pgid: int) -> list[tuple[int, str]]:
+        """``(pid, command line)`` of the live processes (zombies left out) in process group ``pgid``: what a
+        SuperNode started and that still runs after it is gone. Linux (``/proc``) only; elsewhere empty."""
+        members = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z" and int(fields[2]) == pgid:
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    members.append((int(entry.name), cmd))
+        return sorted(members)
+
     def stop(self) -> None:
         """Stop every process started here, by PID (its process group)."""
-        procs = [p for p in (*self._others, *self.nodes, self.superlink) if p is not None]
+        procs = [p for p in (*self._others, *self.nodes, *self._killed, self.superlink) if p is not None]
         stop_processes(procs)
-        self._others, self.nodes, self.superlink = [], [], None
+        self._others, self.nodes, self._killed, self.superlink = [], [], [], None
 
     def __enter__(self) -> LocalDeployment:
         try:
