@@ -159,3 +159,25 @@ def test_sweep_and_matrix_help_show_ray(capsys: pytest.CaptureFixture[str]) -> N
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "--ray [ADDRESS]" in text and "--cpus-per-run" in text
+
+
+def test_a_worker_runs_the_task_without_importing_spmc(tmp_path: Path) -> None:
+    """The task is pickled by value: it loads in a process where spmc cannot be imported, so a Ray worker does not
+    spend seconds importing torch before the point's ``spmc run`` starts."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from spmc.cluster import pickle_tasks_by_value
+    from spmc.raytask import execute_point
+
+    pickle_tasks_by_value()
+    (tmp_path / "task.pkl").write_bytes(ray.cloudpickle.dumps(execute_point))
+    code = (
+        "import pickle, sys; sys.modules['spmc'] = None; "
+        f"f = pickle.loads(open({str(tmp_path / 'task.pkl')!r}, 'rb').read()); "
+        "print(f.__name__, sorted(m for m in ('torch', 'spmc.config') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "execute_point []"

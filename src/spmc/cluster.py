@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -32,23 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from spmc.config import ConfigError
+from spmc.raytask import CHECKPOINT_LIMIT, RESULT_FILES, RESUME_FILES, execute_point
 from spmc.store import atomic_write_bytes
-from spmc.sweep import SweepRun, _die_with_parent, run_options_args
+from spmc.sweep import SweepRun, run_options_args
 
 log = logging.getLogger(__name__)
 
-#: The run directory's files a task sends back, in the order the driver writes them (``summary.json`` last: it
-#: marks the point finished, so it must never appear before the files it summarises).
-RESULT_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
-#: What the driver sends with a resumed point.
-RESUME_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
-#: A checkpoint larger than this stays on the worker (it travels through Ray's object store, and a finished
-#: run's checkpoint only serves Grad-CAM); 256 MiB holds the paper's ResNet10 with its clients' teachers.
-CHECKPOINT_LIMIT = 256 * 2**20
 #: How often Ray reruns a task whose worker process or node died.
 MAX_RETRIES = 3
-#: Characters of a failed run's output kept for its error message.
-OUTPUT_TAIL = 4000
 
 
 @dataclass(frozen=True)
@@ -94,43 +84,6 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         ray.shutdown()
 
 
-def execute_point(action: str, args: list[str], files: dict[str, bytes], threads: int) -> dict[str, Any]:
-    """The Ray task: run ``spmc run`` for one grid point in a temporary folder of this worker and return its
-    exit status, output tails, the run directory's files (:data:`RESULT_FILES`) and this host's name.
-
-    ``action`` is ``start`` (``args`` set the options) or ``resume`` (``files`` seed the run directory)."""
-    with tempfile.TemporaryDirectory(prefix="spmc-point-") as tmp:
-        run_dir = Path(tmp) / "run"
-        run_dir.mkdir()
-        for name in RESUME_FILES:
-            if name in files:
-                (run_dir / name).write_bytes(files[name])
-        cmd = [sys.executable, "-m", "spmc", "run", "-q"]
-        cmd += ["--resume", str(run_dir)] if action == "resume" else [*args, "--out", str(run_dir)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, preexec_fn=_die_with_parent(os.getpid()), check=False
-        )
-        out: dict[str, bytes] = {}
-        dropped = False
-        for name in RESULT_FILES:
-            path = run_dir / name
-            if not path.is_file():
-                continue
-            if name == "checkpoint.pt" and path.stat().st_size > CHECKPOINT_LIMIT:
-                dropped = True
-                continue
-            out[name] = path.read_bytes()
-    return {
-        "code": proc.returncode,
-        "stdout": proc.stdout[-OUTPUT_TAIL:],
-        "stderr": proc.stderr[-OUTPUT_TAIL:],
-        "files": out,
-        "checkpoint_dropped": dropped,
-        "host": socket.gethostname(),
-    }
-
-
 def write_results(run_dir: Path, files: Any) -> None:
     """Write a task's returned files into ``run_dir`` atomically, ``summary.json`` last; only the names of
     :data:`RESULT_FILES` are written (a worker never chooses a path), each must be bytes."""
@@ -144,6 +97,16 @@ def write_results(run_dir: Path, files: Any) -> None:
             atomic_write_bytes(run_dir / name, files[name])
 
 
+def pickle_tasks_by_value() -> None:
+    """Have Ray's cloudpickle send the functions of :mod:`spmc.raytask` by value, so that a worker runs a task
+    without importing spmc (and torch) first."""
+    import ray.cloudpickle
+
+    from spmc import raytask
+
+    ray.cloudpickle.register_pickle_by_value(raytask)
+
+
 class RayRunner:
     """Runs grid points as Ray tasks; :meth:`stop` cancels those in flight and refuses new ones."""
 
@@ -152,6 +115,7 @@ class RayRunner:
 
         self._ray = ray
         self._threads = options.cpus_per_run
+        pickle_tasks_by_value()
         self._remote = ray.remote(execute_point).options(
             num_cpus=options.cpus_per_run,
             num_gpus=options.gpus_per_run,

@@ -32,7 +32,6 @@ With ``ray`` (:class:`spmc.cluster.RayOptions`) the points run as Ray tasks unde
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from spmc.config import ConfigError, load_toml_file, resolve
 from spmc.data import DataError
+from spmc.raytask import die_with_parent
 from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file
 
 if TYPE_CHECKING:
@@ -319,23 +319,6 @@ def child_error(stderr: str, stdout: str, code: int) -> str:
     return "\n".join(lines)[-2000:] or f"exit status {code}"
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the kernel SIGKILLs the child when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``;
-    elsewhere a no-op); a parent that died before the call is caught by the parent-PID check."""
-    prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-            if os.getppid() != parent:
-                os._exit(1)
-
-    return preexec
-
-
 class _Children:
     """The sweep's live ``spmc run`` processes: each dies with the sweep; :meth:`stop` ends them all."""
 
@@ -359,7 +342,7 @@ class _Children:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                preexec_fn=_die_with_parent(os.getpid()),  # only a prctl and a getppid: safe after fork
+                preexec_fn=die_with_parent(os.getpid()),  # only a prctl and a getppid: safe after fork
             )
             self._procs.add(proc)
         try:
