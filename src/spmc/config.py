@@ -502,6 +502,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 10,
         "gamma": 0.3,
     },
+    "demo-quick": {
+        "dataset": "fmnist-sample",
+        "rounds": 3,
+        "baseline_local_epochs": 1,
+        "spmc_local_epochs": 1,
+    },
     "smoke": {
         "dataset": "synthetic",
         "rounds": 2,
@@ -519,6 +525,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "quick-mnist": "paper protocol on MNIST reduced for CPUs: 15 rounds of 2 local epochs",
     "quick-cifar10": "paper protocol on CIFAR-10 reduced for CPUs: 15 rounds of 2 local epochs",
     "demo": "paper protocol on the embedded Fashion-MNIST sample, 10 rounds: a few minutes on a laptop CPU",
+    "demo-quick": "`spmc demo --quick`: the embedded Fashion-MNIST sample, 3 rounds of 1 local epoch (a first look)",
     "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
 }
 
