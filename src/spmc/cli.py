@@ -66,7 +66,11 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML configuration file (keys as in `spmc list --options`)")
+    p.add_argument(
+        "--config",
+        "-c",
+        help="TOML configuration file (keys as in `spmc list --options`), or a run's own config.json (reruns it)",
+    )
     p.add_argument("--preset", "-p", choices=sorted(PRESETS), help="start from a preset (see `spmc list`)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", help="folder with the dataset files (default: $SPMC_DATA_DIR, Debian's fmnist)")

@@ -746,10 +746,59 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return {**top, **table}
 
 
+def unknown_key_line(where: str, key: str) -> str:
+    """One line for a key that is not an option: where it is, the key, the closest option name if one is close."""
+    close = difflib.get_close_matches(key, list(Experiment.model_fields), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}: {key!r} is not an option{hint} (see `spmc list --options`)"
+
+
+def load_run_json(path: str | Path) -> dict[str, Any]:
+    """The options of a run's own ``config.json`` (what ``spmc run`` writes in its run directory: every option of
+    :class:`Experiment` by name, nothing else). Every key must be an option: a key that is not (a typo, an
+    option of a newer or older spmc, any metadata) is refused, naming the closest option, rather than dropped,
+    since dropping it could change what the rerun computes. Options the file lacks (it was written before they
+    existed) take today's defaults, named in a warning. Errors are one line naming the file."""
+    from spmc.store import read_json_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist")
+    try:
+        values = read_json_file(p)
+    except ValueError as err:  # DataError: not JSON, not UTF-8
+        raise ConfigError(f"config: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config: {p} must be a JSON object of options (a run's config.json); got a {type(values).__name__}"
+        )
+    for key in values:
+        if key not in Experiment.model_fields:
+            raise ConfigError(unknown_key_line(f"config: {p}", str(key)))
+    missing = sorted(set(Experiment.model_fields) - set(values))
+    if missing:
+        log.warning(
+            "%s does not set %d option(s) (written by an earlier spmc, or by hand); they take today's defaults: %s",
+            p,
+            len(missing),
+            ", ".join(missing),
+        )
+    return dict(values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of ``--config``: a run's ``config.json`` (a ``.json`` file, :func:`load_run_json`) or a TOML
+    file (:func:`load_toml`)."""
+    if Path(path).suffix.lower() == ".json":
+        return load_run_json(path)
+    return load_toml(path)
+
+
 def resolve(preset: str | None = None, file: str | Path | None = None, /, **overrides: Any) -> Experiment:
-    """Preset, then file, then explicit overrides (later wins), validated. ``preset`` may also be given in the
-    file or among the overrides (later wins); an override of None is kept (allowed only where an option is)."""
-    values: dict[str, Any] = load_toml(file) if file is not None else {}
+    """Preset, then file (TOML, or a run's ``config.json``), then explicit overrides (later wins), validated.
+    ``preset`` may also be given in a TOML file or among the overrides (later wins); an override of None is kept
+    (allowed only where an option is)."""
+    values: dict[str, Any] = load_config_file(file) if file is not None else {}
     for given in (values.pop("preset", None), overrides.pop("preset", None)):
         preset = given if given is not None else preset
     if preset is not None:
