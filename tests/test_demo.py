@@ -112,3 +112,15 @@ def test_demo_on_the_smoke_preset_prints_eight_rows_and_a_reading_of_them(
             rows.append(DemoRow(label, attack, "done", A, R, summary["seconds_per_round"]))
     assert reading(rows) in text
     assert (out / "matrix.toml").is_file()
+
+
+def test_reading_a_model_that_has_not_learnt_the_task_is_not_read_as_backdoored_or_defended() -> None:
+    rows = _table(fedavg=100.0, spmc=(8.0, 100.0), dnc=(4.0, 5.0), flame=(100.0, 100.0))
+    rows = [r if r.defense != "SPMC" else DemoRow(r.defense, r.attack, "done", 11.6, r.R) for r in rows]
+    text = reading(rows)
+    assert "SPMC (A 11.6 %) has not learnt the task under badnets" in text
+    assert "DnC (ASR 4 %, A 70.0) keeps the ASR below 20 %" in text and "SPMC (ASR" not in text
+    collapsed = [r if r.defense != "FedAvg" else DemoRow(r.defense, r.attack, "done", 10.0, 0.0) for r in rows]
+    text = reading(collapsed)
+    assert text.startswith("FedAvg has not learnt the task at this setting (A 10.0 % under badnets, below 20 %)")
+    assert "backdoored" not in text

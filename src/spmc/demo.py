@@ -32,6 +32,9 @@ ARM_KEYS = ("defense", "client", "attack", "update_attack")
 BACKDOORED_ASR = 80.0
 #: ASR (%) below which a defense counts as holding.
 HOLDS_ASR = 20.0
+#: Clean accuracy (%) below which a model has not learnt the task (twice chance on the ten-class datasets): its
+#: ASR then only says which class it predicts, so it is not read as a backdoor or a defense.
+LEARNT_A = 20.0
 #: Runs at once; each gets one torch thread (``threads = 1``) unless the options set another count.
 DEMO_JOBS = 2
 
@@ -116,6 +119,10 @@ def _row(defense: str, attack: str, outcome: SweepOutcome | None, run_dir: Path)
     )
 
 
+def _accuracy(row: DemoRow) -> str:
+    return "unknown" if row.A is None else f"{row.A:.1f} %"
+
+
 def _pct(value: float) -> str:
     return f"{value:.0f} %"
 
@@ -144,6 +151,12 @@ def reading(rows: Sequence[DemoRow], base: str = BASE_ATTACK, adaptive: str = AD
     fedavg = done.get(("FedAvg", base))
     if fedavg is None:
         first = "FedAvg under the base attack did not finish, so the table cannot be read."
+    elif fedavg.A is None or fedavg.A < LEARNT_A:
+        first = (
+            f"FedAvg has not learnt the task at this setting (A {_accuracy(fedavg)} under {base}, below "
+            f"{_pct(LEARNT_A)}): its ASR of {_pct(fedavg.asr or 0.0)} only says which class it predicts, so the "
+            "table says nothing about the defenses; try more rounds or local epochs."
+        )
     elif fedavg.asr is not None and fedavg.asr >= BACKDOORED_ASR:
         first = (
             f"FedAvg is backdoored: under {base} its ASR is {_pct(fedavg.asr)} (>= {_pct(BACKDOORED_ASR)}), with "
@@ -157,6 +170,8 @@ def reading(rows: Sequence[DemoRow], base: str = BASE_ATTACK, adaptive: str = AD
         )
     defenses = list(dict.fromkeys(r.defense for r in rows if r.defense != "FedAvg"))
     under_base = [done[(d, base)] for d in defenses if (d, base) in done]
+    unlearnt = [r for r in under_base if r.A is None or r.A < LEARNT_A]
+    under_base = [r for r in under_base if r not in unlearnt]
     holds = [r for r in under_base if r.asr is not None and r.asr < HOLDS_ASR]
     gives = [r for r in under_base if r.asr is not None and r.asr >= HOLDS_ASR]
     parts = []
@@ -177,6 +192,9 @@ def reading(rows: Sequence[DemoRow], base: str = BASE_ATTACK, adaptive: str = AD
         if still:
             adaptive_parts.append(f"{_names(still)} still {_verb(still, 'holds', 'hold')}")
         parts.append(f"under {adaptive}, " + " while ".join(adaptive_parts))
+    if unlearnt:
+        names = ", ".join(f"{r.defense} (A {_accuracy(r)})" for r in unlearnt)
+        parts.append(f"{names} {_verb(unlearnt, 'has', 'have')} not learnt the task under {base}")
     second = ""
     if parts:
         text = "; ".join(parts)
