@@ -168,7 +168,9 @@ def option_problems(name: str, field: Any) -> list[str]:
         problems.append("not one non-empty line")
     if not SOURCE.search(text):
         problems.append("no source (spec section, paper, docs/ page or 'not in the spec')")
-    literals = [v for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal for v in get_args(a)]
+    literals = [
+        v for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal for v in get_args(a)
+    ]
     missing = [str(v) for v in literals if str(v) not in text]
     if missing:
         problems.append(f"allowed values not named: {', '.join(missing)}")

@@ -19,7 +19,9 @@ def _run(*argv: str) -> int:
 
 def test_a_rerun_from_config_json_gives_the_same_metrics(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    assert _run("--preset", "smoke", "--defense", "spmc", "--client", "spmc", "--set", "seed=3", "--out", str(first)) == 0
+    assert (
+        _run("--preset", "smoke", "--defense", "spmc", "--client", "spmc", "--set", "seed=3", "--out", str(first)) == 0
+    )
     assert _run("--config", str(first / "config.json"), "--out", str(second)) == 0
     assert read_json_file(second / "config.json") == read_json_file(first / "config.json")
     a, b = read_metrics_file(first / "metrics.jsonl"), read_metrics_file(second / "metrics.jsonl")
@@ -82,9 +84,7 @@ def test_a_committed_results_config_json_resolves() -> None:
         assert {k: resolved[k] for k in values} == values, path
 
 
-def test_options_a_config_json_lacks_are_named_in_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_options_a_config_json_lacks_are_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from spmc.config import load_run_json, make_experiment
 
     values = json.loads(make_experiment(dataset="synthetic").to_json())

@@ -234,9 +234,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             table.add_row(r.defense, r.attack, r.status, "", "", "")
             continue
         table.add_row(
-            r.defense, r.attack, _metric_text(r.A), _metric_text(r.R), _metric_text(r.asr), _metric_text(
-                r.seconds_per_round
-            )
+            r.defense,
+            r.attack,
+            _metric_text(r.A),
+            _metric_text(r.R),
+            _metric_text(r.asr),
+            _metric_text(r.seconds_per_round),
         )
     console.print(table)
     console.print(demo.reading(rows), highlight=False, soft_wrap=True)

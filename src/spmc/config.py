@@ -94,7 +94,9 @@ class ExperimentCore(BaseModel):
         "1, integer counters in statistics; spec §7 D1, D31)",
     )
     name: str = Field("", description="a label for the run, free text (shown in tables; not in the spec)")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range; spec §1.1)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range; spec §1.1)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: auto (CUDA if available, else CPU), cpu or cuda (not in the spec)"
     )
@@ -104,13 +106,16 @@ class ExperimentCore(BaseModel):
         "(not in the spec; docs/performance.md)",
     )
     threads: int = Field(
-        0, ge=0, le=MAX_THREADS, description=f"torch intra-op threads, 0 … {MAX_THREADS}; 0 keeps torch's default (not in the spec)"
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description=f"torch intra-op threads, 0 … {MAX_THREADS}; 0 keeps torch's default (not in the spec)",
     )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
         description="batched engine's convolutions (first block, second block's backward): native = C kernels "
-        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch (not in the "
-        "spec; docs/performance.md)",
+        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch "
+        "(not in the spec; docs/performance.md)",
     )
 
     dataset: str = Field(
@@ -121,9 +126,22 @@ class ExperimentCore(BaseModel):
     data_dir: str | None = Field(
         None, description="folder with the dataset's files (None: $SPMC_DATA_DIR, then system folders; spec §1.2)"
     )
-    model: str = Field("auto", description="backbone of the registry (`spmc list`); auto = the dataset's (SimpleCNN or ResNet10) (spec §1.3)")
-    synthetic_train_size: int = Field(2000, ge=20, le=MAX_SYNTHETIC, description=f"training images of the synthetic dataset, 20 … {MAX_SYNTHETIC} (tests; not in the spec)")
-    synthetic_test_size: int = Field(500, ge=10, le=MAX_SYNTHETIC, description=f"test images of the synthetic dataset, 10 … {MAX_SYNTHETIC} (tests; not in the spec)")
+    model: str = Field(
+        "auto",
+        description="backbone of the registry (`spmc list`); auto = the dataset's (SimpleCNN or ResNet10) (spec §1.3)",
+    )
+    synthetic_train_size: int = Field(
+        2000,
+        ge=20,
+        le=MAX_SYNTHETIC,
+        description=f"training images of the synthetic dataset, 20 … {MAX_SYNTHETIC} (tests; not in the spec)",
+    )
+    synthetic_test_size: int = Field(
+        500,
+        ge=10,
+        le=MAX_SYNTHETIC,
+        description=f"test images of the synthetic dataset, 10 … {MAX_SYNTHETIC} (tests; not in the spec)",
+    )
 
     num_clients: int = Field(10, ge=1, description="K, clients in the federation, >= 1 (spec §1.1: 10)")
     participation: float = Field(
@@ -138,7 +156,8 @@ class ExperimentCore(BaseModel):
     min_client_size: int = Field(
         10,
         ge=0,
-        description="the Dirichlet partition is redrawn until every client has at least this many samples, >= 0 (spec §1.2)",
+        description="the Dirichlet partition is redrawn until every client has at least this many samples, >= 0 "
+        "(spec §1.2)",
     )
     val_fraction: float = Field(
         0.1,
@@ -154,7 +173,9 @@ class ExperimentCore(BaseModel):
         description="drop each client's last partial batch every epoch (the paper's; a client with fewer than "
         "batch_size samples takes no step, spec D30); false trains it, with the loss averaged over its samples",
     )
-    eval_batch_size: int = Field(1000, gt=0, description="batch size of evaluation, >= 1 (no effect on results; not in the spec)")
+    eval_batch_size: int = Field(
+        1000, gt=0, description="batch size of evaluation, >= 1 (no effect on results; not in the spec)"
+    )
     lr: float = Field(0.01, gt=0.0, description="local SGD learning rate, > 0 (spec §1.4: 0.01)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="local SGD momentum, in [0, 1) (spec §1.4: 0.9)")
     weight_decay: float = Field(1e-5, ge=0.0, description="local SGD weight decay, >= 0 (spec §1.4: 1e-5)")
@@ -165,7 +186,9 @@ class ExperimentCore(BaseModel):
     )
     spmc_local_epochs: int = Field(10, ge=0, description="local epochs of the SPMC client, >= 0 (spec §1.4: 10)")
 
-    defense: str = Field("fedavg", description="server defense, one of the registry (`spmc list`) (spec §3, §6; ATTACKS.md §A6)")
+    defense: str = Field(
+        "fedavg", description="server defense, one of the registry (`spmc list`) (spec §3, §6; ATTACKS.md §A6)"
+    )
     client: Literal["plain", "spmc"] = Field(
         "plain", description="client procedure of the benign clients: plain SGD or spmc (gradient projection, spec §4)"
     )
@@ -217,7 +240,11 @@ class ExperimentCore(BaseModel):
         "(ATTACKS.md §A1)",
     )
     attack_start: int = Field(0, ge=0, description="first attack round, 0 … rounds − 1 (ATTACKS.md §A1)")
-    attack_end: int | None = Field(None, ge=0, description="last attack round, attack_start … rounds − 1, or None = the last round (ATTACKS.md §A1)")
+    attack_end: int | None = Field(
+        None,
+        ge=0,
+        description="last attack round, attack_start … rounds − 1, or None = the last round (ATTACKS.md §A1)",
+    )
     attack_every: int = Field(1, ge=1, description="attack every N-th round from attack_start, N >= 1 (ATTACKS.md §A1)")
     attacker_knowledge: Literal["full", "partial"] = Field(
         "full",
@@ -234,14 +261,18 @@ class ExperimentCore(BaseModel):
         description="ρ, the fraction of an attacker's training samples poisoned, in [0, 1] (spec §2.2: 0.3)",
     )
     target_label: int = Field(2, ge=0, description="τ_bd, the backdoor's target class, 0 … 9 (spec §2.2: 2)")
-    semantic_source_label: int = Field(3, ge=0, description="the semantic backdoor's source class, 0 … 9 (spec §2.3: 3)")
+    semantic_source_label: int = Field(
+        3, ge=0, description="the semantic backdoor's source class, 0 … 9 (spec §2.3: 3)"
+    )
     semantic_noise_std: float = Field(
         0.05,
         ge=0.0,
         description="σ of the Gaussian noise on the semantic backdoor's images (normalised space), >= 0 (spec §2.3)",
     )
     trigger_channels: tuple[int, ...] = Field(
-        (0,), description="channels the pixel trigger is written into, a non-empty list, each one of 0, 1, 2 (spec §2.2, D13: [0])"
+        (0,),
+        description="channels the pixel trigger is written into, a non-empty list, each one of 0, 1, 2 "
+        "(spec §2.2, D13: [0])",
     )
     trigger_space: Literal["normalized", "pixel"] = Field(
         "normalized",
@@ -260,7 +291,9 @@ class ExperimentCore(BaseModel):
         5, gt=0, description="final metrics A and R are means over the last k rounds, >= 1 (spec §1.6: 5)"
     )
     checkpoint_every: int = Field(
-        1, ge=0, description="write checkpoint.pt every N rounds, N >= 0, 0 = never (not in the spec; docs/reliability.md)"
+        1,
+        ge=0,
+        description="write checkpoint.pt every N rounds, N >= 0, 0 = never (not in the spec; docs/reliability.md)",
     )
 
     spmc_lambda: float = Field(

@@ -128,7 +128,7 @@ def _pct(value: float) -> str:
 
 
 def _names(rows: Sequence[DemoRow], with_a: bool = False) -> str:
-    """"SPMC (ASR 3 %)", "SPMC (ASR 3 %) and FLAME (ASR 5 %)", "DnC, SPMC and FLAME (…)"."""
+    """The rows as a list for a sentence: SPMC (ASR 3 %) and FLAME (ASR 5 %); with ``with_a`` their A too."""
     parts = []
     for r in rows:
         assert r.asr is not None
