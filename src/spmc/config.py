@@ -31,7 +31,7 @@ from spmc.defenses import (
     DEFENSES,
     Defense,
 )
-from spmc.options import build_method, merged_specs, options_from
+from spmc.options import build_method, merged_specs, option_specs, options_from
 from spmc.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -806,7 +806,7 @@ def load_run_json(path: str | Path) -> dict[str, Any]:
     :class:`Experiment` by name, nothing else). Every key must be an option: a key that is not (a typo, an
     option of a newer or older spmc, any metadata) is refused, naming the closest option, rather than dropped,
     since dropping it could change what the rerun computes. Options the file lacks (it was written before they
-    existed) take today's defaults, named in a warning. Errors are one line naming the file."""
+    existed) take today's defaults; those the run reads (:func:`used_option_keys`) are named in a warning. Errors are one line naming the file."""
     from spmc.store import read_json_file
 
     p = Path(path)
@@ -823,15 +823,29 @@ def load_run_json(path: str | Path) -> dict[str, Any]:
     for key in values:
         if key not in Experiment.model_fields:
             raise ConfigError(unknown_key_line(f"config: {p}", str(key)))
-    missing = sorted(set(Experiment.model_fields) - set(values))
+    missing = sorted(used_option_keys(values) - set(values))
     if missing:
         log.warning(
-            "%s does not set %d option(s) (written by an earlier spmc, or by hand); they take today's defaults: %s",
+            "%s does not set %s (written by an earlier spmc, or by hand); today's defaults are used",
             p,
-            len(missing),
             ", ".join(missing),
         )
     return dict(values)
+
+
+def used_option_keys(values: dict[str, Any]) -> set[str]:
+    """The options a run of ``values`` reads: the configuration's own and those of its defense, data attack and
+    update attack (the options of methods it does not run change nothing)."""
+    from spmc.attacks import ATTACKS
+
+    keys = set(ExperimentCore.model_fields)
+    methods = [DEFENSES.get(str(values.get("defense", "fedavg")))]
+    methods += [ATTACKS.get(str(values.get(k, "none"))) for k in ("attack", "update_attack")]
+    for method in methods:
+        options_type = getattr(method, "options_type", None)
+        if options_type is not None:
+            keys |= {spec.key for spec in option_specs(options_type)}
+    return keys & set(Experiment.model_fields)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
