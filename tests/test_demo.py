@@ -124,3 +124,15 @@ def test_reading_a_model_that_has_not_learnt_the_task_is_not_read_as_backdoored_
     text = reading(collapsed)
     assert text.startswith("FedAvg has not learnt the task at this setting (A 10.0 % under badnets, below 20 %)")
     assert "backdoored" not in text
+
+
+def test_spmc_without_a_command_is_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str | None, bool, str | None]] = []
+
+    def fake_demo(args: object) -> int:
+        seen.append((getattr(args, "preset", None), getattr(args, "quick", None), getattr(args, "out", None)))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_demo", fake_demo)
+    assert cli.main([]) == 0
+    assert seen == [(None, False, None)]

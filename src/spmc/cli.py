@@ -102,7 +102,8 @@ DEMO_DESCRIPTION = (
     "sample, no download; chosen so that FedAvg is clearly backdoored, ASR >= 80 %, in about 90 s on a 2-core CPU) "
     "or, with --quick, `demo-quick` (about 30 s, a first look); see `spmc list` and docs/quickstart.md. The run "
     "directories go to --out (default runs/demo-<time>), one per run, with the grid as matrix.toml: `spmc sweep "
-    "OUT/matrix.toml` finishes an interrupted demo, `spmc table OUT` and `spmc plot OUT/...` read it."
+    "OUT/matrix.toml` finishes an interrupted demo, `spmc matrix --report-only --out OUT` writes its tables and "
+    "heat maps, `spmc plot OUT/...` its curves."
 )
 
 

@@ -806,7 +806,8 @@ def load_run_json(path: str | Path) -> dict[str, Any]:
     :class:`Experiment` by name, nothing else). Every key must be an option: a key that is not (a typo, an
     option of a newer or older spmc, any metadata) is refused, naming the closest option, rather than dropped,
     since dropping it could change what the rerun computes. Options the file lacks (it was written before they
-    existed) take today's defaults; those the run reads (:func:`used_option_keys`) are named in a warning. Errors are one line naming the file."""
+    existed) take today's defaults; those the run reads (:func:`used_option_keys`) are named in a warning. Errors
+    are one line naming the file."""
     from spmc.store import read_json_file
 
     p = Path(path)
