@@ -840,7 +840,7 @@ def used_option_keys(values: dict[str, Any]) -> set[str]:
     from spmc.attacks import ATTACKS
 
     keys = set(ExperimentCore.model_fields)
-    methods = [DEFENSES.get(str(values.get("defense", "fedavg")))]
+    methods: list[object] = [DEFENSES.get(str(values.get("defense", "fedavg")))]
     methods += [ATTACKS.get(str(values.get(k, "none"))) for k in ("attack", "update_attack")]
     for method in methods:
         options_type = getattr(method, "options_type", None)
