@@ -3,7 +3,7 @@
 The page's convention (stated in a comment at its top): every fenced ``bash`` block is a step the test runs, in
 order, in one temporary folder, with ``bash -euo pipefail``; ``bash slow`` blocks run only in the slow test (the
 demo, Flower, the plug-in's install). A ``text`` block after a step shows its output, shortened with ``…``; the
-comment ``<!-- check: "…" "…" -->`` after it names key lines: each must appear in the shown output and in the real
+comment ``<!-- check: "…" '…' -->`` after it names key lines (in double or single quotes): each must appear in the shown output and in the real
 one. Blocks of other languages (``sh``: the install, which needs the network) are shown, never run.
 
 Before a block runs, :func:`substitute` replaces the page's settings by the synthetic ``smoke`` preset (4 clients,
@@ -75,7 +75,7 @@ def steps(text: str) -> list[Step]:
             after = text[nxt.end() :].lstrip()
             comment = re.match(r"<!-- check: (.*?)-->", after, re.S)
             if comment:
-                checks = tuple(re.findall(r'"([^"]+)"', comment.group(1)))
+                checks = tuple(a or b for a, b in re.findall(r'"([^"]+)"|\'([^\']+)\'', comment.group(1)))
         out.append(Step(m.group(3), tuple(m.group(2).split()), shown, checks, text.count("\n", 0, m.start()) + 1))
     return out
 
