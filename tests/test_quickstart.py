@@ -3,8 +3,9 @@
 The page's convention (stated in a comment at its top): every fenced ``bash`` block is a step the test runs, in
 order, in one temporary folder, with ``bash -euo pipefail``; ``bash slow`` blocks run only in the slow test (the
 demo, Flower, the plug-in's install). A ``text`` block after a step shows its output, shortened with ``…``; the
-comment ``<!-- check: "…" '…' -->`` after it names key lines (in double or single quotes): each must appear in the shown output and in the real
-one. Blocks of other languages (``sh``: the install, which needs the network) are shown, never run.
+comment ``<!-- check: "…" '…' -->`` after it names key lines (in double or single quotes): each must appear in the
+shown output and in the real one. Blocks of other languages (``sh``: the install, which needs the network) are
+shown, never run.
 
 Before a block runs, :func:`substitute` replaces the page's settings by the synthetic ``smoke`` preset (4 clients,
 2 rounds, 1 local epoch), mechanically:
