@@ -135,7 +135,7 @@ def test_every_builtin_defense_declares_its_options_next_to_it() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_default_options_are_those_of_the_default_experiment(name: str) -> None:
-    """``DEFENSES[name]()`` (the README's Python API) is the defense a default configuration builds."""
+    """``DEFENSES[name]()`` (the Python API of docs/usage.md) is the defense a default configuration builds."""
     plain = DEFENSES[name]()
     composed = build_defense(make_experiment(defense=name))
     assert type(plain) is type(composed)

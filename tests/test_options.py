@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import pytest
+from pydantic import Field
+from pydantic.fields import FieldInfo
 
 from spmc.config import Experiment, ExperimentCore, experiment_model, method_option_types
 from spmc.options import build_method, merged_specs, option, option_specs, options_from
@@ -143,3 +147,80 @@ def test_list_options_filters_by_name_and_every_option_is_described(
     assert "--options: no option name contains 'no_such_thing'" in capsys.readouterr().err
     undescribed = [n for n, f in Experiment.model_fields.items() if not f.description]
     assert undescribed == []
+
+
+#: Where an option comes from: a section of the spec (ALGORITHMS.md §x, Dn; ATTACKS.md §Ax), a published paper
+#: (venue or year), a page of docs/, or "not in the spec" for the options of this implementation alone.
+SOURCE = re.compile(
+    r"§|\bD\d+\b|ATTACKS\.md|ALGORITHMS\.md|docs/|not in the spec|\b(19|20)\d\d\b|'\d\d\b|"
+    r"NDSS|ICML|KDD|ICCV|ICLR|NeurIPS|AAAI|RAID|ICDCS|USENIX|UAI"
+)
+#: A unit, a range or the allowed values of a number or a name.
+ALLOWED = re.compile(r">=|<=|>|<|≥|≤|…|\bin [\[(]|integer|%|one of|registry|free text|None|true|false")
+
+
+def option_problems(name: str, field: Any) -> list[str]:
+    """What the ``spmc list --options`` line of one option lacks: one line; a source; for a Literal every
+    allowed value; for a number or a name its unit, range or allowed values (a bool's are true/false)."""
+    text = field.description or ""
+    problems = []
+    if not text.strip() or "\n" in text:
+        problems.append("not one non-empty line")
+    if not SOURCE.search(text):
+        problems.append("no source (spec section, paper, docs/ page or 'not in the spec')")
+    literals = [
+        v for a in (field.annotation, *get_args(field.annotation)) if get_origin(a) is Literal for v in get_args(a)
+    ]
+    missing = [str(v) for v in literals if str(v) not in text]
+    if missing:
+        problems.append(f"allowed values not named: {', '.join(missing)}")
+    if not literals and field.annotation is not bool and not ALLOWED.search(text):
+        problems.append("no unit, range or allowed values")
+    return [f"{name}: {p} — {text!r}" for p in problems]
+
+
+def test_every_option_has_one_line_with_its_allowed_values_and_its_source() -> None:
+    """Every field of the configuration, core and method options alike (a plug-in's included, when one is
+    installed): the rule of ``option_problems``."""
+    assert len(Experiment.model_fields) > 100
+    problems = [p for name, field in Experiment.model_fields.items() for p in option_problems(name, field)]
+    assert problems == []
+
+
+def test_the_rule_catches_an_option_that_shows_only_a_default() -> None:
+    model = experiment_model([WidgetOptions], name="RuleExperiment")
+    assert option_problems("widget_mode", model.model_fields["widget_mode"]) == [
+        "widget_mode: no source (spec section, paper, docs/ page or 'not in the spec') — 'a or b'"
+    ]
+    bare = Field(1.0, description="")
+    assert len(option_problems("bare", FieldInfo.merge_field_infos(bare, annotation=float))) == 3
+
+
+def test_list_options_prints_each_description_and_default_on_one_row(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from spmc import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=1000))
+    assert cli.main(["list", "--options"]) == 0
+    rows = [line.split("│")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    listed = {name.strip(): desc.strip() for name, desc in rows}
+    assert set(listed) == set(Experiment.model_fields)
+    for name, field in Experiment.model_fields.items():
+        assert listed[name] == f"{field.description} (default {field.default!r})", name
+
+
+def test_an_unknown_option_names_the_closest_one_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from spmc import cli
+
+    assert cli.main(["run", "--preset", "smoke", "--set", "spmc_temprature=0.1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "spmc_temprature: unknown option (value 0.1); did you mean 'spmc_temperature'?" in err
+    assert cli.main(["run", "--preset", "smoke", "--set", "zzqqxx=1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "zzqqxx: unknown option" in err and "did you mean" not in err

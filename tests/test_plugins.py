@@ -301,6 +301,7 @@ def test_a_plugin_declares_its_options_next_to_it(plugin_path: Path, tmp_path: P
         [sys.executable, "-m", "spmc", "list", "--options"], env=env, capture_output=True, text=True, timeout=60
     )
     assert listed.returncode == 0 and "acme_rounding" in listed.stdout
+    assert "digits of the weights in the diagnostics" in listed.stdout  # its description, not only its default
     base = [sys.executable, "-m", "spmc", "run", "--preset", "smoke", "--defense", "acme", "-q"]
     bad = subprocess.run([*base, "--set", "acme_rounding=13"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2

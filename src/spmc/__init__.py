@@ -1,6 +1,6 @@
 """spmc: SPMC (He et al., ICML 2025) and rival federated backdoor defenses.
 
-Public API (see README): the defense registry and interface, the SPMC functions on plain tensors, the
+Public API (see docs/usage.md): the defense registry and interface, the SPMC functions on plain tensors, the
 configuration, and the simulation entry point.
 """
 

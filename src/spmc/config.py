@@ -31,7 +31,7 @@ from spmc.defenses import (
     DEFENSES,
     Defense,
 )
-from spmc.options import build_method, merged_specs, options_from
+from spmc.options import build_method, merged_specs, option_specs, options_from
 from spmc.threat import ThreatModel
 
 if TYPE_CHECKING:
@@ -93,34 +93,55 @@ class ExperimentCore(BaseModel):
         "(baseline_local_epochs "
         "1, integer counters in statistics; spec §7 D1, D31)",
     )
-    name: str = Field("", description="a label for the run (free text; shown in tables)")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range)")
+    name: str = Field("", description="a label for the run, free text (shown in tables; not in the spec)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description=f"random seed, 0 … {MAX_SEED} (numpy's RandomState range; spec §1.1)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where to train: auto (CUDA if available, else CPU), cpu or cuda"
+        "auto", description="where to train: auto (CUDA if available, else CPU), cpu or cuda (not in the spec)"
     )
     engine: Literal["auto", "sequential", "batched"] = Field(
-        "auto", description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN)"
+        "auto",
+        description="auto = batched for SimpleCNN, sequential otherwise (ResNet10 has per-client BN); same results "
+        "(not in the spec; docs/performance.md)",
     )
     threads: int = Field(
-        0, ge=0, le=MAX_THREADS, description=f"torch intra-op threads, at most {MAX_THREADS}; 0 keeps torch's default"
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description=f"torch intra-op threads, 0 … {MAX_THREADS}; 0 keeps torch's default (not in the spec)",
     )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
         description="batched engine's convolutions (first block, second block's backward): native = C kernels "
-        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch",
+        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch "
+        "(not in the spec; docs/performance.md)",
     )
 
     dataset: str = Field(
         "fmnist-sample",
         description="dataset of the registry (`spmc list`): fmnist, mnist, cifar10 (files), fmnist-sample (embedded), "
-        "synthetic",
+        "synthetic (spec §1.2)",
     )
     data_dir: str | None = Field(
         None, description="folder with the dataset's files (None: $SPMC_DATA_DIR, then system folders; spec §1.2)"
     )
-    model: str = Field("auto", description="backbone; auto = the dataset's (SimpleCNN or ResNet10)")
-    synthetic_train_size: int = Field(2000, ge=20, le=MAX_SYNTHETIC, description=f"20 … {MAX_SYNTHETIC} images")
-    synthetic_test_size: int = Field(500, ge=10, le=MAX_SYNTHETIC, description=f"10 … {MAX_SYNTHETIC} images")
+    model: str = Field(
+        "auto",
+        description="backbone of the registry (`spmc list`); auto = the dataset's (SimpleCNN or ResNet10) (spec §1.3)",
+    )
+    synthetic_train_size: int = Field(
+        2000,
+        ge=20,
+        le=MAX_SYNTHETIC,
+        description=f"training images of the synthetic dataset, 20 … {MAX_SYNTHETIC} (tests; not in the spec)",
+    )
+    synthetic_test_size: int = Field(
+        500,
+        ge=10,
+        le=MAX_SYNTHETIC,
+        description=f"test images of the synthetic dataset, 10 … {MAX_SYNTHETIC} (tests; not in the spec)",
+    )
 
     num_clients: int = Field(10, ge=1, description="K, clients in the federation, >= 1 (spec §1.1: 10)")
     participation: float = Field(
@@ -135,7 +156,8 @@ class ExperimentCore(BaseModel):
     min_client_size: int = Field(
         10,
         ge=0,
-        description="the Dirichlet partition is redrawn until every client has at least this many samples (spec §1.2)",
+        description="the Dirichlet partition is redrawn until every client has at least this many samples, >= 0 "
+        "(spec §1.2)",
     )
     val_fraction: float = Field(
         0.1,
@@ -151,7 +173,9 @@ class ExperimentCore(BaseModel):
         description="drop each client's last partial batch every epoch (the paper's; a client with fewer than "
         "batch_size samples takes no step, spec D30); false trains it, with the loss averaged over its samples",
     )
-    eval_batch_size: int = Field(1000, gt=0, description="batch size of evaluation (no effect on results), >= 1")
+    eval_batch_size: int = Field(
+        1000, gt=0, description="batch size of evaluation, >= 1 (no effect on results; not in the spec)"
+    )
     lr: float = Field(0.01, gt=0.0, description="local SGD learning rate, > 0 (spec §1.4: 0.01)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="local SGD momentum, in [0, 1) (spec §1.4: 0.9)")
     weight_decay: float = Field(1e-5, ge=0.0, description="local SGD weight decay, >= 0 (spec §1.4: 1e-5)")
@@ -162,7 +186,9 @@ class ExperimentCore(BaseModel):
     )
     spmc_local_epochs: int = Field(10, ge=0, description="local epochs of the SPMC client, >= 0 (spec §1.4: 10)")
 
-    defense: str = Field("fedavg", description="server defense of the registry (`spmc list`)")
+    defense: str = Field(
+        "fedavg", description="server defense, one of the registry (`spmc list`) (spec §3, §6; ATTACKS.md §A6)"
+    )
     client: Literal["plain", "spmc"] = Field(
         "plain", description="client procedure of the benign clients: plain SGD or spmc (gradient projection, spec §4)"
     )
@@ -173,18 +199,23 @@ class ExperimentCore(BaseModel):
     on_invalid_update: Literal["drop", "stop"] = Field(
         "drop",
         description="a client state with NaN/Inf, the wrong size or refused by the update guard: drop it for the "
-        "round, or stop the run",
+        "round, or stop the run (not in the spec; docs/reliability.md)",
     )
     update_guard: bool = Field(
         True,
         description="refuse client states that break float arithmetic before any defense sees them (a safety net, "
-        "not a defense; docs/reliability.md)",
+        "not a defense), true or false (not in the spec; docs/reliability.md)",
     )
     update_guard_max_abs: float = Field(
-        1e15, gt=0.0, description="update guard: refuse a state with any |value| >= this"
+        1e15,
+        gt=0.0,
+        description="update guard: refuse a state with any |value| >= this, > 0 (not in the spec; docs/reliability.md)",
     )
     update_guard_norm_ratio: float = Field(
-        1e6, ge=1.0, description="update guard: refuse an update norm above this × the round's median update norm"
+        1e6,
+        ge=1.0,
+        description="update guard: refuse an update norm above this × the round's median update norm, >= 1 "
+        "(not in the spec; docs/reliability.md)",
     )
     fedavg_weighting: Literal["uniform", "samples"] = Field(
         "uniform", description="FedAvg's client weights: uniform (the reference code) or samples (n_k/Σn_j) (spec §6.1)"
@@ -196,7 +227,7 @@ class ExperimentCore(BaseModel):
     attack: str = Field(
         "base",
         description="data-poisoning attack of the registry (`spmc list`; base = badnets, the paper's); none = no data "
-        "attack (ATTACKS.md §A3)",
+        "attack; one of the registry (ATTACKS.md §A3)",
     )
     update_attack: str = Field(
         "none",
@@ -204,13 +235,21 @@ class ExperimentCore(BaseModel):
         "with attack; alone (attack = none) it is untargeted; none = no update attack (ATTACKS.md §A4, §A5)",
     )
     attacker_pool: Literal["fixed", "random"] = Field(
-        "fixed", description="attackers: the last ⌊gamma·num_clients⌋ ids, or a seeded random subset drawn once"
+        "fixed",
+        description="attackers: fixed = the last ⌊gamma·num_clients⌋ ids, random = a seeded random subset drawn once "
+        "(ATTACKS.md §A1)",
     )
-    attack_start: int = Field(0, ge=0, description="first attack round")
-    attack_end: int | None = Field(None, ge=0, description="last attack round (None: the last round)")
-    attack_every: int = Field(1, ge=1, description="attack every N-th round from attack_start")
+    attack_start: int = Field(0, ge=0, description="first attack round, 0 … rounds − 1 (ATTACKS.md §A1)")
+    attack_end: int | None = Field(
+        None,
+        ge=0,
+        description="last attack round, attack_start … rounds − 1, or None = the last round (ATTACKS.md §A1)",
+    )
+    attack_every: int = Field(1, ge=1, description="attack every N-th round from attack_start, N >= 1 (ATTACKS.md §A1)")
     attacker_knowledge: Literal["full", "partial"] = Field(
-        "full", description="update attacks see the benign states (full) or estimate them from their clean data"
+        "full",
+        description="update attacks see the benign states (full) or estimate them from their clean data (partial) "
+        "(ATTACKS.md §A1)",
     )
     gamma: float = Field(
         0.3, ge=0.0, lt=1.0, description="γ, the malicious fraction in [0, 1); m = ⌊γK⌋ attackers (spec §2.1)"
@@ -221,19 +260,24 @@ class ExperimentCore(BaseModel):
         le=1.0,
         description="ρ, the fraction of an attacker's training samples poisoned, in [0, 1] (spec §2.2: 0.3)",
     )
-    target_label: int = Field(2, ge=0, description="τ_bd, the backdoor's target class, 0-9 (spec §2.2: 2)")
-    semantic_source_label: int = Field(3, ge=0, description="the semantic backdoor's source class, 0-9 (spec §2.3: 3)")
+    target_label: int = Field(2, ge=0, description="τ_bd, the backdoor's target class, 0 … 9 (spec §2.2: 2)")
+    semantic_source_label: int = Field(
+        3, ge=0, description="the semantic backdoor's source class, 0 … 9 (spec §2.3: 3)"
+    )
     semantic_noise_std: float = Field(
         0.05,
         ge=0.0,
         description="σ of the Gaussian noise on the semantic backdoor's images (normalised space), >= 0 (spec §2.3)",
     )
     trigger_channels: tuple[int, ...] = Field(
-        (0,), description="channels the pixel trigger is written into, a list from 0, 1, 2 (spec §2.2, D13: [0])"
+        (0,),
+        description="channels the pixel trigger is written into, a non-empty list, each one of 0, 1, 2 "
+        "(spec §2.2, D13: [0])",
     )
     trigger_space: Literal["normalized", "pixel"] = Field(
         "normalized",
-        description="trigger value 1.0 in normalised space (the paper's) or raw intensity 1.0 (pixel) (spec D13)",
+        description="trigger value 1.0 in normalised space (normalized, the paper's) or raw intensity 1.0 (pixel) "
+        "(spec D13)",
     )
     poison_static_aug: bool = Field(
         True,
@@ -246,7 +290,11 @@ class ExperimentCore(BaseModel):
     report_last_k: int = Field(
         5, gt=0, description="final metrics A and R are means over the last k rounds, >= 1 (spec §1.6: 5)"
     )
-    checkpoint_every: int = Field(1, ge=0, description="write checkpoint.pt every N rounds (0 = never)")
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="write checkpoint.pt every N rounds, N >= 0, 0 = never (not in the spec; docs/reliability.md)",
+    )
 
     spmc_lambda: float = Field(
         1.0,
@@ -512,6 +560,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 10,
         "gamma": 0.3,
     },
+    "demo-quick": {
+        "dataset": "fmnist-sample",
+        "rounds": 3,
+        "baseline_local_epochs": 1,
+        "spmc_local_epochs": 1,
+    },
     "smoke": {
         "dataset": "synthetic",
         "rounds": 2,
@@ -533,6 +587,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
         " the trigger as white pixels in all channels, γ = 0.3"
     ),
     "demo": "paper protocol on the embedded Fashion-MNIST sample, 10 rounds: a few minutes on a laptop CPU",
+    "demo-quick": "`spmc demo --quick`: the embedded Fashion-MNIST sample, 3 rounds of 1 local epoch (a first look)",
     "smoke": "tiny synthetic run for tests: 4 clients, 2 rounds, 1 epoch",
 }
 
@@ -753,10 +808,74 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return {**top, **table}
 
 
+def unknown_key_line(where: str, key: str) -> str:
+    """One line for a key that is not an option: where it is, the key, the closest option name if one is close."""
+    close = difflib.get_close_matches(key, list(Experiment.model_fields), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}: {key!r} is not an option{hint} (see `spmc list --options`)"
+
+
+def load_run_json(path: str | Path) -> dict[str, Any]:
+    """The options of a run's own ``config.json`` (what ``spmc run`` writes in its run directory: every option of
+    :class:`Experiment` by name, nothing else). Every key must be an option: a key that is not (a typo, an
+    option of a newer or older spmc, any metadata) is refused, naming the closest option, rather than dropped,
+    since dropping it could change what the rerun computes. Options the file lacks (it was written before they
+    existed) take today's defaults; those the run reads (:func:`used_option_keys`) are named in a warning. Errors
+    are one line naming the file."""
+    from spmc.store import read_json_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} does not exist")
+    try:
+        values = read_json_file(p)
+    except ValueError as err:  # DataError: not JSON, not UTF-8
+        raise ConfigError(f"config: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config: {p} must be a JSON object of options (a run's config.json); got a {type(values).__name__}"
+        )
+    for key in values:
+        if key not in Experiment.model_fields:
+            raise ConfigError(unknown_key_line(f"config: {p}", str(key)))
+    missing = sorted(used_option_keys(values) - set(values))
+    if missing:
+        log.warning(
+            "%s does not set %s (written by an earlier spmc, or by hand); today's defaults are used",
+            p,
+            ", ".join(missing),
+        )
+    return dict(values)
+
+
+def used_option_keys(values: dict[str, Any]) -> set[str]:
+    """The options a run of ``values`` reads: the configuration's own and those of its defense, data attack and
+    update attack (the options of methods it does not run change nothing)."""
+    from spmc.attacks import ATTACKS
+
+    keys = set(ExperimentCore.model_fields)
+    methods: list[object] = [DEFENSES.get(str(values.get("defense", "fedavg")))]
+    methods += [ATTACKS.get(str(values.get(k, "none"))) for k in ("attack", "update_attack")]
+    for method in methods:
+        options_type = getattr(method, "options_type", None)
+        if options_type is not None:
+            keys |= {spec.key for spec in option_specs(options_type)}
+    return keys & set(Experiment.model_fields)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of ``--config``: a run's ``config.json`` (a ``.json`` file, :func:`load_run_json`) or a TOML
+    file (:func:`load_toml`)."""
+    if Path(path).suffix.lower() == ".json":
+        return load_run_json(path)
+    return load_toml(path)
+
+
 def resolve(preset: str | None = None, file: str | Path | None = None, /, **overrides: Any) -> Experiment:
-    """Preset, then file, then explicit overrides (later wins), validated. ``preset`` may also be given in the
-    file or among the overrides (later wins); an override of None is kept (allowed only where an option is)."""
-    values: dict[str, Any] = load_toml(file) if file is not None else {}
+    """Preset, then file (TOML, or a run's ``config.json``), then explicit overrides (later wins), validated.
+    ``preset`` may also be given in a TOML file or among the overrides (later wins); an override of None is kept
+    (allowed only where an option is)."""
+    values: dict[str, Any] = load_config_file(file) if file is not None else {}
     for given in (values.pop("preset", None), overrides.pop("preset", None)):
         preset = given if given is not None else preset
     if preset is not None:

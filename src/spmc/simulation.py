@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spmc.config import ConfigError, Experiment, build_defense, make_experiment, optim_config
+from spmc.config import ConfigError, Experiment, build_defense, load_run_json, make_experiment, optim_config
 from spmc.federation import (
     SEED_CLIENT,
     SEED_PARTICIPATION,
@@ -48,7 +48,7 @@ from spmc.federation import (
 from spmc.guard import InvalidUpdateError
 from spmc.metrics import FinalMetrics, final_metrics
 from spmc.server import ServerCore, coalition_teachers, sample_participants
-from spmc.store import RunDirError, RunStore, config_hash, read_json_file
+from spmc.store import RunDirError, RunStore, config_hash
 from spmc.training import ClientTask
 
 __all__ = [
@@ -344,7 +344,4 @@ def load_run_config(run_dir: str | Path) -> Experiment:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"resume: {str(run_dir)!r} has no config.json; is it a run directory?")
-    values = read_json_file(path)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of options, got {type(values).__name__}")
-    return make_experiment(**values)
+    return make_experiment(**load_run_json(path))

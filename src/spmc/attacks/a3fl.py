@@ -61,19 +61,25 @@ class A3FLOptions:
     """The trigger optimisation of A3FL's Alg. 1 (defaults: the paper's, scaled down where marked)."""
 
     trigger_epochs: int = option(
-        5, key="a3fl_trigger_epochs", help="passes over the sample per round, integer >= 1 (paper 200; scaled for CPU)"
+        5,
+        key="a3fl_trigger_epochs",
+        help="passes over the sample per round, integer >= 1 (A3FL, NeurIPS 2023: 200; scaled for CPU)",
     )
     trigger_lr: float = option(
-        0.01, key="a3fl_trigger_lr", help="signed-gradient step on the trigger, > 0 (paper 0.01)"
+        0.01, key="a3fl_trigger_lr", help="signed-gradient step on the trigger, > 0 (A3FL, NeurIPS 2023: 0.01)"
     )
     adv_epochs: int = option(
-        1, key="a3fl_adv_epochs", help="unlearning epochs of the adversarial copy, integer >= 0 (paper 5; scaled)"
+        1,
+        key="a3fl_adv_epochs",
+        help="unlearning epochs of the adversarial copy, integer >= 0 (A3FL, NeurIPS 2023: 5; scaled)",
     )
     adv_lambda: float = option(
-        0.01, key="a3fl_adv_lambda", help="weight λ of the adversarial copy's loss, >= 0 (paper 0.01)"
+        0.01, key="a3fl_adv_lambda", help="weight λ of the adversarial copy's loss, >= 0 (A3FL, NeurIPS 2023: 0.01)"
     )
     samples: int = option(
-        256, key="a3fl_samples", help="clean attacker samples the trigger is optimised on, integer >= 1 (paper: all)"
+        256,
+        key="a3fl_samples",
+        help="clean attacker samples the trigger is optimised on, integer >= 1 (A3FL, NeurIPS 2023: all)",
     )
 
     def __post_init__(self) -> None:

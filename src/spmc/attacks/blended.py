@@ -31,7 +31,7 @@ class BlendedOptions:
     """The blend ratio a and the seed of the noise image P."""
 
     alpha: float = option(0.2, key="blend_alpha", help="blend ratio a of x' = (1 − a)·x + a·P, in (0, 1] (Chen 2017)")
-    seed: int = option(0, key="blend_seed", help="seed of the uniform-noise pattern P, an integer >= 0")
+    seed: int = option(0, key="blend_seed", help="seed of the uniform-noise pattern P, an integer >= 0 (Chen 2017)")
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not 0.0 < self.alpha <= 1.0:

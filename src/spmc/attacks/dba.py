@@ -43,7 +43,7 @@ class DBAOptions:
     """How many local triggers the global one is split into."""
 
     parts: int = option(
-        4, key="dba_parts", help="local triggers the 12-entry pattern is split into: 1, 2 or 4 (Xie 2020)"
+        4, key="dba_parts", help="local triggers the 12-entry pattern is split into, one of 1, 2, 4 (Xie 2020)"
     )
 
     def __post_init__(self) -> None:

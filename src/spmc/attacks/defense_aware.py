@@ -85,8 +85,12 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
 class DefenseAwareOptions:
     """The grid 2^min_exp … 2^max_exp of the scale γ and the per-round budget of ``aggregate`` calls."""
 
-    grid_min_exp: int = option(-4, key="da_grid_min_exp", help="defense_aware: smallest grid scale 2^e (§A5)")
-    grid_max_exp: int = option(6, key="da_grid_max_exp", help="defense_aware: largest grid scale 2^e, >= min (§A5)")
+    grid_min_exp: int = option(
+        -4, key="da_grid_min_exp", help="defense_aware: smallest grid scale 2^e, e in −60 … 60 (ATTACKS.md §A5)"
+    )
+    grid_max_exp: int = option(
+        6, key="da_grid_max_exp", help="defense_aware: largest grid scale 2^e, da_grid_min_exp … 60 (ATTACKS.md §A5)"
+    )
     max_calls: int = option(
         24, key="da_max_calls", help="defense_aware: most defense aggregate calls per round, >= 2 (ATTACKS.md §A5)"
     )

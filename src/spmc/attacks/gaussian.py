@@ -42,7 +42,9 @@ class GaussianOptions:
     """σ of the noise."""
 
     std: float = option(
-        1.0, key="gaussian_std", help="std σ > 0 of the Gaussian attack's noise θ_g + N(0, σ²I) (FLPoison's 1.0)"
+        1.0,
+        key="gaussian_std",
+        help="std σ > 0 of the Gaussian attack's noise θ_g + N(0, σ²I) (ATTACKS.md §A4; FLPoison's 1.0)",
     )
 
     def __post_init__(self) -> None:

@@ -30,7 +30,9 @@ from spmc.options import option
 class IpmOptions:
     """ε of θ_g − ε·μ."""
 
-    eps: float = option(0.1, key="ipm_eps", help="IPM's ε > 0 in θ_g − ε·μ (0.1; 100 the other published value)")
+    eps: float = option(
+        0.1, key="ipm_eps", help="IPM's ε > 0 in θ_g − ε·μ (Xie et al. UAI 2019: 0.1; 100 the other published value)"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.eps, bool) or not (math.isfinite(self.eps) and self.eps > 0):

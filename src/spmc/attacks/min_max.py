@@ -47,10 +47,14 @@ class MinMaxOptions:
     """The perturbation direction and the bisection's start and tolerance (shared by ``min_max`` and ``min_sum``)."""
 
     perturbation: Perturbation = option(
-        "unit", key="perturbation", help="min-max/min-sum direction p: unit = −μ/‖μ‖, std = −σ, sign = −sign(μ)"
+        "unit",
+        key="perturbation",
+        help="min-max/min-sum direction p: unit = −μ/‖μ‖, std = −σ, sign = −sign(μ) (NDSS 2021)",
     )
     lambda_init: float = option(
-        10.0, key="minmax_lambda_init", help="min-max/min-sum bisection start λ₀ > 0; λ is searched in [0, 2λ₀)"
+        10.0,
+        key="minmax_lambda_init",
+        help="min-max/min-sum bisection start λ₀ > 0; λ is searched in [0, 2λ₀) (NDSS 2021)",
     )
     tol: float = option(1e-5, key="minmax_tol", help="min-max/min-sum bisection tolerance on λ, > 0 (NDSS 2021)")
 

@@ -105,8 +105,8 @@ class BucketingOptions:
     base: str = option(
         "median",
         "bucketing_base",
-        "bucketing: the registered defense applied to the bucket means (no server data, not bucketing; "
-        "e.g. median, rfa, centered_clip, krum)",
+        "bucketing: the defense applied to the bucket means, one of the registry without server data, not "
+        "bucketing (e.g. median, rfa, centered_clip, krum; Karimireddy et al. ICLR 2022)",
     )
 
     def __post_init__(self) -> None:

@@ -153,10 +153,10 @@ class DeepSightOptions:
         1 / 3, "deepsight_tau", "a cluster is accepted if its share of suspicious clients is < τ (NDSS'22)"
     )
     threshold: float = option(
-        0.01, "deepsight_threshold", "threshold factor ξ of the NEUP exceedings, max(ξ, 1/C) (NDSS'22)"
+        0.01, "deepsight_threshold", "threshold factor ξ > 0 of the NEUP exceedings, max(ξ, 1/C) (NDSS'22)"
     )
     seeds: int = option(3, "deepsight_seeds", "number of random input sets (DDif seeds), >= 1 (NDSS'22: 3)")
-    samples: int = option(64, "deepsight_samples", "random inputs per DDif seed, >= 1 (implementations: 20000)")
+    samples: int = option(64, "deepsight_samples", "random inputs per DDif seed, >= 1 (NDSS'22 implementations: 20000)")
     exclude_int_buffers: bool = option(
         True,
         "exclude_int_buffers",

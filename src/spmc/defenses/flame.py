@@ -162,7 +162,11 @@ def clipped_mean_state(
 class FlameOptions:
     """FLAME's options (``flame_*``); the noise seed comes from the threat model."""
 
-    lam: float = option(0.001, "flame_lambda", "noise level λ: std λ·S per parameter, S the median norm (FLAME §4)")
+    lam: float = option(
+        0.001,
+        "flame_lambda",
+        "noise level λ >= 0: std λ·S per parameter, S the median norm (Nguyen et al. USENIX Security 2022, §4)",
+    )
     exclude_int_buffers: bool = option(
         True,
         "exclude_int_buffers",

@@ -152,9 +152,13 @@ def high_cluster(scores: Sequence[float], seed: int) -> list[int]:
 class FLDetectorOptions:
     """FLDetector's options (``fldetector_*``); the seed comes from the threat model."""
 
-    window: int = option(10, "fldetector_window", "window N of past rounds for L-BFGS and the mean score (KDD'22: 10)")
+    window: int = option(
+        10, "fldetector_window", "window N >= 1 of past rounds for L-BFGS and the mean score (KDD'22: 10)"
+    )
     ban: bool = option(
-        False, "fldetector_ban", "true: flagged clients are never aggregated again (the paper); false: this round only"
+        False,
+        "fldetector_ban",
+        "true: flagged clients are never aggregated again (the paper); false: this round only (KDD'22)",
     )
     exclude_int_buffers: bool = option(
         True,

@@ -106,7 +106,7 @@ class MultiMetricsOptions:
     center: bool = option(
         False,
         "multimetrics_center",
-        "score x − mean instead of x (textbook Mahalanobis); false = the paper and its code",
+        "true: score x − mean instead of x (textbook Mahalanobis); false = the paper and its code (ICCV'23)",
     )
 
     def __post_init__(self) -> None:
