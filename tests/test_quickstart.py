@@ -10,7 +10,7 @@ shown, never run.
 Before a block runs, :func:`substitute` replaces the page's settings by the synthetic ``smoke`` preset (4 clients,
 2 rounds, 1 local epoch), mechanically:
 
-* ``--preset demo``, ``--preset demo-quick``, ``--preset quick-fmnist`` and ``--quick`` become ``--preset smoke``;
+* ``--preset demo`` and ``--preset quick-fmnist`` become ``--preset smoke``, ``--quick`` gets ``--preset smoke``;
   ``preset = "…"`` in a grid file and ``"preset": "…"`` in Python likewise;
 * ``pip install -e DIR`` becomes ``pip install --no-deps --no-build-isolation --no-index --target SITE DIR``
   (no network, nothing installed in the test's Python; ``SITE`` is on ``PYTHONPATH``).
@@ -32,10 +32,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "quickstart.md"
-PRESETS = r"(?:demo-quick|demo|quick-fmnist)"
+PRESETS = r"(?:demo|quick-fmnist)"
 #: (pattern, replacement) of the mechanical substitution, in order.
 SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
-    (r"spmc demo --quick\b", "spmc demo --preset smoke"),
+    (r"spmc demo --quick\b", "spmc demo --quick --preset smoke"),
     (rf"--preset {PRESETS}\b", "--preset smoke"),
     (rf'\bpreset = "{PRESETS}"', 'preset = "smoke"'),
     (rf'"preset": "{PRESETS}"', '"preset": "smoke"'),
@@ -137,8 +137,8 @@ def test_the_page_follows_its_convention() -> None:
     all_steps = steps(PAGE.read_text(encoding="utf-8"))
     assert len(all_steps) >= 8
     assert all(step.checks for step in all_steps), [s.line for s in all_steps if not s.checks]
-    assert substitute("spmc demo --quick") == "spmc demo --preset smoke"
-    assert substitute('spmc run --preset demo-quick\npreset = "quick-fmnist"') == (
+    assert substitute("spmc demo --quick") == "spmc demo --quick --preset smoke"
+    assert substitute('spmc run --preset demo\npreset = "quick-fmnist"') == (
         'spmc run --preset smoke\npreset = "smoke"'
     )
     assert substitute("spmc run --preset paper-fmnist") == "spmc run --preset paper-fmnist"  # only the named ones

@@ -99,11 +99,11 @@ DEMO_DESCRIPTION = (
     "badnets --update-attack defense_aware, which searches its scale against a copy of the server's defense): 8 "
     "runs, 2 at a time with one thread each. Then print one table (A, R = 100 − ASR, ASR over the last rounds, "
     "seconds per round) and one or two sentences that read it. The preset is `demo` (the embedded Fashion-MNIST "
-    "sample, no download; chosen so that FedAvg is clearly backdoored, ASR >= 80 %, in about 90 s on a 2-core CPU) "
-    "or, with --quick, `demo-quick` (about 30 s, a first look); see `spmc list` and docs/quickstart.md. The run "
-    "directories go to --out (default runs/demo-<time>), one per run, with the grid as matrix.toml: `spmc sweep "
-    "OUT/matrix.toml` finishes an interrupted demo, `spmc matrix --report-only --out OUT` writes its tables and "
-    "heat maps, `spmc plot OUT/...` its curves."
+    "sample, no download; chosen so that FedAvg is clearly backdoored, ASR >= 80 %, in about 90 s on a 2-core CPU); "
+    "--quick runs only FedAvg and SPMC under badnets at the same setting (about 30 s, a first look); see `spmc list` "
+    "and docs/quickstart.md. The run directories go to --out (default runs/demo-<time>), one per run, with the "
+    "grid as matrix.toml: `spmc sweep OUT/matrix.toml` finishes an interrupted demo, `spmc matrix --report-only "
+    "--out OUT` writes its tables and heat maps, `spmc plot OUT/...` its curves."
 )
 
 
@@ -113,7 +113,7 @@ def _add_demo_parser(sub: Any) -> None:
         help="FedAvg, SPMC, DnC and FLAME under badnets and defense_aware, one table (the default command)",
         description=DEMO_DESCRIPTION,
     )
-    demo.add_argument("--quick", action="store_true", help="use the demo-quick preset (about 30 s) instead of demo")
+    demo.add_argument("--quick", action="store_true", help="only FedAvg and SPMC under badnets (about 30 s)")
     demo.add_argument("--preset", "-p", choices=sorted(PRESETS), help="another preset (default: demo)")
     demo.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
     demo.add_argument("--data-dir", help="folder with the dataset files")
@@ -206,14 +206,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from spmc import demo
 
-    preset = args.preset or ("demo-quick" if args.quick else "demo")
+    preset = args.preset or "demo"
     base, seed = demo.demo_base(preset, _overrides(args))
     out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    first = demo.demo_spec(base, out, seed)
+    first = demo.demo_spec(base, out, seed, quick=args.quick)
     cfg = resolve(None, None, **{**first["base"], **first["grid"]["defense"][0], **first["grid"]["attack"][0]})
+    arms, attacks = demo.demo_arms(args.quick)
     console.print(
-        f"demo: {len(demo.DEFENSE_ARMS) * 2} runs ({', '.join(lab for lab, _ in demo.DEFENSE_ARMS)} × "
-        f"{demo.BASE_ATTACK}, {demo.ADAPTIVE_ATTACK}), preset {preset}: {cfg.dataset}, γ = {cfg.gamma}, "
+        f"demo: {len(arms) * len(attacks)} runs ({', '.join(lab for lab, _ in arms)} × "
+        f"{', '.join(attacks)}), preset {preset}: {cfg.dataset}, γ = {cfg.gamma}, "
         f"{cfg.rounds} rounds, {args.jobs} at a time, in {escape(str(out))}",
         highlight=False,
         soft_wrap=True,
@@ -224,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"{o.status:>8}  {escape(o.run.name)}", highlight=False)
 
     started = time.monotonic()
-    rows = demo.run_demo(base, out, seed, args.jobs, report)
+    rows = demo.run_demo(base, out, seed, args.jobs, report, quick=args.quick)
     elapsed = time.monotonic() - started
     last = min(cfg.report_last_k, cfg.rounds)
     table = Table(title=f"last {last} rounds of {cfg.rounds}; {cfg.dataset}, γ = {cfg.gamma}")

@@ -23,6 +23,8 @@ from spmc.sweep import SweepOutcome, _label, expand_grid, run_name, run_sweep
 
 #: (label, defense) of the demo's columns; each defense runs with its natural client (SPMC's own for ``spmc``).
 DEFENSE_ARMS: tuple[tuple[str, str], ...] = (("FedAvg", "fedavg"), ("SPMC", "spmc"), ("DnC", "dnc"), ("FLAME", "flame"))
+#: ``spmc demo --quick``: the first two arms under the base attack only, at the same setting (about 30 s).
+QUICK_ARMS: tuple[tuple[str, str], ...] = DEFENSE_ARMS[:2]
 #: The base backdoor (ATTACKS.md §A3) and the adaptive attack layered on it (ATTACKS.md §A5).
 BASE_ATTACK = "badnets"
 ADAPTIVE_ATTACK = "defense_aware"
@@ -35,6 +37,8 @@ HOLDS_ASR = 20.0
 #: Clean accuracy (%) below which a model has not learnt the task (twice chance on the ten-class datasets): its
 #: ASR then only says which class it predicts, so it is not read as a backdoor or a defense.
 LEARNT_A = 20.0
+#: Points of ASR by which the adaptive attack must fall short of the base attack to be read as doing less.
+WEAKER_BY = 10.0
 #: Runs at once; each gets one torch thread (``threads = 1``) unless the options set another count.
 DEMO_JOBS = 2
 
@@ -58,17 +62,29 @@ class DemoRow:
         return None if self.R is None else 100.0 - self.R
 
 
-def demo_spec(base: dict[str, Any], out: Path, seed: int = 0, jobs: int = DEMO_JOBS) -> dict[str, Any]:
+def demo_arms(quick: bool = False) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """The demo's (label, defense) arms and its attacks: all of them, or with ``quick`` FedAvg and SPMC under the
+    base attack."""
+    if quick:
+        return QUICK_ARMS, (BASE_ATTACK,)
+    return DEFENSE_ARMS, (BASE_ATTACK, ADAPTIVE_ATTACK)
+
+
+def demo_spec(
+    base: dict[str, Any], out: Path, seed: int = 0, jobs: int = DEMO_JOBS, quick: bool = False
+) -> dict[str, Any]:
     """The demo's sweep grid (:func:`spmc.matrix.matrix_spec`): ``base`` options (a preset and overrides, one
-    thread per run unless ``threads`` is given) × the four defense arms × the two attack rows, for ``seed``."""
+    thread per run unless ``threads`` is given) × the defense arms × the attack rows of :func:`demo_arms`, for
+    ``seed``."""
     clash = sorted(set(base) & set(ARM_KEYS))
     if clash:
         raise ConfigError(
             f"demo: {', '.join(clash)} are set by the demo's arms and cannot be overridden; "
             "use `spmc run` or `spmc matrix` for other defenses or attacks"
         )
-    columns = matrix.defense_columns([name for _, name in DEFENSE_ARMS])
-    rows = matrix.attack_rows([BASE_ATTACK, ADAPTIVE_ATTACK], ATTACKS, base=BASE_ATTACK)
+    arms, attacks = demo_arms(quick)
+    columns = matrix.defense_columns([name for _, name in arms])
+    rows = matrix.attack_rows(list(attacks), ATTACKS, base=BASE_ATTACK)
     return matrix.matrix_spec(columns, rows, [seed], {"threads": 1, **base}, out, jobs)
 
 
@@ -84,15 +100,16 @@ def run_demo(
     seed: int = 0,
     jobs: int = DEMO_JOBS,
     on_done: Callable[[SweepOutcome], None] | None = None,
+    quick: bool = False,
 ) -> list[DemoRow]:
-    """Validate every arm, save the grid as ``out/matrix.toml``, run the sweep and return the eight rows in the
-    order defense × attack (finished runs in ``out`` are reused, as in any sweep)."""
-    spec = demo_spec(base, out, seed, jobs)
+    """Validate every arm, save the grid as ``out/matrix.toml``, run the sweep and return the rows (eight, or two
+    with ``quick``) in the order defense × attack (finished runs in ``out`` are reused, as in any sweep)."""
+    spec = demo_spec(base, out, seed, jobs, quick)
     expand_grid(spec)  # every arm validated (one line naming the run and the option) before anything is written
     matrix.save_spec(spec, out)
     outcomes = {o.run.name: o for o in run_sweep(spec, out, jobs, on_done)}
     rows = []
-    for label, column in zip((lab for lab, _ in DEFENSE_ARMS), spec["grid"]["defense"]):
+    for label, column in zip((lab for lab, _ in demo_arms(quick)[0]), spec["grid"]["defense"]):
         for attack in spec["grid"]["attack"]:
             name = run_name([_label("defense", column), _label("attack", attack), _label("seed", seed)])
             rows.append(_row(label, attack_label(attack), outcomes.get(name), out / name))
@@ -137,6 +154,10 @@ def _names(rows: Sequence[DemoRow], with_a: bool = False) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _asr(row: DemoRow) -> float:
+    return row.asr if row.asr is not None else 0.0
+
+
 def _verb(rows: Sequence[DemoRow], singular: str, plural: str) -> str:
     return singular if len(rows) == 1 else plural
 
@@ -172,26 +193,40 @@ def reading(rows: Sequence[DemoRow], base: str = BASE_ATTACK, adaptive: str = AD
     under_base = [done[(d, base)] for d in defenses if (d, base) in done]
     unlearnt = [r for r in under_base if r.A is None or r.A < LEARNT_A]
     under_base = [r for r in under_base if r not in unlearnt]
-    holds = [r for r in under_base if r.asr is not None and r.asr < HOLDS_ASR]
-    gives = [r for r in under_base if r.asr is not None and r.asr >= HOLDS_ASR]
-    parts = []
+    backdoored = fedavg is not None and fedavg.asr is not None and fedavg.asr >= BACKDOORED_ASR
+    holds = [r for r in under_base if _asr(r) < HOLDS_ASR]
+    lowers = [r for r in under_base if backdoored and HOLDS_ASR <= _asr(r) < BACKDOORED_ASR]
+    gives = [r for r in under_base if r not in holds and r not in lowers]
+    base_parts = []
     if holds:
-        parts.append(
-            f"under {base}, {_names(holds, with_a=True)} {_verb(holds, 'keeps', 'keep')} the ASR below "
-            f"{_pct(HOLDS_ASR)}"
+        base_parts.append(
+            f"{_names(holds, with_a=True)} {_verb(holds, 'keeps', 'keep')} the ASR below {_pct(HOLDS_ASR)}"
         )
+    if lowers:
+        base_parts.append(f"{_names(lowers, with_a=True)} {_verb(lowers, 'lowers', 'lower')} it")
     if gives:
-        parts.append(f"{'' if holds else f'under {base}, '}{_names(gives)} {_verb(gives, 'does', 'do')} not")
-    held = [r.defense for r in holds]
-    falls = [done[(d, adaptive)] for d in held if (d, adaptive) in done and (done[(d, adaptive)].asr or 0) >= HOLDS_ASR]
-    still = [done[(d, adaptive)] for d in held if (d, adaptive) in done and (done[(d, adaptive)].asr or 0) < HOLDS_ASR]
-    if falls or still:
-        adaptive_parts = []
-        if falls:
-            adaptive_parts.append(f"{_names(falls)} {_verb(falls, 'falls', 'fall')}")
-        if still:
-            adaptive_parts.append(f"{_names(still)} still {_verb(still, 'holds', 'hold')}")
+        base_parts.append(f"{_names(gives)} {_verb(gives, 'does', 'do')} not{' lower it' if backdoored else ''}")
+    parts = [f"under {base}, " + "; ".join(base_parts)] if base_parts else []
+    held = [r.defense for r in holds + lowers if (r.defense, adaptive) in done]
+    falls = [done[(d, adaptive)] for d in held if _asr(done[(d, adaptive)]) >= BACKDOORED_ASR]
+    still = [done[(d, adaptive)] for d in held if _asr(done[(d, adaptive)]) < HOLDS_ASR]
+    between = [done[(d, adaptive)] for d in held if done[(d, adaptive)] not in falls + still]
+    adaptive_parts = []
+    if falls:
+        adaptive_parts.append(f"{_names(falls)} {_verb(falls, 'falls', 'fall')}")
+    if between:
+        adaptive_parts.append(f"{_names(between)} {_verb(between, 'gives', 'give')} way in part")
+    if still:
+        adaptive_parts.append(f"{_names(still)} still {_verb(still, 'holds', 'hold')}")
+    if adaptive_parts:
         parts.append(f"under {adaptive}, " + " while ".join(adaptive_parts))
+    weaker = [
+        done[(d, adaptive)]
+        for d in ["FedAvg", *defenses]
+        if (d, adaptive) in done and (d, base) in done and _asr(done[(d, adaptive)]) < _asr(done[(d, base)]) - WEAKER_BY
+    ]
+    if weaker:
+        parts.append(f"{adaptive} does less than {base} against {_names(weaker, with_a=True)}")
     if unlearnt:
         names = ", ".join(f"{r.defense} (A {_accuracy(r)})" for r in unlearnt)
         parts.append(f"{names} {_verb(unlearnt, 'has', 'have')} not learnt the task under {base}")
