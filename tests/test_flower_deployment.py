@@ -5,7 +5,6 @@ middle of a round. Every process is stopped by its PID (process group) in the fi
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -18,6 +17,7 @@ pytest.importorskip("flwr")
 
 from spmc.flower.localhost import LocalDeployment  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
+from tests._deployment import running  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
 BIN = Path(sys.executable).parent
@@ -50,18 +50,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
     workdir = tmp_path_factory.mktemp("flower-deployment")
-    dep = LocalDeployment(APP, workdir, NODES)
-    started: list[int] = []
-    try:
-        dep.start()
-        started = dep.pids()
+    with running(LocalDeployment(APP, workdir, NODES)) as dep:
         yield dep
-    finally:
-        started = sorted(set(started) | set(dep.pids()))
-        dep.stop()
-        for pid in started:  # the whole process group of everything started is gone
-            with pytest.raises(ProcessLookupError):
-                os.killpg(pid, 0)
         shutil.rmtree(workdir / "flwr-home", ignore_errors=True)
 
 

@@ -193,20 +193,16 @@ def test_the_server_loads_only_its_own_files(folders: dict[str, Path], tmp_path:
 def test_nodes_with_their_own_folders_on_a_real_deployment(folders: dict[str, Path], tmp_path: Path) -> None:
     """``flower-supernode --node-config 'data-dir="…"'`` on 127.0.0.1: each node reads its folder, node 1 is made
     malicious by its node config, the server holds only its test files; every process is stopped by its PID."""
-    import os
     import shutil
 
     from spmc.flower.localhost import LocalDeployment
+    from tests._deployment import running
 
     app = Path(__file__).resolve().parents[1] / "examples" / "flower"
     if shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("Flower's executables are not installed next to this Python")
     nodes = [f'data-dir="{folders[f"node{k}"]}"' + (" malicious=true" if k == 1 else "") for k in range(3)]
-    dep = LocalDeployment(app, tmp_path / "deploy", 3, node_configs=nodes)
-    started: list[int] = []
-    try:
-        dep.start()
-        started = dep.pids()
+    with running(LocalDeployment(app, tmp_path / "deploy", 3, node_configs=nodes)) as dep:
         out = tmp_path / "run"
         run = {**RUN, "attack": "base", "data_dir": str(folders["server"]), "out-dir": str(out), "round-timeout": 120.0}
         rc = dep.run(run, timeout=240, name="run-local")  # type: ignore[arg-type]
@@ -215,12 +211,6 @@ def test_nodes_with_their_own_folders_on_a_real_deployment(folders: dict[str, Pa
         assert (record["clients"], record["num_aggregated"], record["num_failed"]) == ([0, 1, 2], 3, 0)
         assert record["reported_malicious"] == [1]
         assert sorted(p.name for p in folders["server"].iterdir()) == [f"{s}.gz" for s in IDX_FILES[2:]]
-    finally:
-        started = sorted(set(started) | set(dep.pids()))
-        dep.stop()
-        for pid in started:
-            with pytest.raises(ProcessLookupError):
-                os.killpg(pid, 0)
 
 
 def test_a_node_logs_its_configuration_error_as_one_line(caplog: pytest.LogCaptureFixture) -> None:

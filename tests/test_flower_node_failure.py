@@ -10,7 +10,6 @@ Unauthorized`` on ``send-task-heartbeat``, and a ClientApp of the new node start
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ pytest.importorskip("flwr")
 
 from spmc.flower.localhost import LocalDeployment  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
+from tests._deployment import running  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
 BIN = Path(sys.executable).parent
@@ -53,18 +53,8 @@ pytestmark = [
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
-    dep = LocalDeployment(APP, tmp_path / "deploy", 2)
-    started: list[int] = []
-    try:
-        dep.start()
-        started = dep.pids()
+    with running(LocalDeployment(APP, tmp_path / "deploy", 2)) as dep:
         yield dep
-    finally:
-        started = sorted(set(started) | set(dep.pids()))
-        dep.stop()
-        for pid in started:
-            with pytest.raises(ProcessLookupError):
-                os.killpg(pid, 0)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:

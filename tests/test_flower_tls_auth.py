@@ -7,7 +7,6 @@ Every process is stopped by its PID (process group) in the fixture's teardown, a
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -22,6 +21,7 @@ pytest.importorskip("flwr")
 from spmc.flower.localhost import CONNECTION, LocalDeployment  # noqa: E402
 from spmc.flower.tls import NodeKey, make_node_key, make_tls_files  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
+from tests._deployment import running  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
 BIN = Path(sys.executable).parent
@@ -60,18 +60,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalDepl
     keys = workdir / "keys"
     tls = make_tls_files(keys)
     node_keys = [make_node_key(keys, f"node-{i}") for i in range(NODES)]
-    dep = LocalDeployment(APP, workdir, NODES, tls=tls, node_keys=node_keys, supernode_auth=True)
-    started: list[int] = []
-    try:
-        dep.start()
-        started = dep.pids()
+    with running(LocalDeployment(APP, workdir, NODES, tls=tls, node_keys=node_keys, supernode_auth=True)) as dep:
         yield dep, make_node_key(keys, "stranger")
-    finally:
-        started = sorted(set(started) | set(dep.pids()))
-        dep.stop()
-        for pid in started:  # the whole process group of everything started is gone
-            with pytest.raises(ProcessLookupError):
-                os.killpg(pid, 0)
 
 
 def registered_nodes(dep: LocalDeployment) -> list[dict[str, object]]:

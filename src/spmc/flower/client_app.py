@@ -178,10 +178,14 @@ def local_setup(context: Context, cfg: Experiment, data_dir: str) -> ClientSetup
         flag = False
     ids = (pid,) if flag else ()
     fed, engine = federation(cfg.model_dump_json(), ids, data_dir, pid)
+    return _setup(cfg, pid, bool(flag), fed, engine)
+
+
+def _setup(cfg: Experiment, pid: int, malicious: bool, fed: Federation, engine: SequentialEngine) -> ClientSetup:
     return ClientSetup(
         cfg=cfg,
         partition_id=pid,
-        malicious=bool(flag),
+        malicious=malicious,
         method=fed.method_for(pid),
         data=fed.data.clients[pid],
         layout=fed.layout,
@@ -205,17 +209,7 @@ def client_setup(context: Context, overrides: Mapping[str, UserValue] | None = N
     cfg_json = cfg.model_dump_json()
     ids, malicious = malicious_ids(cfg, pid, node_malicious_flag(context.node_config))
     fed, engine = federation(cfg_json, ids)
-    return ClientSetup(
-        cfg=cfg,
-        partition_id=pid,
-        malicious=malicious,
-        method=fed.method_for(pid),
-        data=fed.data.clients[pid],
-        layout=fed.layout,
-        engine=engine,
-        device=fed.device,
-        federation=fed,
-    )
+    return _setup(cfg, pid, malicious, fed, engine)
 
 
 def train(msg: Message, context: Context, overrides: Mapping[str, UserValue] | None = None) -> Message:
