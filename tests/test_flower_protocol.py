@@ -4,9 +4,6 @@ uninterrupted run, nodes that never answer are left out, and the node config's m
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
-
 import pytest
 import torch
 
@@ -19,6 +16,7 @@ from spmc import make_experiment  # noqa: E402
 from spmc.flower import client_app, parse_run_config, run_server  # noqa: E402
 from spmc.simulation import Simulation  # noqa: E402
 from spmc.store import RunStore  # noqa: E402
+from tests.attacks._flower_grid import Handler, StandInGrid  # noqa: E402
 
 K = 4
 TINY = {
@@ -34,47 +32,6 @@ TINY = {
     "defense": "spmc",
     "client": "spmc",
 }
-Handler = Callable[[Message], Message | None]
-
-
-class StandInGrid(Grid):
-    """Delivers each pushed message to a node's handler at once; ``None`` from a handler means no reply ever."""
-
-    def __init__(self, handlers: dict[int, Handler]) -> None:
-        self.handlers = handlers
-        self.replies: dict[str, Message] = {}
-        self.sent: list[tuple[int, str]] = []
-        self._ids = itertools.count()
-
-    def set_run(self, run: object) -> None:  # type: ignore[override]
-        pass
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.handlers)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = f"m{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = msg_id
-            self.sent.append((msg.metadata.dst_node_id, msg.metadata.message_type))
-            if (answer := self.handlers[msg.metadata.dst_node_id](msg)) is not None:
-                self.replies[msg_id] = answer
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
 
 
 def node(pid: int, node_config: dict | None = None, silent: bool = False) -> Handler:

@@ -1,5 +1,5 @@
 """A stand-in Flower Grid that delivers each pushed message to a node's handler at once, so the ServerApp and
-ClientApp logic run in one process (as ``tests/test_flower_protocol.py``'s)."""
+ClientApp logic run in one process (``tests/test_flower_protocol.py`` and the attack tests over Flower)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-Handler = Callable[[Message], Message]
+#: A node: its reply to a message, or None for a node that never replies.
+Handler = Callable[[Message], Message | None]
 
 
 class StandInGrid(Grid):
-    """Delivers each pushed message to a node's handler at once (as ``tests/test_flower_protocol.py``'s)."""
+    """Delivers each pushed message to a node's handler at once; ``None`` from a handler means no reply ever."""
 
     def __init__(self, handlers: dict[int, Handler]) -> None:
         self.handlers = handlers
         self.replies: dict[str, Message] = {}
+        self.sent: list[tuple[int, str]] = []
         self._ids = itertools.count()
 
     def set_run(self, run: object) -> None:  # type: ignore[override]
@@ -39,7 +41,9 @@ class StandInGrid(Grid):
         for msg in messages:
             msg_id = f"m{next(self._ids)}"
             msg.metadata.__dict__["_message_id"] = msg_id
-            self.replies[msg_id] = self.handlers[msg.metadata.dst_node_id](msg)
+            self.sent.append((msg.metadata.dst_node_id, msg.metadata.message_type))
+            if (answer := self.handlers[msg.metadata.dst_node_id](msg)) is not None:
+                self.replies[msg_id] = answer
             ids.append(msg_id)
         return ids
 
