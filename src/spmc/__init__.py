@@ -4,6 +4,7 @@ Public API (see docs/usage.md): the defense registry and interface, the SPMC fun
 configuration, and the simulation entry point.
 """
 
+from spmc import _omp  # noqa: F401  (first: chooses OpenMP's wait policy before torch loads)
 from spmc.config import ConfigError, Experiment, build_defense, make_experiment, resolve
 from spmc.defenses import (
     DEFENSES,
