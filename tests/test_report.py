@@ -88,6 +88,16 @@ def test_labels_follow_the_documented_rule() -> None:
     assert method_label("fedavg", "spmc") == "FedAvg + SPMC client"
     assert method_label("spmc", "plain") == "SPMC + plain client"
     assert method_label("multikrum", "plain") == "Multi-Krum"
+    assert method_label("flame", "plain") == "FLAME"
+
+
+def test_every_built_in_defense_has_a_printed_name() -> None:
+    from spmc.defenses import DEFENSES
+    from spmc.report.runs import DEFENSE_LABELS
+
+    built_in = {name for name, cls in DEFENSES.items() if cls.__module__.startswith("spmc.defenses.")}
+    assert len(built_in) >= 26
+    assert built_in <= set(DEFENSE_LABELS)
 
 
 def test_paper_csv_ships_with_the_package() -> None:

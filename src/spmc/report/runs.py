@@ -58,6 +58,15 @@ DEFENSE_LABELS: dict[str, str] = {
     "median": "Median",
     "fltrust": "FLTrust",
     "fedcpa": "FedCPA",
+    "flame": "FLAME",
+    "norm_clip": "Norm clipping",
+    "weak_dp": "Weak DP",
+    "centered_clip": "Centered clipping",
+    "bucketing": "Bucketing",
+    "signguard": "SignGuard",
+    "deepsight": "DeepSight",
+    "fldetector": "FLDetector",
+    "multimetrics": "MultiMetrics",
 }
 #: Defenses that are rows of the paper's Table 2 (the method strings of ``table2_paper.csv``).
 PAPER_DEFENSES: tuple[str, ...] = tuple(list(DEFENSE_LABELS)[:11])
