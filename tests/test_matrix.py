@@ -55,7 +55,9 @@ def test_summary_worst_case_and_ranking_by_hand() -> None:
         _cell("spmc", "lie", 0, "untargeted", None, None, status="failed"),
     ]
     cells[3].dA = 60.0 - 80.0
+    cells[0].seconds, cells[1].seconds = 30.0, 5370.0
     summary = matrix.summarise(cells)
+    assert (summary.done, summary.total, summary.run_seconds) == (6, 8, 5400.0)
     assert summary.values[("fedavg", "badnets")]["R"] == (20.0, pytest.approx(14.1421, abs=1e-4))
     assert summary.values[("fedavg", "badnets")]["A"] == (80.0, pytest.approx(1.4142, abs=1e-4))
     assert summary.states == {("spmc", "badnets"): "running", ("spmc", "lie"): "failed"}
@@ -69,8 +71,10 @@ def test_summary_worst_case_and_ranking_by_hand() -> None:
     assert "| badnets | 20.0 ± 14.1 | running |" in md
     assert "| lie | 60.0 (ΔA -20.0) | failed |" in md
     assert "| 1 | fedavg | 20.0 | badnets | 60.0 | lie | 0 |" in md
+    assert md.startswith("6 of 8 runs finished; their rounds took 1.50 h in all")
     rows = list(csv.DictReader(io.StringIO(matrix.to_csv(cells))))
     assert rows[3]["dA"] == "-20.00" and rows[3]["R"] == "" and rows[6]["status"] == "running"
+    assert [r["seconds"] for r in rows[:3]] == ["30.0", "5370.0", ""]
 
 
 def test_an_unfinished_backdoor_row_is_listed_in_the_r_table_as_unfinished(tmp_path: Path) -> None:
@@ -114,6 +118,7 @@ def test_matrix_end_to_end_on_a_tiny_grid(tmp_path: Path) -> None:
     for r in rows:
         assert 0.0 <= float(r["A"]) <= 100.0
         assert (r["R"] == "") == (r["attack"] == "none")
+        assert float(r["seconds"]) > 0.0
     md = (out / "matrix.md").read_text()
     assert "## Worst case per defense" in md and "| fedavg |" in md
     for name in ("matrix_R.png", "matrix_R.svg", "matrix_A.png", "matrix_A.svg", "matrix.toml"):

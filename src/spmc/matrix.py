@@ -129,6 +129,7 @@ class Cell:
     A: float | None = None
     R: float | None = None
     dA: float | None = None
+    seconds: float | None = None
     error: str = ""
 
 
@@ -185,6 +186,7 @@ def collect(spec: dict[str, Any], root: Path) -> list[Cell]:
                     cell.kind = str(summary.get("attack_kind") or cell.kind)
                     cell.A = _number(summary.get("A"))
                     cell.R = _number(summary.get("R")) if cell.kind == "backdoor" else None
+                    cell.seconds = _run_seconds(summary)
                 cells.append(cell)
     by_key = {(c.defense, c.attack, c.seed): c for c in cells}
     for c in cells:
@@ -192,6 +194,12 @@ def collect(spec: dict[str, Any], root: Path) -> list[Cell]:
         if c.kind == "untargeted" and c.A is not None and ref is not None and ref.A is not None:
             c.dA = c.A - ref.A
     return cells
+
+
+def _run_seconds(summary: dict[str, Any]) -> float | None:
+    """A finished run's time in its rounds (``seconds_per_round`` × ``rounds``: start-up not included)."""
+    per_round, rounds = _number(summary.get("seconds_per_round")), _number(summary.get("rounds"))
+    return None if per_round is None or rounds is None else per_round * rounds
 
 
 def _kind_of(row: dict[str, Any]) -> str:
@@ -214,6 +222,10 @@ class Summary:
     kinds: dict[str, str]
     values: dict[tuple[str, str], dict[str, tuple[float, float] | None]] = field(default_factory=dict)
     states: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Runs finished, runs in the matrix, and the finished runs' time in their rounds, summed.
+    done: int = 0
+    total: int = 0
+    run_seconds: float = 0.0
 
 
 def _stat(values: Sequence[float | None]) -> tuple[float, float] | None:
@@ -228,7 +240,9 @@ def summarise(cells: Sequence[Cell]) -> Summary:
     defenses = list(dict.fromkeys(c.defense for c in cells))
     attacks = list(dict.fromkeys(c.attack for c in cells))
     kinds: dict[str, str] = {}
-    out = Summary(defenses, attacks, kinds)
+    finished = [c for c in cells if c.status == "done"]
+    seconds = math.fsum(c.seconds for c in finished if c.seconds is not None)
+    out = Summary(defenses, attacks, kinds, done=len(finished), total=len(cells), run_seconds=seconds)
     for d in defenses:
         for a in attacks:
             group = [c for c in cells if c.defense == d and c.attack == a]
@@ -276,10 +290,11 @@ def to_csv(cells: Sequence[Cell]) -> str:
     """The long form: one line per run."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["defense", "attack", "kind", "seed", "status", "A", "R", "dA", "run_dir"])
+    writer.writerow(["defense", "attack", "kind", "seed", "status", "A", "R", "dA", "seconds", "run_dir"])
     for c in cells:
         row = [c.defense, c.attack, c.kind, c.seed, c.status]
         row += ["" if v is None else f"{v:.2f}" for v in (c.A, c.R, c.dA)]
+        row += ["" if c.seconds is None else f"{c.seconds:.1f}"]
         writer.writerow([*row, c.run_dir.name])
     return buf.getvalue()
 
@@ -295,6 +310,12 @@ def _fmt(stat: tuple[float, float] | None, signed: bool = False) -> str:
 def to_markdown(summary: Summary, title: str = "") -> str:
     """The R table (backdoor rows), the A table (ΔA in brackets for untargeted rows), the worst cases, the ranking."""
     lines = [f"# {title}", ""] if title else []
+    lines += [
+        f"{summary.done} of {summary.total} runs finished; their rounds took {summary.run_seconds / 3600:.2f} h in "
+        "all (summed over runs: with N at once the wall time is about 1/N of that, on a machine as loaded as it was; "
+        "start-up not included).",
+        "",
+    ]
     head = "| attack \\ defense | " + " | ".join(summary.defenses) + " |"
     rule = "|---|" + "---|" * len(summary.defenses)
     for metric, header in (("R", "R = 100 − ASR (backdoor rows; higher is better)"), ("A", "A, clean accuracy")):
