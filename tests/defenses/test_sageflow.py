@@ -165,3 +165,35 @@ def test_from_config() -> None:
     )
     assert (d.options.eth, d.options.delta, d.options.size_weight) == (1.5, 2.0, True)
     assert Sageflow.needs_server_data and Sageflow.name == "sageflow"
+
+
+def test_evaluations_are_reused_within_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state evaluated once in a round is not evaluated again (an adaptive attack probes a copy of Sageflow many
+    times a round with mostly the same states); the reused result equals a fresh evaluation; a changed state, another
+    round and a full memo are evaluated again."""
+    data = make_server_data()
+    states = client_states(data)
+    calls: list[int] = []
+    real = ServerData._loss_and_entropy
+    monkeypatch.setattr(ServerData, "_loss_and_entropy", lambda self, s, r: calls.append(r) or real(self, s, r))
+    first = Sageflow(SageflowOptions(eth=1.0)).aggregate(make_inputs(states, data))
+    assert len(calls) == 4
+    probe = states.clone()
+    probe[2] += 0.5
+    second = Sageflow(SageflowOptions(eth=1.0)).aggregate(make_inputs(probe, data))
+    assert len(calls) == 5  # only the changed row
+    expected = [direct_loss_entropy(data, s)[0] for s in probe]
+    assert [second.diagnostics["losses"][str(k)] for k in range(4)] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    again = Sageflow(SageflowOptions(eth=1.0)).aggregate(make_inputs(states.clone(), data))
+    assert len(calls) == 5 and torch.equal(again.weights, first.weights)
+    data.loss_and_entropy(states[0], 4)
+    assert calls[-1] == 4 and len(calls) == 6
+    monkeypatch.setattr("spmc.defenses.server_data._EVAL_MEMO_BYTES", 2 * states[0].numel() * 4)
+    fresh = make_server_data()
+    calls.clear()
+    for row in (0, 1, 2, 0, 1, 2):  # least recently used first out: with room for two, each is evaluated again
+        fresh.loss_and_entropy(states[row], 3)
+    assert len(calls) == 6
+    for row in (1, 0, 1):  # 1 is used again, so 2 (not 1) makes room for 0
+        fresh.loss_and_entropy(states[row], 3)
+    assert len(calls) == 7

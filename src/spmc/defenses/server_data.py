@@ -19,6 +19,11 @@ from spmc.params import ParamLayout
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
+#: How many evaluated states :meth:`ServerData.loss_and_entropy` remembers within one round, at most, and how many
+#: bytes they may take (a ResNet-10 state is 20 MB: 12 of them).
+_EVAL_MEMO_SIZE = 64
+_EVAL_MEMO_BYTES = 256 * 2**20
+
 
 @dataclass
 class ServerData:
@@ -38,6 +43,12 @@ class ServerData:
     #: so a repeated call (an adaptive attack calling a copy of FLTrust 24 times a round, then the server itself)
     #: returns the same state without training again.
     _last_train: tuple[int, int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    #: This round's :meth:`loss_and_entropy` results: (round_seed, [(state, (ℓ, H)), …]), least recently used
+    #: first. Evaluation is deterministic in (state, round_seed), so an adaptive attack that probes a copy of
+    #: Sageflow 24 times a round re-evaluates only the states it changed.
+    _evals: tuple[int, list[tuple[torch.Tensor, tuple[float, float]]]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -51,10 +62,30 @@ class ServerData:
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.transform(self.x[idx], generator), self.y[idx]
 
-    @torch.no_grad()
     def loss_and_entropy(self, state: torch.Tensor, round_seed: int = 0) -> tuple[float, float]:
         """ℓ = mean over batches of the batch-mean CE; H = mean over batches of the batch-mean entropy
-        −Σ_c p_c ln p_c; the model in eval mode (spec §6.3 [REC]). NaN when there is no full batch."""
+        −Σ_c p_c ln p_c; the model in eval mode (spec §6.3 [REC]). NaN when there is no full batch.
+
+        The result depends only on (state, round_seed): a state already evaluated with the same round_seed is not
+        evaluated again (the memo holds one round_seed's most recently used states, up to ``_EVAL_MEMO_SIZE`` and
+        ``_EVAL_MEMO_BYTES``)."""
+        if self._evals is None or self._evals[0] != round_seed:
+            self._evals = (round_seed, [])
+        memo = self._evals[1]
+        for i, (seen, result) in enumerate(memo):
+            if seen.shape == state.shape and torch.equal(seen, state):
+                memo.append(memo.pop(i))
+                return result
+        result = self._loss_and_entropy(state, round_seed)
+        bytes_per_state = max(1, state.numel() * state.element_size())
+        capacity = min(_EVAL_MEMO_SIZE, _EVAL_MEMO_BYTES // bytes_per_state)
+        if capacity > 0:
+            memo.append((state.detach().clone(), result))
+            del memo[:-capacity]
+        return result
+
+    @torch.no_grad()
+    def _loss_and_entropy(self, state: torch.Tensor, round_seed: int) -> tuple[float, float]:
         self.layout.load(self.model, state)
         self.model.eval()
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_seed) % (2**63))
