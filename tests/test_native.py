@@ -311,3 +311,45 @@ def test_empty_thread_shares_and_nan_pooling_as_torch(lib: ctypes.CDLL) -> None:
     pooled, _ = native.conv1_pool_forward(lib, x, w, argmax=True)
     ref = F.max_pool2d(F.conv2d(x.client(0), w[0]), 2).permute(0, 2, 3, 1)
     assert torch.equal(pooled[0].isnan(), ref.isnan()) and int(ref.isnan().sum()) > 0
+
+
+def test_stacked_predictions_equal_the_models(lib: ctypes.CDLL) -> None:
+    """Evaluation's fast path (one stacked row, native first block) predicts what SimpleCNN predicts, on grey and
+    coloured images, with a last partial batch."""
+    from spmc.batched import stacked_predictions
+    from spmc.models import SimpleCNN
+    from spmc.params import ParamLayout
+    from spmc.training import predictions
+
+    torch.manual_seed(3)
+    model = SimpleCNN()
+    layout = ParamLayout.from_module(model)
+    state = layout.flatten(model) * 4.0
+    layout.load(model, state)
+    x = torch.rand(37, 3, 32, 32)
+    x[:20] = x[:20, :1].expand(-1, 3, -1, -1).clone()  # grey images: the kernel keeps one channel
+    ref = predictions(model, x, 16)
+    got = stacked_predictions(layout, state, x, 16)
+    assert torch.equal(got, ref) and len(set(ref.tolist())) >= 3
+    assert stacked_predictions(layout, state, x[:0], 16).shape == (0,)
+
+
+def test_evaluation_is_the_same_with_either_kernel(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A_t and ASR_t of one state with kernel = native (the stacked fast path) and torch (the model) agree."""
+    from spmc import batched
+    from spmc.federation import Federation, evaluate_state
+    from spmc.training import predictions
+
+    cfg = make_experiment(dataset="fmnist-sample", attack="badnets", rounds=1, kernel="native")
+    fed = Federation.build(cfg)
+    state = fed.initial_state + 0.3 * torch.randn(fed.initial_state.shape, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = batched.stacked_predictions
+    monkeypatch.setattr(batched, "stacked_predictions", lambda *a: calls.append(1) or real(*a))
+    fast = evaluate_state(fed.model, fed.layout, fed.data, cfg, state)
+    assert len(calls) == 2  # the triggered set once (both ASRs), the test set once
+    slow = evaluate_state(fed.model, fed.layout, fed.data, cfg.model_copy(update={"kernel": "torch"}), state)
+    assert len(calls) == 2
+    assert fast == slow and fast["asr_all"] != fast["asr_excl_target"]
+    classes = predictions(fed.model, fed.data.test_x, 1000)
+    assert len(set(classes.tolist())) >= 3  # not a constant model, whose metrics any path would get right

@@ -43,7 +43,15 @@ from spmc.defenses.server_data import ServerData
 from spmc.guard import UpdateGuard
 from spmc.models import build_model
 from spmc.params import ParamLayout
-from spmc.training import ClientData, ClientMethod, ClientResult, ClientTask, SequentialEngine, accuracy
+from spmc.training import (
+    ClientData,
+    ClientMethod,
+    ClientResult,
+    ClientTask,
+    SequentialEngine,
+    percent_correct,
+    predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +289,33 @@ def build_federated_data(
     return data
 
 
+def predictor(
+    model: torch.nn.Module, layout: ParamLayout, cfg: Experiment, state: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images → top-1 classes of ``state`` (already loaded into ``model``), in batches of ``eval_batch_size``: the
+    native first block (:func:`spmc.batched.stacked_predictions`) for a SimpleCNN on the CPU where ``kernel``
+    resolves to ``native``, else ``model`` itself. Same classes to float rounding; ~4× faster on this machine."""
+    bs = cfg.eval_batch_size
+    cpu = state.device.type == "cpu"
+    if cpu and batched.supports(model, layout) and batched.resolve_kernel(cfg.kernel, state.device) == "native":
+        return lambda x: batched.stacked_predictions(layout, state, x, bs)
+    return lambda x: predictions(model, x, bs)
+
+
 def evaluate_state(
     model: torch.nn.Module, layout: ParamLayout, data: FederatedData, cfg: Experiment, state: torch.Tensor
 ) -> dict[str, float]:
     """A_t on the clean test set and ASR_t on the triggered set (spec §1.6, §2.4), with and without target-class
-    images; ``asr`` is the one ``asr_exclude_target_class`` picks. ``model`` is overwritten with ``state``."""
+    images (one pass over the triggered set); ``asr`` is the one ``asr_exclude_target_class`` picks. ``model`` is
+    overwritten with ``state``."""
     layout.load(model, state)
-    bs = cfg.eval_batch_size
+    predict = predictor(model, layout, cfg, state)
     keep = data.backdoor_not_target
-    asr_all = accuracy(model, data.backdoor_x, data.backdoor_y, bs)
-    asr_excl = accuracy(model, data.backdoor_x[keep], data.backdoor_y[keep], bs)
+    triggered = predict(data.backdoor_x)
+    asr_all = percent_correct(triggered, data.backdoor_y)
+    asr_excl = percent_correct(triggered[keep], data.backdoor_y[keep])
     return {
-        "accuracy": accuracy(model, data.test_x, data.test_y, bs),
+        "accuracy": percent_correct(predict(data.test_x), data.test_y),
         "asr": asr_excl if cfg.asr_exclude_target_class else asr_all,
         "asr_all": asr_all,
         "asr_excl_target": asr_excl,

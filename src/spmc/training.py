@@ -236,13 +236,20 @@ class SequentialEngine:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in % of ``model`` in eval mode; NaN for an empty set."""
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The top-1 class [n] of ``model`` in eval mode on ``x``, in batches of ``batch_size``."""
+    model.eval()
+    out = [model(x[start : start + batch_size]).argmax(dim=1) for start in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def percent_correct(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """100 · mean(pred == y); NaN for an empty set."""
     if y.numel() == 0:
         return float("nan")
-    model.eval()
-    correct = 0
-    for start in range(0, y.shape[0], batch_size):
-        pred = model(x[start : start + batch_size]).argmax(dim=1)
-        correct += int((pred == y[start : start + batch_size]).sum())
-    return 100.0 * correct / y.shape[0]
+    return 100.0 * int((pred == y).sum()) / y.shape[0]
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in % of ``model`` in eval mode; NaN for an empty set."""
+    return percent_correct(predictions(model, x, batch_size), y)

@@ -35,7 +35,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.cluster import HDBSCAN
 
 from spmc.defenses.base import (
     Aggregate,
@@ -115,6 +114,8 @@ def hdbscan_labels(
     n = dist.shape[0]
     if n < 2 or min_cluster_size > n:
         return [-1] * n
+    from sklearn.cluster import HDBSCAN  # imported here: scikit-learn takes seconds to load
+
     clusterer = HDBSCAN(
         min_cluster_size=max(2, min_cluster_size),
         min_samples=min_samples,

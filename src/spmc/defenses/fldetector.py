@@ -50,7 +50,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.options import option
@@ -141,6 +140,8 @@ def gap_statistic(scores: Sequence[float], seed: int, references: int = 20, k_ma
 
 def high_cluster(scores: Sequence[float], seed: int) -> list[int]:
     """Positions in the higher-mean cluster of KMeans(k = 2) on the 1-D ``scores``."""
+    from sklearn.cluster import KMeans  # imported here: scikit-learn takes seconds to load
+
     x = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(x).labels_
     means = [float(x[labels == c].mean()) for c in (0, 1)]

@@ -35,7 +35,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.cluster import MeanShift, estimate_bandwidth
 
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, round_generator, stat_mask
 from spmc.defenses.norm_clip import clip_diagnostics, clipped_mean_state, median, power_of_two_scale, scaled_row_norms
@@ -66,6 +65,8 @@ def largest_meanshift_cluster(features: torch.Tensor) -> tuple[torch.Tensor, flo
     """The rows of ``features`` [n, f] in the largest MeanShift cluster (ties: sklearn's lower label), a bool mask
     [n], and the bandwidth; every row when the bandwidth is 0 or no cluster is found. Give the rows in a fixed
     order (client ids): sklearn's bandwidth estimate subsamples them."""
+    from sklearn.cluster import MeanShift, estimate_bandwidth  # imported here: scikit-learn takes seconds to load
+
     n = features.shape[0]
     x = features.to(torch.float64).numpy()
     bandwidth = float(estimate_bandwidth(x, quantile=0.5, n_samples=50)) if n >= 2 else 0.0
