@@ -3,15 +3,19 @@ participation and unseen clients."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from spmc.config import build_defense, make_experiment
 from spmc.defenses.base import Aggregate
 from spmc.defenses.fldetector import (
     FLDetector,
     FLDetectorOptions,
+    first_active_round,
     gap_statistic,
     kmeans_1d_inertias,
     lbfgs_hvp,
@@ -133,3 +137,30 @@ def test_options_are_checked() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="fldetector_window"):
             FLDetectorOptions(window=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rounds"):
+        FLDetectorOptions(rounds=0)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_detection_acts_from_round_window_plus_one(window: int) -> None:
+    """The first active round is ``first_active_round(N)`` = N + 1, so a run needs N + 2 rounds for detection to
+    act once."""
+    fld = FLDetector(FLDetectorOptions(window=window, rounds=window + 2))
+    aggs = play(fld, range(window + 2), torch.zeros(D, dtype=torch.float64), list(range(6)), bad=None)
+    active = [t for t, a in enumerate(aggs) if a.diagnostics["detection_active"]]
+    assert active == [first_active_round(window)] == [window + 1]
+
+
+def test_a_run_too_short_for_the_window_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """matrix-fmnist's 10 rounds with the paper's window 10: FLDetector would silently be FedAvg."""
+    with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
+        FLDetector(FLDetectorOptions(window=10, rounds=11))
+    assert "fldetector_window = 10" in caplog.text and "11 rounds" in caplog.text and "<= 9" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
+        FLDetector(FLDetectorOptions(window=10, rounds=12))
+        build_defense(make_experiment(defense="fldetector", rounds=12))
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
+        build_defense(make_experiment(defense="fldetector", rounds=10))
+    assert "the run has 10 rounds" in caplog.text

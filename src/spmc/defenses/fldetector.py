@@ -51,6 +51,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from spmc.defenses._options import check_int
 from spmc.defenses.base import Aggregate, RoundInputs, as_weight_list, finite_global, stat_mask, weighted_average
 from spmc.options import option
 from spmc.threat import ThreatModel
@@ -149,6 +150,12 @@ def high_cluster(scores: Sequence[float], seed: int) -> list[int]:
     return [i for i, label in enumerate(labels) if int(label) == bad]
 
 
+def first_active_round(window: int) -> int:
+    """The first round (0-based) in which detection can act: the window then holds ``window`` (s, y) pairs,
+    i.e. ``window`` + 1 recorded rounds before the current one."""
+    return window + 1
+
+
 @dataclass(frozen=True)
 class FLDetectorOptions:
     """FLDetector's options (``fldetector_*``); the seed comes from the threat model."""
@@ -166,10 +173,12 @@ class FLDetectorOptions:
         "exclude_int_buffers",
         "leave integer counters (BN's num_batches_tracked) out of vector statistics (spec D31)",
     )
+    rounds: int = option(50, "rounds", "the run's rounds: detection acts from round N + 1 on (0-based), if any")
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"fldetector_window: got {self.window!r}; must be an integer >= 1")
+        check_int("rounds", self.rounds, 1)
 
 
 class FLDetector:
@@ -183,6 +192,16 @@ class FLDetector:
 
     def __init__(self, options: FLDetectorOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else FLDetectorOptions()
+        if self.options.rounds < first_active_round(self.options.window) + 1:
+            log.warning(
+                "fldetector: detection acts from round %d on (0-based; once the window holds "
+                "fldetector_window = %d rounds), but the run has %d rounds: FLDetector will average every client "
+                "like FedAvg; set fldetector_window <= %d to let it act",
+                first_active_round(self.options.window),
+                self.options.window,
+                self.options.rounds,
+                max(1, self.options.rounds - 2),
+            )
         self.seed = (threat if threat is not None else ThreatModel()).seed
         self.rounds: list[int] = []
         self.globals: list[torch.Tensor] = []
