@@ -15,6 +15,7 @@ from spmc.defenses.base import Aggregate
 from spmc.defenses.fldetector import (
     FLDetector,
     FLDetectorOptions,
+    _warn_too_short,
     first_active_round,
     gap_statistic,
     kmeans_1d_inertias,
@@ -152,10 +153,14 @@ def test_detection_acts_from_round_window_plus_one(window: int) -> None:
 
 
 def test_a_run_too_short_for_the_window_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    """matrix-fmnist's 10 rounds with the paper's window 10: FLDetector would silently be FedAvg."""
+    """matrix-fmnist's 10 rounds with the paper's window 10: FLDetector would silently be FedAvg. Said once per
+    process and setting (a run builds its defense twice: to check the configuration, then to run)."""
+    _warn_too_short.cache_clear()
     with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
         FLDetector(FLDetectorOptions(window=10, rounds=11))
+        FLDetector(FLDetectorOptions(window=10, rounds=11))
     assert "fldetector_window = 10" in caplog.text and "11 rounds" in caplog.text and "<= 9" in caplog.text
+    assert len(caplog.records) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
         FLDetector(FLDetectorOptions(window=10, rounds=12))

@@ -42,6 +42,7 @@ negative keys −1 … −4.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -156,6 +157,21 @@ def first_active_round(window: int) -> int:
     return window + 1
 
 
+@functools.cache
+def _warn_too_short(window: int, rounds: int) -> None:
+    """Log, once per process for a (window, rounds) pair (a run builds its defense more than once), that detection
+    will never act."""
+    log.warning(
+        "fldetector: detection acts from round %d on (0-based; once the window holds fldetector_window = %d "
+        "rounds), but the run has %d rounds: FLDetector will average every client like FedAvg; set "
+        "fldetector_window <= %d to let it act",
+        first_active_round(window),
+        window,
+        rounds,
+        max(1, rounds - 2),
+    )
+
+
 @dataclass(frozen=True)
 class FLDetectorOptions:
     """FLDetector's options (``fldetector_*``); the seed comes from the threat model."""
@@ -193,15 +209,7 @@ class FLDetector:
     def __init__(self, options: FLDetectorOptions | None = None, threat: ThreatModel | None = None) -> None:
         self.options = options if options is not None else FLDetectorOptions()
         if self.options.rounds < first_active_round(self.options.window) + 1:
-            log.warning(
-                "fldetector: detection acts from round %d on (0-based; once the window holds "
-                "fldetector_window = %d rounds), but the run has %d rounds: FLDetector will average every client "
-                "like FedAvg; set fldetector_window <= %d to let it act",
-                first_active_round(self.options.window),
-                self.options.window,
-                self.options.rounds,
-                max(1, self.options.rounds - 2),
-            )
+            _warn_too_short(self.options.window, self.options.rounds)
         self.seed = (threat if threat is not None else ThreatModel()).seed
         self.rounds: list[int] = []
         self.globals: list[torch.Tensor] = []
