@@ -350,6 +350,31 @@ def test_evaluation_is_the_same_with_either_kernel(lib: ctypes.CDLL, monkeypatch
     assert len(calls) == 2  # the triggered set once (both ASRs), the test set once
     slow = evaluate_state(fed.model, fed.layout, fed.data, cfg.model_copy(update={"kernel": "torch"}), state)
     assert len(calls) == 2
-    assert fast == slow and fast["asr_all"] != fast["asr_excl_target"]
+    # the same classes to float rounding: a near-tie may flip one image on another CPU's rounding, not more
+    one_image = {"accuracy": 100 / fed.data.test_y.numel(), "asr_all": 100 / fed.data.backdoor_y.numel()}
+    one_image["asr"] = one_image["asr_all"]
+    one_image["asr_excl_target"] = 100 / int(fed.data.backdoor_not_target.sum())
+    assert all(abs(fast[k] - slow[k]) <= one_image[k] + 1e-9 for k in one_image) and fast.keys() == slow.keys()
+    assert fast["asr_all"] != fast["asr_excl_target"]
     classes = predictions(fed.model, fed.data.test_x, 1000)
     assert len(set(classes.tolist())) >= 3  # not a constant model, whose metrics any path would get right
+
+
+def test_other_models_and_the_torch_kernel_are_evaluated_by_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path is SimpleCNN's on the CPU only: ResNet-10 under kernel = auto, and SimpleCNN under
+    kernel = torch, use the model's own forward pass."""
+    from spmc import batched
+    from spmc.federation import predictor
+    from spmc.models import build_model
+    from spmc.params import ParamLayout
+
+    def refuse(*_: object) -> torch.Tensor:
+        raise AssertionError("the stacked fast path was taken")
+
+    monkeypatch.setattr(batched, "stacked_predictions", refuse)
+    x = torch.rand(3, 3, 32, 32)
+    for name, kernel in (("resnet10", "auto"), ("simplecnn", "torch")):
+        model = build_model(name)
+        layout = ParamLayout.from_module(model)
+        cfg = make_experiment(dataset="synthetic", kernel=kernel, eval_batch_size=2)
+        assert predictor(model, layout, cfg, layout.flatten(model))(x).shape == (3,)

@@ -113,9 +113,9 @@ class ExperimentCore(BaseModel):
     )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="batched engine's convolutions (first block, second block's backward): native = C kernels "
-        "compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where they build, else torch "
-        "(not in the spec; docs/performance.md)",
+        description="batched engine's convolutions (first block, second block's backward) and SimpleCNN's "
+        "evaluation: native = C kernels compiled at first use (CPU), torch = oneDNN; auto = native on the CPU where "
+        "they build, else torch (not in the spec; docs/performance.md)",
     )
 
     dataset: str = Field(

@@ -169,3 +169,6 @@ def test_a_run_too_short_for_the_window_is_warned_about(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
         build_defense(make_experiment(defense="fldetector", rounds=10))
     assert "the run has 10 rounds" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="spmc.defenses.fldetector"):
+        FLDetector(FLDetectorOptions(window=1, rounds=2))
+    assert "no window can act in fewer than 3 rounds" in caplog.text

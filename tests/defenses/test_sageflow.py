@@ -197,3 +197,14 @@ def test_evaluations_are_reused_within_a_round(monkeypatch: pytest.MonkeyPatch) 
     for row in (1, 0, 1):  # 1 is used again, so 2 (not 1) makes room for 0
         fresh.loss_and_entropy(states[row], 3)
     assert len(calls) == 7
+
+
+def test_a_non_finite_state_is_evaluated_but_not_remembered() -> None:
+    """NaN never equals itself, so a NaN state could never be found again: it is not stored (it would only push
+    useful states out)."""
+    data = make_server_data()
+    bad = torch.full((data.layout.dim,), math.nan)
+    for _ in range(3):
+        ell, h = data.loss_and_entropy(bad, 3)
+        assert math.isnan(ell) and math.isnan(h)
+    assert data._evals is not None and data._evals[1] == []

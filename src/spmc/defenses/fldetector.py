@@ -161,14 +161,19 @@ def first_active_round(window: int) -> int:
 def _warn_too_short(window: int, rounds: int) -> None:
     """Log, once per process for a (window, rounds) pair (a run builds its defense more than once), that detection
     will never act."""
+    fix = (
+        f"set fldetector_window <= {rounds - 2} to let it act"
+        if rounds >= 3
+        else "no window can act in fewer than 3 rounds"
+    )
     log.warning(
-        "fldetector: detection acts from round %d on (0-based; once the window holds fldetector_window = %d "
-        "rounds), but the run has %d rounds: FLDetector will average every client like FedAvg; set "
-        "fldetector_window <= %d to let it act",
+        "fldetector: detection acts from round %d on (0-based: once the window holds fldetector_window = %d (s, y) "
+        "pairs, i.e. %d past rounds), but the run has %d rounds: FLDetector will average every client like FedAvg; %s",
         first_active_round(window),
         window,
+        window + 1,
         rounds,
-        max(1, rounds - 2),
+        fix,
     )
 
 
