@@ -334,6 +334,56 @@ def test_stacked_predictions_equal_the_models(lib: ctypes.CDLL) -> None:
     assert stacked_predictions(layout, state, x[:0], 16).shape == (0,)
 
 
+def test_server_data_fast_path_equals_the_models_forward(lib: ctypes.CDLL) -> None:
+    """Sageflow's ℓ and H through the stacked fast path equal the model's forward batch by batch (an independent
+    loop here), with a random transform that both paths must see identically."""
+    from spmc.batched import stacked_logits
+    from spmc.defenses.server_data import ServerData
+    from spmc.models import SimpleCNN
+    from spmc.params import ParamLayout
+
+    torch.manual_seed(5)
+    model = SimpleCNN()
+    layout = ParamLayout.from_module(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(70, 1, 32, 32, generator=g).expand(-1, 3, -1, -1)
+    y = torch.randint(0, 10, (70,), generator=g)
+
+    def noisy(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return xb + 0.1 * torch.rand(xb.shape[0], 1, 1, 1, generator=gen)
+
+    slow = ServerData(x, y, noisy, model, layout, batch_size=16, seed=2)
+    fast = ServerData(x, y, noisy, SimpleCNN(), layout, batch_size=16, seed=2)
+    fast.logits = lambda state, images: stacked_logits(layout, state, images, 7)
+    state = layout.flatten(model) * 3.0
+    losses, entropies = [], []
+    gen = torch.Generator().manual_seed((2 * 1_000_003 + 4) % (2**63))
+    layout.load(model, state)
+    model.eval()
+    with torch.no_grad():
+        for b in range(70 // 16):  # four full batches, the last partial one dropped
+            logits = model(noisy(x[16 * b : 16 * (b + 1)], gen))
+            losses.append(F.cross_entropy(logits, y[16 * b : 16 * (b + 1)]).item())
+            logp = torch.log_softmax(logits.double(), 1)
+            entropies.append(float(-(logp.exp() * logp).sum(1).mean()))
+    expected = (sum(losses) / 4, sum(entropies) / 4)
+    assert expected[1] > 0.1 and slow.logits is None
+    assert slow.loss_and_entropy(state, 4) == pytest.approx(expected, rel=1e-5)
+    assert fast.loss_and_entropy(state, 4) == pytest.approx(expected, rel=1e-5)
+    assert fast.loss_and_entropy(state, 5) != pytest.approx(expected, rel=1e-5)  # another round, other noise
+
+
+def test_server_data_takes_the_fast_path_where_evaluation_does(lib: ctypes.CDLL) -> None:
+    """make_server_data gives the server data the stacked forward for a SimpleCNN on the CPU, not under
+    kernel = torch."""
+    from spmc.federation import Federation
+
+    cfg = make_experiment(dataset="fmnist-sample", defense="sageflow", rounds=1)
+    assert Federation.build(cfg).server_data().logits is not None
+    torch_cfg = cfg.model_copy(update={"kernel": "torch"})
+    assert Federation.build(torch_cfg).server_data().logits is None
+
+
 def test_evaluation_is_the_same_with_either_kernel(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     """A_t and ASR_t of one state with kernel = native (the stacked fast path) and torch (the model) agree."""
     from spmc import batched

@@ -296,17 +296,22 @@ class StackedSimpleCNN:
 
 
 @torch.no_grad()
-def stacked_predictions(layout: ParamLayout, state: torch.Tensor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The top-1 class [n] of the SimpleCNN with parameters ``state`` on images ``x`` [n, 3, 32, 32], in batches of
-    ``batch_size``, with the native first block (:class:`StackedSimpleCNN` over one row): the same logits as
+def stacked_logits(layout: ParamLayout, state: torch.Tensor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The logits [n, classes] of the SimpleCNN with parameters ``state`` on images ``x`` [n, 3, 32, 32], in batches
+    of ``batch_size``, with the native first block (:class:`StackedSimpleCNN` over one row): the same logits as
     :class:`spmc.models.SimpleCNN` to float rounding, and grey images cost a third of the first block's work."""
     net = StackedSimpleCNN(layout, native=True)
     params = net.tensors(state.detach().to(torch.float32).unsqueeze(0))
     out = [
-        net.forward(params, native.ImageBatch.stack([x[start : start + batch_size]]))[0].argmax(dim=1)
+        net.forward(params, native.ImageBatch.stack([x[start : start + batch_size]]))[0]
         for start in range(0, x.shape[0], batch_size)
     ]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0, params["cls.bias"].shape[-1])
+
+
+def stacked_predictions(layout: ParamLayout, state: torch.Tensor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The top-1 class [n] of :func:`stacked_logits`."""
+    return stacked_logits(layout, state, x, batch_size).argmax(dim=1)
 
 
 KernelChoice = Literal["auto", "native", "torch"]

@@ -297,10 +297,17 @@ def predictor(
     ``torch`` or the C library does not build here, else ``model`` itself. Same classes to float rounding; on this
     machine 4.8× faster than the model's forward (docs/performance.md)."""
     bs = cfg.eval_batch_size
-    cpu = state.device.type == "cpu"
-    if cpu and cfg.kernel != "torch" and batched.supports(model, layout) and native.load() is not None:
+    if fast_forward(model, layout, cfg, state.device):
         return lambda x: batched.stacked_predictions(layout, state, x, bs)
     return lambda x: predictions(model, x, bs)
+
+
+def fast_forward(model: torch.nn.Module, layout: ParamLayout, cfg: Experiment, device: torch.device) -> bool:
+    """Whether evaluation may run the stacked SimpleCNN with the native first block: a SimpleCNN on the CPU, the C
+    library builds here, and ``kernel`` is not ``torch``."""
+    return (
+        device.type == "cpu" and cfg.kernel != "torch" and batched.supports(model, layout) and native.load() is not None
+    )
 
 
 def evaluate_state(
@@ -323,8 +330,17 @@ def evaluate_state(
     }
 
 
+def _stacked_logits(layout: ParamLayout, batch_size: int, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return batched.stacked_logits(layout, state, x, batch_size)
+
+
 def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
-    """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38)."""
+    """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38); it evaluates states
+    through the stacked fast path where :func:`fast_forward` allows."""
+    bs = cfg.eval_batch_size
+    logits = None
+    if fast_forward(model, layout, cfg, data.val_x.device):
+        logits = functools.partial(_stacked_logits, layout, bs)
     return ServerData(
         x=data.val_x,
         y=data.val_y,
@@ -336,6 +352,7 @@ def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Modul
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         seed=derive_seed(cfg.seed, SEED_SERVER),
+        logits=logits,
     )
 
 

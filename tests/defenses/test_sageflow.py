@@ -208,3 +208,21 @@ def test_a_non_finite_state_is_evaluated_but_not_remembered() -> None:
         ell, h = data.loss_and_entropy(bad, 3)
         assert math.isnan(ell) and math.isnan(h)
     assert data._evals is not None and data._evals[1] == []
+
+
+def test_the_transform_runs_once_per_round() -> None:
+    """Every state of a round is evaluated on one transformed copy of the server data (the batches depend only on
+    the round): the transform runs once per batch per round, not once per batch per state."""
+    data = make_server_data()
+    calls: list[int] = []
+    data.transform = lambda xb, gen: calls.append(1) or xb + torch.rand(xb.shape, generator=gen)
+    states = client_states(data)
+    first = [data.loss_and_entropy(s, 3) for s in states]
+    assert len(calls) == len(data) // data.batch_size == 3
+    data.loss_and_entropy(states[0] + 1.0, 3)
+    assert len(calls) == 3
+    data.loss_and_entropy(states[0], 4)
+    assert len(calls) == 6
+    fresh = make_server_data()
+    fresh.transform = data.transform
+    assert fresh.loss_and_entropy(states[1], 3) == first[1]

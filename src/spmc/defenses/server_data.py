@@ -40,6 +40,10 @@ class ServerData:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     seed: int = 0
+    #: (state, images) → logits [n, classes] of ``model`` with that state, faster than the model's own forward
+    #: (:func:`spmc.federation.make_server_data` passes :func:`spmc.batched.stacked_logits` where it applies);
+    #: ``None``: the model's forward, batch by batch.
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
     #: The last :meth:`train` call: (epochs, round_seed, start state, result). Training is deterministic in these,
     #: so a repeated call (an adaptive attack calling a copy of FLTrust 24 times a round, then the server itself)
     #: returns the same state without training again.
@@ -50,6 +54,9 @@ class ServerData:
     _evals: tuple[int, list[tuple[torch.Tensor, tuple[float, float]]]] | None = field(
         default=None, repr=False, compare=False
     )
+    #: The evaluation batches of the last round_seed, stacked: (round_seed, images [b, batch, …], labels [b, batch]).
+    #: They depend only on round_seed, so every state of a round is evaluated on one transformed copy.
+    _eval_batches: tuple[int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -87,18 +94,35 @@ class ServerData:
 
     @torch.no_grad()
     def _loss_and_entropy(self, state: torch.Tensor, round_seed: int) -> tuple[float, float]:
+        x, y = self._evaluation_batches(round_seed)
+        if y.numel() == 0:
+            return float("nan"), float("nan")
+        batches, size = y.shape
+        logits = self._logits(state, x.flatten(0, 1)).view(batches, size, -1)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(batches, size).mean(dim=1)
+        logp = F.log_softmax(logits, dim=2)
+        entropies = -(logp.exp() * logp).sum(dim=2).mean(dim=1)
+        return float(losses.mean()), float(entropies.mean())
+
+    def _evaluation_batches(self, round_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unshuffled, transformed full batches of ``round_seed``, stacked (computed once per round_seed)."""
+        if self._eval_batches is None or self._eval_batches[0] != round_seed:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_seed) % (2**63))
+            pairs = list(self.batches(gen, shuffle=False))
+            if pairs:
+                x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            else:
+                x, y = self.x[:0].float().unsqueeze(0), self.y[:0].unsqueeze(0)
+            self._eval_batches = (round_seed, x, y)
+        return self._eval_batches[1], self._eval_batches[2]
+
+    def _logits(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``state`` on ``x`` in eval mode: :attr:`logits` if set, else the model in ``batch_size`` chunks."""
+        if self.logits is not None:
+            return self.logits(state, x)
         self.layout.load(self.model, state)
         self.model.eval()
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_seed) % (2**63))
-        losses, entropies = [], []
-        for x, y in self.batches(gen, shuffle=False):
-            logits = self.model(x)
-            losses.append(F.cross_entropy(logits, y))
-            logp = F.log_softmax(logits, dim=1)
-            entropies.append(-(logp.exp() * logp).sum(dim=1).mean())
-        if not losses:
-            return float("nan"), float("nan")
-        return float(torch.stack(losses).mean()), float(torch.stack(entropies).mean())
+        return torch.cat([self.model(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
 
     def train(self, state: torch.Tensor, epochs: int, round_seed: int = 0) -> torch.Tensor:
         """``epochs`` passes of SGD on the mean CE from ``state`` (train mode, fresh optimiser); the new state.
