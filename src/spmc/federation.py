@@ -337,10 +337,7 @@ def _stacked_logits(layout: ParamLayout, batch_size: int, state: torch.Tensor, x
 def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Module, layout: ParamLayout) -> ServerData:
     """The server's clean validation split with a scratch copy of ``model`` (spec §5, D38); it evaluates states
     through the stacked fast path where :func:`fast_forward` allows."""
-    bs = cfg.eval_batch_size
-    logits = None
-    if fast_forward(model, layout, cfg, data.val_x.device):
-        logits = functools.partial(_stacked_logits, layout, bs)
+    fast = fast_forward(model, layout, cfg, data.val_x.device)
     return ServerData(
         x=data.val_x,
         y=data.val_y,
@@ -352,7 +349,7 @@ def make_server_data(cfg: Experiment, data: FederatedData, model: torch.nn.Modul
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         seed=derive_seed(cfg.seed, SEED_SERVER),
-        logits=logits,
+        logits=functools.partial(_stacked_logits, layout, cfg.eval_batch_size) if fast else None,
     )
 
 
