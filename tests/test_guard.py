@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from spmc import make_experiment
 from spmc.config import ConfigError
-from spmc.guard import InvalidUpdateError, UpdateGuard, finalise_global, guard_states, safe_norms
+from spmc.guard import (
+    InvalidUpdateError,
+    UpdateGuard,
+    describe_refusals,
+    finalise_global,
+    guard_states,
+    safe_norms,
+)
 from spmc.params import ParamLayout
 from spmc.simulation import Simulation
 
@@ -156,6 +163,26 @@ def test_stop_names_the_attacker_not_an_honest_client() -> None:
     _poison(sim, 3, lambda g, s: torch.full_like(s, 1e38))
     with pytest.raises(InvalidUpdateError, match=r"^round 0: client 3's state has a value of magnitude 1e\+38"):
         sim.run()
+
+
+def test_describe_refusals_groups_clients_by_reason() -> None:
+    refused = {3: "holds NaN or Inf", 0: "has shape (2,), expected (4,)", 1: "holds NaN or Inf"}
+    assert describe_refusals(refused) == (
+        "clients [1, 3]: holds NaN or Inf; clients [0]: has shape (2,), expected (4,)"
+    )
+
+
+def test_a_round_with_every_state_refused_stops_and_says_why() -> None:
+    """Training that diverges everywhere (every state NaN) stops the run with the guard's reasons in the message."""
+    sim = Simulation(make_experiment(**SMOKE))
+    for k in range(4):
+        _poison(sim, k, lambda g, s: torch.full_like(s, math.nan))
+    with pytest.raises(InvalidUpdateError) as err:
+        sim.run()
+    assert str(err.value) == (
+        "round 0: the update guard refused every client state (clients [0, 1, 2, 3]: holds NaN or Inf); "
+        "the global model is unchanged"
+    )
 
 
 def test_a_scaling_attack_with_gamma_100_passes_the_default_guard() -> None:

@@ -95,6 +95,15 @@ def guard_states(
     return problems
 
 
+def describe_refusals(refused: dict[int, str]) -> str:
+    """The guard's reasons in one line, clients with the same reason together: ``clients [0, 2]: holds NaN or Inf;
+    clients [1]: has …``."""
+    by_reason: dict[str, list[int]] = {}
+    for k, problem in refused.items():
+        by_reason.setdefault(problem, []).append(k)
+    return "; ".join(f"clients {sorted(ids)}: {problem}" for problem, ids in by_reason.items())
+
+
 def finalise_global(state: torch.Tensor, layout: ParamLayout, defense: str, t: int) -> torch.Tensor:
     """A defense's new global state with integer counters rounded; a non-finite one (a defense bug) raises
     :class:`InvalidUpdateError` naming the defense and the round."""

@@ -45,7 +45,7 @@ from spmc.federation import (
     resolve_device,
     update_guard,
 )
-from spmc.guard import InvalidUpdateError
+from spmc.guard import InvalidUpdateError, describe_refusals
 from spmc.metrics import FinalMetrics, final_metrics
 from spmc.server import ServerCore, coalition_teachers, sample_participants
 from spmc.store import RunDirError, RunStore, config_hash
@@ -182,7 +182,10 @@ class Simulation:
         counts = [float(self.data.num_samples[k]) for k in ids]
         outcome = self.core.step(t, [r.state for r in results], ids, counts, shadows)
         if outcome.aggregate is None:
-            raise InvalidUpdateError(f"round {t}: every client state was rejected; the global model is unchanged")
+            raise InvalidUpdateError(
+                f"round {t}: the update guard refused every client state ({describe_refusals(outcome.refused)}); "
+                "the global model is unchanged"
+            )
         train_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"round": t, **self.evaluate(outcome.aggregate.eval_state)}
         losses = [r.mean_loss for r in results if math.isfinite(r.mean_loss)]
