@@ -293,6 +293,22 @@ def test_gradcam_end_to_end(real_runs: tuple[Path, Path], tmp_path: Path) -> Non
     assert main(["plot", str(real_runs[0].parent), "-o", str(tmp_path / "f6")]) == 0
 
 
+def test_unfinished_runs_are_left_out_by_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run directory without summary.json (still going, killed or failed), named or inside a searched folder, is
+    left out of the table with a warning naming it; one with neither file is not a run and is not named."""
+    done = fake_run(tmp_path, "done", A=81.0)
+    named = fake_run(tmp_path, "named")
+    inside = fake_run(tmp_path / "folder", "inside")
+    for run in (named, inside):
+        (run / "summary.json").unlink()
+    (tmp_path / "folder" / "notes").mkdir()
+    runs = load_runs([done, named, tmp_path / "folder", done])
+    assert [r.path for r in runs] == [done]
+    assert f"left out 2 run folder(s) without summary.json (unfinished or failed): {named}, {inside}" in caplog.text
+    assert "notes" not in caplog.text
+    assert main(["table", str(named)]) == 2  # nothing finished: an error, not an empty table
+
+
 def test_table_warns_about_unequal_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fake_run(tmp_path, "a", defense="fedavg", rounds=10)
     fake_run(tmp_path, "b", defense="rlr", rounds=6)

@@ -252,7 +252,9 @@ def _read_json(path: Path) -> Any:
 
 def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> list[Path]:
     """Run directories named by ``paths``: each path that holds ``marker`` is one; any other folder is searched
-    recursively for ``marker``. Order: as given, then sorted within a searched folder; no duplicates.
+    recursively for ``marker``. Order: as given, then sorted within a searched folder; no duplicates. Run
+    directories without ``marker`` (a ``config.json`` but no ``summary.json``: a run still going, killed or failed)
+    are left out with one warning that names them.
 
     Raises:
         ConfigError: a path does not exist.
@@ -260,6 +262,7 @@ def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> 
     """
     found: list[Path] = []
     seen: set[Path] = set()
+    unfinished: list[Path] = []
     given = list(paths)
     for p in map(Path, given):
         if not p.exists():
@@ -268,12 +271,21 @@ def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> 
             candidates = [p]
         elif p.is_dir():
             candidates = sorted(m.parent for m in p.rglob(marker))
+            unfinished += sorted(c.parent for c in p.rglob("config.json") if not (c.parent / marker).is_file())
         else:
             raise ConfigError(f"runs: {str(p)!r} is a file; give run directories or folders that hold them")
         for c in candidates:
             if c.resolve() not in seen:
                 seen.add(c.resolve())
                 found.append(c)
+    left_out = list(dict.fromkeys(map(str, unfinished)))
+    if left_out:
+        log.warning(
+            "runs: left out %d run folder(s) without %s (unfinished or failed): %s",
+            len(left_out),
+            marker,
+            ", ".join(left_out),
+        )
     if not found:
         raise DataError(f"runs: no {marker} under {', '.join(map(str, given))}; give run directories")
     return found
