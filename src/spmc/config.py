@@ -192,9 +192,10 @@ class ExperimentCore(BaseModel):
     client: Literal["plain", "spmc"] = Field(
         "plain", description="client procedure of the benign clients: plain SGD or spmc (gradient projection, spec §4)"
     )
-    malicious_client: Literal["defense", "plain"] = Field(
+    malicious_client: Literal["defense", "plain", "spmc"] = Field(
         "defense",
-        description="threat model: malicious clients run the defense's client procedure (spec §4.5) or plain SGD",
+        description="threat model, defense|plain|spmc: malicious clients run the configured client procedure (spec "
+        "§4.5), plain SGD, or SPMC's whatever the benign clients run (an ablation, not in the spec)",
     )
     on_invalid_update: Literal["drop", "stop"] = Field(
         "drop",

@@ -397,14 +397,16 @@ class Federation:
 
     def method_for(self, client_id: int) -> ClientMethod:
         """The client procedure: the configured one, except malicious clients when an attack chooses theirs
-        (:attr:`spmc.attacks.Attack.client_procedure`, e.g. ``spmc_skip``) or under ``malicious_client = plain``.
-        (:meth:`task` applies it in attack rounds only.)"""
+        (:attr:`spmc.attacks.Attack.client_procedure`, e.g. ``spmc_skip``) or under ``malicious_client = plain |
+        spmc``. (:meth:`task` applies it in attack rounds only.)"""
         if client_id in self.data.malicious:
             chosen = self.attack.client_procedure
             if chosen is not None:
                 return chosen
             if self.cfg.malicious_client == "plain":
                 return "plain"
+            if self.cfg.malicious_client == "spmc":
+                return "spmc"
         return self.cfg.client
 
     def task(self, t: int, client_id: int, teacher: torch.Tensor | None) -> ClientTask:

@@ -157,7 +157,7 @@ class Simulation:
         return sample_participants(range(self.cfg.num_clients), self.cfg.participation, self.cfg.seed, t)
 
     def method_for(self, client_id: int) -> str:
-        """The client procedure: the configured one, except malicious clients under ``malicious_client = plain``."""
+        """The client procedure (:meth:`spmc.federation.Federation.method_for`)."""
         return self.federation.method_for(client_id)
 
     def tasks(self, t: int, ids: list[int]) -> list[ClientTask]:

@@ -7,8 +7,9 @@ the :class:`~spmc.federation.Federation` with ``num_clients = num-partitions`` (
 
 A node is malicious when its partition id is among the last ⌊γK⌋ (spec §2.1), unless its node config says
 otherwise with ``malicious = true|false``. Malicious nodes run the configured client procedure, or plain SGD under
-``malicious_client = "plain"``. With the SPMC client the node distils from the teacher the server sent it (its
-marginal-coalition model); without one (round 1, or a node the server does not know yet) from the global model.
+``malicious_client = "plain"``, or SPMC's under ``"spmc"``. With the SPMC client the node distils from the teacher
+the server sent it (its marginal-coalition model); without one (round 1, or a node the server does not know yet)
+from the global model.
 
 **Node-local data.** A node whose node config has ``data-dir = "/path"`` trains on the files of that folder only:
 the training files of the run's dataset in their standard form (``train-images-idx3-ubyte`` and

@@ -112,7 +112,7 @@ def build_strategy(setup: ServerSetup, opts: FlowerOptions, store: RunStore | No
     return DefenseStrategy(
         setup.defense,
         setup.layout,
-        send_teachers=cfg.client == "spmc",
+        send_teachers="spmc" in (cfg.client, cfg.malicious_client),
         participation=cfg.participation,
         seed=cfg.seed,
         on_invalid_update=cfg.on_invalid_update,
