@@ -83,6 +83,7 @@ def test_only_in_attack_rounds() -> None:
 
 
 def test_client_app_trains_plain() -> None:
+    """The node's procedure under spmc_skip, and under the threat-model option (tests/test_malicious_client.py)."""
     pytest.importorskip("flwr")
     from flwr.app import Context, RecordDict
 
@@ -100,6 +101,7 @@ def test_client_app_trains_plain() -> None:
 
     assert [setup(k, update_attack="spmc_skip") for k in (1, 3)] == ["spmc", "plain"]
     assert setup(3) == "spmc"
+    assert [setup(k, client="plain", malicious_client="spmc") for k in (1, 3)] == ["plain", "spmc"]
 
 
 TINY = ["rounds=1", "synthetic_train_size=200", "batch_size=16", "synthetic_test_size=50", "threads=1", "device=cpu"]

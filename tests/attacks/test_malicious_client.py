@@ -12,22 +12,14 @@ import torch
 from spmc import make_experiment
 from spmc.simulation import Simulation
 
+from ._training import SMALL as TINY
+
 SMALL: dict[str, Any] = {
-    "dataset": "synthetic",
-    "synthetic_train_size": 200,
-    "synthetic_test_size": 50,
-    "batch_size": 16,
-    "num_clients": 4,
-    "gamma": 0.5,  # attackers 2 and 3
-    "rounds": 2,
-    "baseline_local_epochs": 1,
+    **TINY,
     "spmc_local_epochs": 1,
-    "device": "cpu",
-    "kernel": "torch",
-    "threads": 1,
     "defense": "fedavg",
     "attack": "badnets",
-}
+}  # attackers 2, 3
 
 
 @pytest.mark.parametrize(
@@ -61,7 +53,7 @@ def test_only_the_attackers_states_change(engine: str) -> None:
     their all-plain states and the attackers other states; the attackers get the server's teachers in round 1."""
 
     def round0(**extra: Any) -> tuple[Simulation, dict[int, torch.Tensor]]:
-        sim = Simulation(make_experiment(**SMALL, engine=engine, client="plain", **extra))
+        sim = Simulation(make_experiment(**{**SMALL, "engine": engine}, client="plain", **extra))
         results = sim.engine.train_round(sim.global_state, sim.tasks(0, [0, 1, 2, 3]))
         return sim, {r.client_id: r.state for r in results}
 
@@ -78,35 +70,20 @@ def test_only_the_attackers_states_change(engine: str) -> None:
 def test_batched_and_sequential_agree() -> None:
     records = []
     for engine in ("batched", "sequential"):
-        sim = Simulation(make_experiment(**SMALL, engine=engine, client="plain", malicious_client="spmc"))
+        sim = Simulation(make_experiment(**{**SMALL, "engine": engine}, client="plain", malicious_client="spmc"))
         sim.run_round(0)
         records.append(sim.global_state)
     assert torch.allclose(records[0], records[1], atol=1e-5)
 
 
-def test_flower_sends_teachers_and_the_attacker_nodes_run_spmc() -> None:
+def test_flower_sends_teachers_when_any_client_runs_spmc() -> None:
+    """The strategy sends teachers when the benign or the malicious clients run SPMC's procedure (the nodes'
+    procedure: ``test_client_app_trains_plain`` in tests/attacks/test_spmc_skip.py)."""
     pytest.importorskip("flwr")
-    from flwr.app import Context, RecordDict
-
-    from spmc.flower.client_app import client_setup
     from spmc.flower.options import FlowerOptions
     from spmc.flower.server_app import build_server, build_strategy
 
-    def method(pid: int, **extra: Any) -> str:
-        ctx = Context(
-            run_id=1,
-            node_id=1,
-            node_config={"partition-id": pid, "num-partitions": 4},
-            state=RecordDict(),
-            run_config={},
-        )
-        return client_setup(ctx, {**SMALL, **extra}).method
-
-    assert [method(k, client="plain", malicious_client="spmc") for k in (1, 3)] == ["plain", "spmc"]
-    for client, malicious_client, sends in [
-        ("plain", "defense", False),
-        ("plain", "spmc", True),
-        ("spmc", "plain", True),
-    ]:
+    cases = [("plain", "defense", False), ("plain", "spmc", True), ("spmc", "plain", True)]
+    for client, malicious_client, sends in cases:
         cfg = make_experiment(**SMALL, client=client, malicious_client=malicious_client)
         assert build_strategy(build_server(cfg), FlowerOptions()).send_teachers is sends
