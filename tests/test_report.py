@@ -7,6 +7,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from spmc import make_experiment, run_experiment
 from spmc.cli import main
 from spmc.models import build_model
 from spmc.report import build_table, load_paper_table, load_runs, render_csv, render_latex, render_markdown
-from spmc.report.curves import parse_panels, plot_curves, save_figure
+from spmc.report.curves import fitting_legend, parse_panels, plot_curves, save_figure
 from spmc.report.gradcam import (
     compare_runs,
     grad_cam,
@@ -291,6 +292,29 @@ def test_gradcam_end_to_end(real_runs: tuple[Path, Path], tmp_path: Path) -> Non
     assert main(["table", str(real_runs[0].parent), "-o", str(tmp_path / "t.md")]) == 0
     assert "| FedAvg |" in (tmp_path / "t.md").read_text() and "| SPMC |" in (tmp_path / "t.md").read_text()
     assert main(["plot", str(real_runs[0].parent), "-o", str(tmp_path / "f6")]) == 0
+
+
+def test_the_legend_fits_the_figure_whatever_the_labels(tmp_path: Path) -> None:
+    """Three short labels share one row; seven long ones (runs told apart by several options) take fewer columns, so
+    that no label is cut off at the figure's edges."""
+
+    def legend_of(fig: Any) -> Any:
+        return fig.legends[0]
+
+    short = load_runs([fake_run(tmp_path / "short", n, defense=n) for n in ("fedavg", "krum", "rlr")])
+    fig = plot_curves(short)
+    rows = {round(t.get_window_extent().y0) for t in legend_of(fig).get_texts()}
+    assert len(rows) == 1 and legend_of(fig).get_window_extent().width <= fig.bbox.width
+    options = [
+        {"malicious_client": m, "spmc_temperature": t, "spmc_lambda": a}
+        for m, t, a in [("defense", 1.0, 1.0), ("plain", 1.0, 1.0), ("spmc", 0.001, 1.0), ("defense", 0.001, 0.5)]
+    ]
+    long = [fake_run(tmp_path / "long", f"r{i}", defense="spmc", client="spmc", **o) for i, o in enumerate(options)]
+    fig = plot_curves(load_runs(long), panels=["asr"])
+    assert max(len(t.get_text()) for t in legend_of(fig).get_texts()) > 60
+    assert legend_of(fig).get_window_extent().width <= fig.bbox.width
+    with pytest.raises(ValueError, match="no legend entries"):
+        fitting_legend(fig, [], [])
 
 
 def test_unfinished_runs_are_left_out_by_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
 
 from spmc.config import ConfigError
 from spmc.report.runs import RunDir, dataset_label, distinct_labels
@@ -100,7 +101,7 @@ def plot_curves(
                 handles.append(handle)
                 texts.append(text)
     if handles:
-        fig.legend(handles, texts, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small")
+        fitting_legend(fig, handles, texts)
     if title is None:
         datasets = {dataset_label(r.dataset) for r in runs}
         gammas = {r.gamma for r in runs}
@@ -109,6 +110,22 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def fitting_legend(fig: Figure, handles: Sequence[Any], texts: Sequence[str]) -> Legend:
+    """The figure's legend below the panels in the most columns (at most 3) whose width fits the figure's, so that
+    long labels (runs told apart by several options) are never cut off; when not even one column fits, one column
+    and the figure widened to it."""
+    for ncols in range(min(3, len(handles)), 0, -1):
+        legend = fig.legend(handles, texts, loc="outside lower center", ncols=ncols, fontsize="small")
+        width = legend.get_window_extent().width
+        if width <= fig.bbox.width:
+            return legend
+        if ncols == 1:
+            fig.set_figwidth(1.02 * width / fig.dpi)
+            return legend
+        legend.remove()
+    raise ValueError("no legend entries")
 
 
 def save_figure(fig: Figure, prefix: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
