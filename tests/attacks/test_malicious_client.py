@@ -68,12 +68,12 @@ def test_only_the_attackers_states_change(engine: str) -> None:
 
 
 def test_batched_and_sequential_agree() -> None:
-    records = []
+    states = []
     for engine in ("batched", "sequential"):
         sim = Simulation(make_experiment(**{**SMALL, "engine": engine}, client="plain", malicious_client="spmc"))
         sim.run_round(0)
-        records.append(sim.global_state)
-    assert torch.allclose(records[0], records[1], atol=1e-5)
+        states.append(sim.global_state)
+    assert torch.allclose(states[0], states[1], atol=1e-5)
 
 
 def test_flower_sends_teachers_when_any_client_runs_spmc() -> None:
