@@ -331,6 +331,9 @@ def test_unfinished_runs_are_left_out_by_name(tmp_path: Path, caplog: pytest.Log
     assert f"left out 2 run folder(s) without summary.json (unfinished or failed): {named}, {inside}" in caplog.text
     assert "notes" not in caplog.text
     assert main(["table", str(named)]) == 2  # nothing finished: an error, not an empty table
+    (inside / "error.txt").write_bytes(b"lr: -1 is not > 0\n\xff" + b"x" * 10_000)  # hostile: long, not UTF-8
+    load_runs([tmp_path / "folder", done])
+    assert f"{inside} (failed: lr: -1 is not > 0)" in caplog.text
 
 
 def test_table_warns_about_unequal_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -307,6 +307,28 @@ def test_a_point_locked_by_another_sweep_is_busy(tmp_path: Path) -> None:
     assert not (tmp_path / "seed0" / "metrics.jsonl").exists()
 
 
+def test_a_failed_point_keeps_its_error_until_it_finishes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A point whose run fails (here: a torn checkpoint left by a killed run) records the one-line error in its
+    folder's error.txt, which `spmc table` quotes when it leaves the folder out; the file goes once the point runs."""
+    spec = {"base": {"dataset": "synthetic", "rounds": 1, "num_clients": 4, **SMALL}, "grid": {"seed": [0]}}
+    point = tmp_path / "seed0"
+    point.mkdir()
+    (point / "config.json").write_text("{")
+    (point / "checkpoint.pt").write_bytes(b"torn")
+    (outcome,) = run_sweep(spec, tmp_path)
+    assert outcome.status == "failed" and outcome.error
+    assert (point / "error.txt").read_text() == outcome.error + "\n"
+    assert main(["table", str(tmp_path)]) == 2
+    assert f"{point} (failed: {outcome.error.splitlines()[0]})" in caplog.text
+    with RunLock(point, SWEEP_LOCK):
+        (busy,) = run_sweep(spec, tmp_path)
+    assert busy.status == "busy" and (point / "error.txt").exists()  # another process owns the point
+    (point / "checkpoint.pt").unlink()
+    (point / "config.json").unlink()
+    (done,) = run_sweep(spec, tmp_path)
+    assert done.status == "done" and not (point / "error.txt").exists()
+
+
 def test_child_error_is_the_one_line_message() -> None:
     stderr = "WARNING something\nerror: /r/checkpoint.pt: not a readable checkpoint (EOF)\n"
     assert child_error(stderr, "", 2) == "/r/checkpoint.pt: not a readable checkpoint (EOF)"

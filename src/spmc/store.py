@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RUN_LOCK = ".lock"
 SWEEP_LOCK = ".sweep.lock"
+ERROR_FILE = "error.txt"  # a failed sweep point's error (spmc.sweep.record_outcome)
 
 
 class RunDirError(DataError):

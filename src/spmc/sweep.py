@@ -25,7 +25,9 @@ each run's last checkpoint.
 Processes and locks: each ``spmc run`` child dies with the sweep (Linux ``PR_SET_PDEATHSIG``, so even a SIGKILL of
 the sweep takes its children along; a SIGTERM or Ctrl-C of the sweep terminates them first). While a grid point
 runs, the sweep holds ``.sweep.lock`` in its directory (the child takes the run's own ``.lock``), so a second
-sweep on the same grid reports that point as ``busy`` instead of running it twice.
+sweep on the same grid reports that point as ``busy`` instead of running it twice. A point that fails keeps its
+error in ``error.txt`` in its directory (removed when the point later finishes), so the reason outlives the console;
+``spmc table`` and ``spmc plot`` quote it when they leave the folder out.
 
 With ``ray`` (:class:`spmc.cluster.RayOptions`) the points run as Ray tasks under the same rules (:mod:`spmc.cluster`).
 """
@@ -53,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from spmc.config import ConfigError, load_toml_file, resolve
 from spmc.data import DataError
 from spmc.raytask import die_with_parent
-from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file
+from spmc.store import ERROR_FILE, SWEEP_LOCK, RunLock, RunLockedError, atomic_write_text, read_json_file
 
 if TYPE_CHECKING:
     from spmc.cluster import RayOptions
@@ -266,6 +268,7 @@ def _run_points(
     """Each point under its ``.sweep.lock``: skipped, resumed or started by ``runner``, ``jobs`` at a time."""
 
     def done(outcome: SweepOutcome) -> SweepOutcome:
+        record_outcome(run_dirs[outcome.run.name], outcome)
         if on_done is not None:
             on_done(outcome)
         return outcome
@@ -305,6 +308,20 @@ def _run_points(
             runner.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def record_outcome(run_dir: Path, outcome: SweepOutcome) -> None:
+    """Keep a failed point's error in ``run_dir/error.txt``; remove a stale one when the point has finished. A
+    ``busy`` or ``stopped`` point leaves the file as it is (another process owns the point, or the user stopped it).
+    A folder that cannot be written is logged, never raised: the outcome is reported either way."""
+    path = run_dir / ERROR_FILE
+    try:
+        if outcome.status == "failed" and run_dir.is_dir():
+            atomic_write_text(path, outcome.error.rstrip("\n") + "\n")
+        elif outcome.status in ("done", "resumed", "skipped"):
+            path.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("%s: cannot record the outcome (%s)", path, err.strerror or err)
 
 
 def child_error(stderr: str, stdout: str, code: int) -> str:

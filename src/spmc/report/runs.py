@@ -35,7 +35,7 @@ from spmc.attacks import ATTACK_KINDS, ATTACKS, AttackKind, kind_of
 from spmc.config import ConfigError, Experiment
 from spmc.data import DataError
 from spmc.options import option_specs
-from spmc.store import read_json_file, read_metrics_file
+from spmc.store import ERROR_FILE, read_json_file, read_metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,16 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
+def _left_out_label(run_dir: Path) -> str:
+    """``run_dir``, with the first line of the error its sweep recorded (``error.txt``) when it failed."""
+    try:
+        with open(run_dir / ERROR_FILE, "rb") as f:
+            lines = f.read(4096).decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return str(run_dir)
+    return f"{run_dir} (failed: {lines[0][:200]})" if lines else str(run_dir)
+
+
 def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> list[Path]:
     """Run directories named by ``paths``: each path that holds ``marker`` is one; any other folder is searched
     recursively for ``marker``. Order: as given, then sorted within a searched folder; no duplicates. Run
@@ -278,7 +288,7 @@ def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> 
             if c.resolve() not in seen:
                 seen.add(c.resolve())
                 found.append(c)
-    left_out = list(dict.fromkeys(map(str, unfinished)))
+    left_out = [_left_out_label(d) for d in dict.fromkeys(unfinished)]
     if left_out:
         log.warning(
             "runs: left out %d run folder(s) without %s (unfinished or failed): %s",
