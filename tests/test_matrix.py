@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -90,6 +91,28 @@ def test_an_unfinished_backdoor_row_is_listed_in_the_r_table_as_unfinished(tmp_p
     md = matrix.to_markdown(matrix.summarise(cells))
     r_table = md.split("## A, clean accuracy")[0]
     assert "| badnets | pending |" in r_table and "sign_flip" not in r_table
+
+
+def test_a_cell_a_sweep_saw_fail_is_failed_with_its_error(tmp_path: Path) -> None:
+    """A cell resumed with `spmc sweep DIR/matrix.toml` that failed has no entry in matrix-status.json; its
+    error.txt says it failed and why. A FIFO in its place is not opened (it would block) and reads as no record."""
+    spec = matrix.matrix_spec(
+        matrix.defense_columns(["fedavg"]),
+        matrix.attack_rows(["none", "badnets"], ATTACKS),
+        [0],
+        {"preset": "smoke"},
+        tmp_path,
+    )
+    none_cell, badnets_cell = (c.run_dir for c in matrix.collect(spec, tmp_path))
+    badnets_cell.mkdir(parents=True)
+    (badnets_cell / "error.txt").write_text("resume: checkpoint.pt: not a readable checkpoint\nmore\n")
+    none_cell.mkdir(parents=True)
+    os.mkfifo(none_cell / "error.txt")
+    cells = matrix.collect(spec, tmp_path)
+    assert [(c.status, c.error) for c in cells] == [
+        ("pending", ""),
+        ("failed", "resume: checkpoint.pt: not a readable checkpoint"),
+    ]
 
 
 def test_a_matrix_folder_of_other_base_options_is_refused(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spmc.config import ConfigError
-from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file
+from spmc.store import SWEEP_LOCK, RunLock, RunLockedError, read_json_file, recorded_error
 from spmc.sweep import SweepOutcome, _label, run_dir_in, run_name
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Cell:
 
 def _status(run_dir: Path, failed: dict[str, str]) -> tuple[Status, dict[str, Any] | None, str]:
     """The state of a run directory: done (with its summary), running (its sweep lock is held), failed (the last
-    matrix run said so and it has no summary), or pending."""
+    matrix run said so, or a sweep left its ``error.txt``, and it has no summary), or pending."""
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         try:
@@ -152,6 +152,9 @@ def _status(run_dir: Path, failed: dict[str, str]) -> tuple[Status, dict[str, An
             return "failed", None, str(err)
     if run_dir.name in failed:
         return "failed", None, failed[run_dir.name]
+    recorded = recorded_error(run_dir)
+    if recorded:
+        return "failed", None, recorded
     return "pending", None, ""
 
 

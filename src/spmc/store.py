@@ -100,6 +100,20 @@ def read_text_file(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
+def recorded_error(run_dir: Path) -> str:
+    """The first line of the error a sweep kept in ``run_dir/error.txt`` (at most 200 characters; a hostile file is
+    read only in part; anything but a regular file, such as a FIFO, is not opened), or "" when there is none."""
+    path = run_dir / ERROR_FILE
+    try:
+        if not path.is_file():
+            return ""
+        with open(path, "rb") as f:
+            lines = f.read(4096).decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[0][:200] if lines else ""
+
+
 def read_json_file(path: str | Path) -> Any:
     """Parse the JSON file ``path``; malformed or non-UTF-8 content is a one-line :class:`DataError` naming it."""
     path = Path(path)

@@ -35,7 +35,7 @@ from spmc.attacks import ATTACK_KINDS, ATTACKS, AttackKind, kind_of
 from spmc.config import ConfigError, Experiment
 from spmc.data import DataError
 from spmc.options import option_specs
-from spmc.store import ERROR_FILE, read_json_file, read_metrics_file
+from spmc.store import read_json_file, read_metrics_file, recorded_error
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +252,8 @@ def _read_json(path: Path) -> Any:
 
 def _left_out_label(run_dir: Path) -> str:
     """``run_dir``, with the first line of the error its sweep recorded (``error.txt``) when it failed."""
-    try:
-        with open(run_dir / ERROR_FILE, "rb") as f:
-            lines = f.read(4096).decode("utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return str(run_dir)
-    return f"{run_dir} (failed: {lines[0][:200]})" if lines else str(run_dir)
+    error = recorded_error(run_dir)
+    return f"{run_dir} (failed: {error})" if error else str(run_dir)
 
 
 def find_run_dirs(paths: Iterable[str | Path], marker: str = "summary.json") -> list[Path]:
